@@ -1,0 +1,29 @@
+"""torchkiln: a PyTorch training toolkit, config-driven or code-first."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# Heavy objects (anything importing torch) load on first use so that `kiln --help` stays fast.
+_LAZY = {
+    "Trainer": "torchkiln.engine.trainer",
+    "seed_everything": "torchkiln.repro",
+    "fingerprint": "torchkiln.repro",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.repro import fingerprint, seed_everything
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'torchkiln' has no attribute {name!r}")
+
+
+__all__ = ["Trainer", "seed_everything", "fingerprint", "__version__"]

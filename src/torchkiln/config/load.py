@@ -1,0 +1,175 @@
+"""Read a config file, apply dotted overrides, validate, and explain any error in one line."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from torchkiln.config.schema import Config
+from torchkiln.errors import ConfigError, did_you_mean
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("torchkiln") / "configs" / DEFAULT_CONFIG))
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """YAML (safe_load only) or JSON, by extension; a mapping at the top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(
+            f"{path}{where}: refused YAML tag: {exc.problem}; configs hold plain data only"
+        ) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, found {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected key.path=value, e.g. trainer.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not a YAML scalar, list or mapping") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys (`optimizer.args.lr=0.01`, `metrics.0=f1_macro`) in place."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            nxt = _child(node, part, text)
+            if nxt is None:
+                nxt = {}
+                _set(node, part, nxt, text)
+            elif not isinstance(nxt, (dict, list)):
+                raise ConfigError(f"override '{text}': '{'.'.join(path[: i + 1])}' is a value, not a section")
+            node = nxt
+        _set(node, path[-1], value, text)
+    return data
+
+
+def _child(node: Any, part: str, text: str) -> Any:
+    if isinstance(node, list):
+        idx = _index(node, part, text)
+        return node[idx] if idx < len(node) else None
+    return node.get(part)
+
+
+def _set(node: Any, part: str, value: Any, text: str) -> None:
+    if isinstance(node, list):
+        idx = _index(node, part, text)
+        if idx == len(node):
+            node.append(value)
+        else:
+            node[idx] = value
+    else:
+        node[part] = value
+
+
+def _index(node: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) > len(node):
+        raise ConfigError(f"override '{text}': '{part}' is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _explain(exc: ValidationError, source: str) -> ConfigError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    # Drop pydantic's union-branch labels (e.g. 'Component', 'list[...]') from the path.
+    loc = [p for p in loc if not (p[:1].isupper() or "[" in p or p in {"str", "function-after"})]
+    path = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(Config, loc[:-1])
+        choices = list(parent.model_fields) if parent else []
+        hint = did_you_mean(loc[-1], choices)
+        expected = f" (valid keys: {', '.join(choices)})" if choices and not hint else ""
+        return ConfigError(f"{source}: {path}: unknown key{hint}{expected}")
+    if kind == "missing":
+        return ConfigError(f"{source}: {path}: required key is missing")
+    found = err.get("input")
+    shown = repr(found) if not isinstance(found, dict) else "a mapping"
+    msg = err["msg"].removeprefix("Value error, ")
+    return ConfigError(f"{source}: {path}: {msg}; found {shown}")
+
+
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    import typing
+
+    current: Any = model
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) else None
+        if field is None:
+            return None
+        current = _first_model(field.annotation, typing)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _first_model(annotation: Any, typing: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _first_model(arg, typing)
+        if found is not None:
+            return found
+    return None
+
+
+def resolve(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate plain data into a Config."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise _explain(exc, source) from exc
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """The packaged default config when `path` is None; overrides applied before validation."""
+    path = Path(path) if path is not None else default_config_path()
+    data = apply_overrides(read_file(path), list(overrides or []))
+    source = str(path) if not overrides else f"{path} (with overrides)"
+    return resolve(data, source)
+
+
+def to_plain(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (what checkpoints and config.yaml hold)."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)

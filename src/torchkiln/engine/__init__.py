@@ -1,0 +1,1 @@
+"""The loop and its mechanics. Nothing here imports the CLI or the config package."""

@@ -1,0 +1,126 @@
+"""Which scheduler steps when: per optimizer step, per epoch, or on the monitored metric; warmup.
+
+Skipped optimizer steps (fp16 overflow) never reach `on_optimizer_step`, so they never advance
+the schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import lr_scheduler as L
+
+from torchkiln.errors import ConfigError
+
+STEP_SCHEDULERS = ("OneCycleLR", "CyclicLR", "CosineAnnealingWarmRestarts")
+METRIC_SCHEDULERS = ("ReduceLROnPlateau",)
+
+
+def default_interval(scheduler: Any) -> str:
+    name = type(scheduler).__name__
+    if name in METRIC_SCHEDULERS:
+        return "metric"
+    return "step" if name in STEP_SCHEDULERS else "epoch"
+
+
+class LRSchedule:
+    """Drives one torch scheduler (or none) plus an optional linear warmup on top of it.
+
+    Warmup multiplies the scheduler's learning rate by a factor rising linearly from
+    `warmup_start` to 1 over `warmup_steps` optimizer steps; the scheduler itself always sees
+    its own, unwarmed learning rates, so warmup composes with any scheduler.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None = None,
+        *,
+        interval: str | None = None,
+        monitor: str | None = None,
+        warmup_steps: int = 0,
+        warmup_start: float = 0.01,
+        fractional_epochs: bool = True,
+    ):
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        kind = default_interval(scheduler) if scheduler is not None else "epoch"
+        if interval is not None and scheduler is not None:
+            if kind == "metric" and interval == "step":
+                raise ConfigError(
+                    "scheduler.interval: ReduceLROnPlateau needs the monitored metric, which exists only"
+                    " after validation; use interval: epoch (or leave it out)"
+                )
+            if kind != "metric":
+                kind = interval
+        self.interval = kind
+        self.monitor = monitor
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_start = float(warmup_start)
+        self.fractional_epochs = fractional_epochs
+        self.steps_done = 0
+        self._base = [g["lr"] for g in optimizer.param_groups]
+        self._apply_warmup()
+
+    # -- the two moments the trainer calls --------------------------------------------------
+    def on_optimizer_step(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
+        """After a real (not skipped) optimizer step; `step_in_epoch` is 0-based."""
+        self.steps_done += 1
+        if self.scheduler is not None and self.interval == "step":
+            self._restore()
+            if isinstance(self.scheduler, L.CosineAnnealingWarmRestarts) and self.fractional_epochs:
+                self.scheduler.step(epoch + step_in_epoch / max(1, steps_per_epoch))
+            else:
+                self.scheduler.step()
+            self._base = [g["lr"] for g in self.optimizer.param_groups]
+        self._apply_warmup()
+
+    def on_epoch_end(self, metrics: dict[str, float]) -> None:
+        if self.scheduler is None or self.interval == "step":
+            return
+        self._restore()
+        if self.interval == "metric":
+            if self.monitor not in metrics:
+                raise ConfigError(
+                    f"scheduler: ReduceLROnPlateau needs '{self.monitor}' (trainer.monitor), which this"
+                    f" run does not log; logged: {', '.join(sorted(metrics))}"
+                )
+            self.scheduler.step(metrics[self.monitor])
+        else:
+            self.scheduler.step()
+        self._base = [g["lr"] for g in self.optimizer.param_groups]
+        self._apply_warmup()
+
+    # -- warmup ----------------------------------------------------------------------------
+    def warmup_factor(self) -> float:
+        if self.steps_done >= self.warmup_steps:
+            return 1.0
+        return self.warmup_start + (1.0 - self.warmup_start) * self.steps_done / self.warmup_steps
+
+    def _restore(self) -> None:
+        for g, lr in zip(self.optimizer.param_groups, self._base):
+            g["lr"] = lr
+
+    def _apply_warmup(self) -> None:
+        factor = self.warmup_factor()
+        for g, lr in zip(self.optimizer.param_groups, self._base):
+            g["lr"] = lr * factor
+
+    def lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "steps_done": self.steps_done,
+            "base": list(self._base),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = int(state["steps_done"])
+        self._base = list(state["base"])
+        self._apply_warmup()

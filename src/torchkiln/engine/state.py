@@ -1,0 +1,35 @@
+"""The loop's position and decisions, as plain data that goes into every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # optimizer steps taken (skipped fp16 steps included)
+    batch_in_epoch: int = 0  # micro-batches consumed in the current epoch
+    best: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0  # epochs without improvement (early stopping)
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoopState:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class StopRequested(Exception):
+    """A signal asked the run to stop; a checkpoint was written before this was raised."""
+
+    def __init__(self, signum: int, checkpoint: str | None):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+        self.checkpoint = checkpoint

@@ -1,0 +1,136 @@
+"""ONE optimizer step: autocast, scale, accumulate, unscale, clip, step, skip-on-overflow.
+
+Every precision and accumulation path in torchkiln goes through `OptimizerStep`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchkiln.errors import ConfigError
+
+DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse, before training, a precision this device cannot run."""
+    if precision not in DTYPES:
+        raise ConfigError(f"trainer.precision: expected one of 32, bf16, fp16; found {precision!r}")
+    if precision == "32":
+        return
+    if not torch.amp.is_autocast_available(device.type):
+        raise ConfigError(f"trainer.precision: {precision} autocast is not available on {device.type}; use 32")
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("trainer.precision: this GPU has no bf16 support; use fp16 or 32")
+    if precision == "fp16":
+        try:
+            torch.amp.GradScaler(device.type)
+        except Exception as exc:  # noqa: BLE001 - any failure means the device cannot do it
+            raise ConfigError(
+                f"trainer.precision: fp16 needs a GradScaler, which torch does not support on {device.type}"
+                f" ({exc}); use bf16 or 32"
+            ) from exc
+
+
+@dataclass
+class StepResult:
+    stepped: bool
+    grad_norm: torch.Tensor | None
+
+
+class OptimizerStep:
+    """Owns the optimizer's step and the GradScaler; the trainer only calls its methods."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        device: torch.device | str = "cpu",
+        precision: str = "32",
+        grad_clip: float | None = None,
+        grad_clip_mode: str = "norm",
+        accumulate: int = 1,
+    ):
+        device = torch.device(device)
+        check_precision(precision, device)
+        if grad_clip_mode not in ("norm", "value"):
+            raise ConfigError(f"trainer.grad_clip_mode: expected norm or value; found {grad_clip_mode!r}")
+        self.optimizer = optimizer
+        self.device_type = device.type
+        self.precision = precision
+        self.dtype = DTYPES[precision]
+        self.grad_clip = grad_clip
+        self.grad_clip_mode = grad_clip_mode
+        self.accumulate = max(1, int(accumulate))
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.skipped = 0
+
+    def params(self) -> Iterable[nn.Parameter]:
+        for group in self.optimizer.param_groups:
+            yield from (p for p in group["params"] if p.grad is not None)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def micro_context(self, model: nn.Module, last_in_group: bool) -> contextlib.AbstractContextManager:
+        """DDP hook: skip the gradient all-reduce on all but the last micro-batch of a group."""
+        if not last_in_group and hasattr(model, "no_sync"):
+            return model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, group_size: int = 1) -> None:
+        """Backward of loss / group_size so that a group of micro-batches averages like one batch."""
+        loss = loss / group_size if group_size > 1 else loss
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def clip(self, params: list[nn.Parameter], want_norm: bool) -> torch.Tensor | None:
+        """Clip (already unscaled) gradients; return their total norm before clipping."""
+        if self.grad_clip is not None and self.grad_clip_mode == "norm":
+            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if want_norm and params else None
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_value_(params, self.grad_clip)
+        return norm
+
+    def step(self, want_norm: bool = False) -> StepResult:
+        """unscale -> clip -> step -> update -> zero_grad. `stepped` is False when the scaler skipped."""
+        params = list(self.params())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = self.clip(params, want_norm)
+        stepped = True
+        if self.scaler is not None:
+            before = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            # The scale only ever goes down when the step was skipped for inf/NaN gradients.
+            stepped = self.scaler.get_scale() >= before
+        else:
+            self.optimizer.step()
+        if not stepped:
+            self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(stepped, norm)
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped = int(state.get("skipped", 0))
+
+
+def is_finite(value: float) -> bool:
+    return value is not None and math.isfinite(value)

@@ -1,0 +1,585 @@
+"""The loop: fit / validate / test / predict. Reads like the textbook loop; mechanics are one call away.
+
+The Trainer takes plain objects (model, optimizer, loss, loaders, optional scheduler and metrics)
+and no files; a `run_dir` turns on checkpoints. Constructing it has no side effects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from torchkiln import __version__
+from torchkiln.engine.checkpoint import (
+    FORMAT,
+    clean_stale_temps,
+    load_checkpoint,
+    save_checkpoint,
+    strip_prefixes,
+)
+from torchkiln.engine.schedule import LRSchedule
+from torchkiln.engine.state import LoopState, StopRequested
+from torchkiln.engine.step import OptimizerStep, is_finite
+from torchkiln.errors import CheckpointError, ConfigError, TrainingError
+from torchkiln.loggers.base import Logger
+from torchkiln.loggers.progress import Progress
+from torchkiln.repro import fingerprint, rng_state, set_rng_state
+from torchkiln.tasks.base import ClassificationTask, Task
+
+log = logging.getLogger("torchkiln")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: CUDA was asked for but this machine has none; use auto or cpu")
+    return device
+
+
+def move_to(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    if isinstance(batch, torch.Tensor):
+        nb = device.type == "cuda"
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            return batch.to(device, non_blocking=nb, memory_format=torch.channels_last)
+        return batch.to(device, non_blocking=nb)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device, channels_last) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device, channels_last) for v in batch)
+    return batch
+
+
+def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
+    """Fix the loader's order (and its workers' seeds) for this epoch; drop its first `skip` batches."""
+    if not isinstance(loader, DataLoader):
+        return
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    for s in (sampler, getattr(sampler, "sampler", None)):
+        if s is not None and hasattr(s, "set_epoch"):
+            s.set_epoch(epoch)
+    if skip:
+        if not hasattr(sampler, "skip"):
+            raise CheckpointError(
+                "cannot resume mid-epoch: the training loader's sampler cannot skip batches;"
+                " build it with torchkiln.data.loaders.make_loader"
+            )
+        sampler.skip(skip)
+    gen = getattr(loader, "generator", None)
+    seed = getattr(sampler, "seed", None)
+    if gen is not None and seed is not None:
+        gen.manual_seed(seed + 1_000_003 * (epoch + 1))
+
+
+class Trainer:
+    """Train a model with mixed precision, clipping, accumulation, schedules and checkpoints."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: nn.Module | None = None,
+        *,
+        task: Task | None = None,
+        scheduler: Any | None = None,
+        scheduler_interval: str | None = None,
+        scheduler_fractional_epochs: bool = True,
+        warmup_steps: int = 0,
+        warmup_start: float = 0.01,
+        metrics: Any | None = None,
+        train_metrics: bool = True,
+        epochs: int = 10,
+        device: str | torch.device | None = None,
+        precision: str = "32",
+        grad_clip: float | None = None,
+        grad_clip_mode: str = "norm",
+        accumulate: int = 1,
+        monitor: str | None = None,
+        mode: str | None = None,
+        early_stop: int | None = None,
+        min_delta: float = 0.0,
+        run_dir: str | Path | None = None,
+        save_period: int | None = None,
+        checkpoint_every_steps: int | None = None,
+        keep_last: int | None = None,
+        loggers: Iterable[Logger] = (),
+        progress: bool = True,
+        log_every_n_steps: int = 10,
+        on_nonfinite: str = "stop",
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
+        channels_last: bool = False,
+        config: dict[str, Any] | None = None,
+    ):
+        self.model = model
+        self.raw_model = model
+        self.optimizer = optimizer
+        self.task = task or ClassificationTask()
+        self.loss_fn = loss_fn if loss_fn is not None else getattr(nn, self.task.default_loss)()
+        self.scheduler = scheduler
+        self.epochs = int(epochs)
+        self.device = resolve_device(device)
+        self.channels_last = channels_last
+        self.monitor = monitor
+        self.mode = mode
+        self.early_stop = early_stop
+        self.min_delta = float(min_delta)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.save_period = save_period
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.keep_last = keep_last
+        self.loggers = list(loggers)
+        self.progress = Progress(enabled=progress)
+        self.log_every_n_steps = max(1, int(log_every_n_steps))
+        if on_nonfinite not in ("stop", "skip_batch"):
+            raise ConfigError(f"trainer.on_nonfinite: expected stop or skip_batch; found {on_nonfinite!r}")
+        self.on_nonfinite = on_nonfinite
+        self.compile = compile
+        self.compile_options = dict(compile_options or {})
+        self.config = config
+        self.stepper = OptimizerStep(
+            optimizer,
+            device=self.device,
+            precision=str(precision),
+            grad_clip=grad_clip,
+            grad_clip_mode=grad_clip_mode,
+            accumulate=accumulate,
+        )
+        self.schedule = LRSchedule(
+            optimizer,
+            scheduler,
+            interval=scheduler_interval,
+            monitor=monitor,
+            warmup_steps=warmup_steps,
+            warmup_start=warmup_start,
+            fractional_epochs=scheduler_fractional_epochs,
+        )
+        self.val_metrics = self._clone_metrics(metrics, "val/")
+        self.train_metrics = self._clone_metrics(metrics, "train/") if train_metrics else None
+        self.loop = LoopState()
+        self.initial_fingerprint: str | None = None
+        self._stop_signal: int | None = None
+        self._step_rows: list[tuple[int, dict[str, Any]]] = []
+        self._ready = False
+
+    # ---------------------------------------------------------------------------------------
+    # set-up
+    # ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _clone_metrics(metrics: Any, prefix: str):
+        if metrics is None:
+            return None
+        from torchmetrics import MetricCollection
+
+        if not isinstance(metrics, MetricCollection):
+            metrics = MetricCollection(dict(metrics) if isinstance(metrics, Mapping) else metrics)
+        clone = metrics.clone(prefix=prefix)
+        clone.persistent(True)  # so a mid-epoch checkpoint carries the epoch's partial state
+        return clone
+
+    def _setup(self) -> None:
+        if self._ready:
+            return
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        self.raw_model.to(self.device, memory_format=memory_format)
+        self.loss_fn.to(self.device)
+        for m in (self.val_metrics, self.train_metrics):
+            if m is not None:
+                m.to(self.device)
+        _move_optimizer_state(self.optimizer, self.device)
+        if self.compile:
+            self.model = torch.compile(self.raw_model, **self.compile_options)
+        self._ready = True
+
+    # ---------------------------------------------------------------------------------------
+    # fit
+    # ---------------------------------------------------------------------------------------
+    def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
+            resume: str | Path | dict | None = None) -> dict[str, Any]:
+        """Train for `epochs` (continuing from `resume`, a checkpoint path or its loaded dict)."""
+        started = time.perf_counter()
+        self._setup()
+        self.monitor = self.monitor or ("val/loss" if val_loader is not None else "train/loss")
+        self.schedule.monitor = self.monitor
+        self.mode = self.mode or self.task.monitor_mode(self.monitor)
+        self._check_monitor(val_loader is not None)
+        if self.run_dir is not None:
+            clean_stale_temps(self.ckpt_dir)
+
+        resumed = resume is not None
+        if resumed:
+            self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume, self.device))
+            log.info("resumed at epoch %d, step %d (batch %d of the epoch)", self.loop.epoch + 1,
+                     self.loop.global_step, self.loop.batch_in_epoch)
+        else:
+            self.loop = LoopState()
+            self.initial_fingerprint = fingerprint(self.raw_model)
+        self._log_start()
+        info = {"fingerprint": self.initial_fingerprint, "epochs": self.epochs}
+        for lg in self.loggers:
+            lg.start(info, resume_epoch=self.loop.epoch + 1 if resumed else None,
+                     resume_step=self.loop.global_step)
+
+        steps_per_epoch = math.ceil(len(train_loader) / self.stepper.accumulate)  # type: ignore[arg-type]
+        try:
+            for epoch in range(self.loop.epoch, self.epochs):
+                record = self._train_epoch(epoch, train_loader, steps_per_epoch)
+                if val_loader is not None:
+                    record.update(self._evaluate(val_loader, self.val_metrics, "val"))
+                self._end_epoch(epoch, record)
+                if self._stop_signal is not None:
+                    raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
+                if self.loop.stopped_early:
+                    log.info("early stop: %s did not improve for %d epochs (best %.6g at epoch %s)",
+                             self.monitor, self.early_stop, self.loop.best, self.loop.best_epoch)
+                    break
+        finally:
+            self._flush_steps()
+            summary = self.summary(time.perf_counter() - started)
+            for lg in self.loggers:
+                lg.finish(summary)
+        return summary
+
+    def _train_epoch(self, epoch: int, loader: Iterable, steps_per_epoch: int) -> dict[str, float]:
+        model, loop, stepper, k = self.model, self.loop, self.stepper, self.stepper.accumulate
+        model.train()
+        n_batches = len(loader)  # type: ignore[arg-type]
+        start = loop.batch_in_epoch
+        set_loader_epoch(loader, epoch, skip=start)
+        loss_sum, count = self._restore_epoch_accum()
+        self.progress.epoch_start(epoch + 1, self.epochs, n_batches, done=start)
+        check_finite = stepper.scaler is None
+
+        for i, batch in enumerate(loader, start=start):
+            group_start = (i // k) * k
+            group_size = min(k, n_batches - group_start)  # the epoch's last group may be shorter
+            last_in_group = i - group_start == group_size - 1
+            batch = move_to(batch, self.device, self.channels_last)
+            n = self.task.batch_size(batch)
+
+            with stepper.micro_context(model, last_in_group):
+                with stepper.autocast():
+                    outputs, targets = self.task.forward(model, batch)
+                    loss = self.task.loss(self.loss_fn, outputs, targets)
+                if check_finite and not torch.isfinite(loss.detach()).item():
+                    if self.on_nonfinite == "stop":
+                        raise TrainingError(
+                            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {loop.global_step + 1}"
+                            f" (batch {i + 1}); the run stopped and its saved checkpoints are intact"
+                            f" (set trainer.on_nonfinite: skip_batch to skip such batches)"
+                        )
+                    log.warning("skipped batch %d of epoch %d: non-finite loss %s", i + 1, epoch + 1, loss.item())
+                else:
+                    stepper.backward(loss, group_size)
+                    loss_sum += loss.detach().float() * n
+                    count += n
+                    if self.train_metrics is not None:
+                        with torch.no_grad():
+                            self.task.update_metrics(self.train_metrics, outputs, targets)
+            loop.batch_in_epoch = i + 1
+            self.progress.advance(1, n)
+
+            if last_in_group:
+                result = stepper.step(want_norm=True)
+                loop.global_step += 1
+                if result.stepped:
+                    self.schedule.on_optimizer_step(epoch, i // k, steps_per_epoch)
+                self._record_step(loss.detach(), result.grad_norm)
+                if i + 1 < n_batches:
+                    self._maybe_checkpoint_mid_epoch(loss_sum, count)
+
+        self._flush_steps()
+        if count == 0:
+            raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
+        record = {"train/loss": float(loss_sum / count)}
+        if self.train_metrics is not None:
+            record.update(_scalars(self.train_metrics.compute()))
+            self.train_metrics.reset()
+        self._epoch_accum = None
+        return record
+
+    def _maybe_checkpoint_mid_epoch(self, loss_sum: torch.Tensor, count: int) -> None:
+        every = self.checkpoint_every_steps
+        due = every is not None and self.loop.global_step % every == 0
+        if not due and self._stop_signal is None:
+            return
+        accum = {
+            "loss_sum": loss_sum.detach().cpu(),
+            "count": count,
+            "metrics": self.train_metrics.state_dict() if self.train_metrics is not None else None,
+        }
+        if self.run_dir is not None:
+            state = self.state_dict(epoch_accum=accum)
+            if due:
+                self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
+            self._save(state, "last.ckpt")
+        if self._stop_signal is not None:
+            self._flush_steps()
+            raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
+
+    def _restore_epoch_accum(self) -> tuple[torch.Tensor, int]:
+        accum = getattr(self, "_epoch_accum", None)
+        if self.train_metrics is not None:
+            self.train_metrics.reset()
+        if not accum or self.loop.batch_in_epoch == 0:
+            return torch.zeros((), device=self.device), 0
+        if self.train_metrics is not None and accum.get("metrics") is not None:
+            self.train_metrics.load_state_dict(accum["metrics"])
+        return accum["loss_sum"].to(self.device), int(accum["count"])
+
+    def _end_epoch(self, epoch: int, record: dict[str, float]) -> None:
+        loop = self.loop
+        for i, lr in enumerate(self.schedule.lrs()):
+            record[f"lr/group{i}"] = lr
+        loop.epoch = epoch + 1
+        loop.batch_in_epoch = 0
+        self.schedule.on_epoch_end(record)
+        improved = self._update_best(record)
+        loop.history.append(dict(record))
+        seconds = self.progress.epoch_end(epoch + 1, self.epochs, record)
+        record["time/epoch_s"] = seconds
+        for lg in self.loggers:
+            lg.log_epoch(epoch + 1, loop.global_step, record)
+        if self.run_dir is not None:
+            state = self.state_dict()
+            if improved:
+                self._save(state, "best.ckpt")
+            if self.save_period and (epoch + 1) % self.save_period == 0:
+                self._save(state, f"epoch-{epoch + 1:03d}.ckpt", numbered=True)
+            self._save(state, "last.ckpt")
+
+    def _update_best(self, record: dict[str, float]) -> bool:
+        loop, value = self.loop, record.get(self.monitor)
+        if value is None:
+            raise ConfigError(
+                f"trainer.monitor: '{self.monitor}' is not logged; logged: {', '.join(sorted(record))}"
+            )
+        improved = is_finite(value) and (
+            loop.best is None
+            or (value < loop.best - self.min_delta if self.mode == "min" else value > loop.best + self.min_delta)
+        )
+        if improved:
+            loop.best, loop.best_epoch, loop.bad_epochs = float(value), loop.epoch, 0
+        else:
+            loop.bad_epochs += 1
+            if self.early_stop is not None and loop.bad_epochs >= self.early_stop:
+                loop.stopped_early = True
+        return improved
+
+    def _check_monitor(self, has_val: bool) -> None:
+        names = {"train/loss"}
+        if has_val:
+            names.add("val/loss")
+            names.update(self.val_metrics.keys() if self.val_metrics is not None else [])
+        if self.train_metrics is not None:
+            names.update(self.train_metrics.keys())
+        if self.monitor not in names:
+            from torchkiln.errors import did_you_mean
+
+            raise ConfigError(
+                f"trainer.monitor: '{self.monitor}' will not be logged{did_you_mean(self.monitor, names)}"
+                f" (logged: {', '.join(sorted(names))})"
+            )
+
+    # ---------------------------------------------------------------------------------------
+    # evaluation
+    # ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _evaluate(self, loader: Iterable, metrics: Any, prefix: str) -> dict[str, float]:
+        self._setup()
+        self.model.eval()
+        if metrics is not None:
+            metrics.reset()
+        loss_sum, count = torch.zeros((), device=self.device), 0
+        for batch in loader:
+            batch = move_to(batch, self.device, self.channels_last)
+            with self.stepper.autocast():
+                outputs, targets = self.task.forward(self.model, batch)
+                if targets is not None:
+                    n = self.task.batch_size(batch)
+                    loss_sum += self.task.loss(self.loss_fn, outputs, targets).float() * n
+                    count += n
+            if metrics is not None and targets is not None:
+                self.task.update_metrics(metrics, outputs, targets)
+        record = {f"{prefix}/loss": float(loss_sum / count)} if count else {}
+        if metrics is not None and count:
+            computed = _scalars(metrics.compute())
+            record.update({f"{prefix}/{k.split('/', 1)[1]}": v for k, v in computed.items()})
+            metrics.reset()
+        return record
+
+    def evaluate(self, loader: Iterable, prefix: str = "val") -> dict[str, float]:
+        """Loss and metrics over every sample of `loader`, keyed `<prefix>/<name>`."""
+        return self._evaluate(loader, self.val_metrics, prefix)
+
+    def validate(self, loader: Iterable) -> dict[str, float]:
+        return self.evaluate(loader, "val")
+
+    def test(self, loader: Iterable) -> dict[str, float]:
+        return self.evaluate(loader, "test")
+
+    @torch.inference_mode()
+    def predict(self, loader: Iterable) -> torch.Tensor:
+        """Model outputs for every batch, concatenated on the CPU."""
+        self._setup()
+        self.model.eval()
+        outs = []
+        for batch in loader:
+            batch = move_to(batch, self.device, self.channels_last)
+            with self.stepper.autocast():
+                outputs, _ = self.task.forward(self.model, batch)
+            outs.append(outputs.float().cpu())
+        return torch.cat(outs) if outs else torch.empty(0)
+
+    # ---------------------------------------------------------------------------------------
+    # per-step logging (scalars leave the device once per log interval)
+    # ---------------------------------------------------------------------------------------
+    def _record_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        if not self.loggers and not self.progress.interactive:
+            return
+        row: dict[str, Any] = {"train/loss_step": loss.float()}
+        if grad_norm is not None:
+            row["train/grad_norm"] = grad_norm.float()
+        for i, lr in enumerate(self.schedule.lrs()):
+            row[f"lr/group{i}"] = lr
+        self._step_rows.append((self.loop.global_step, row))
+        if self.loop.global_step % self.log_every_n_steps == 0:
+            self._flush_steps()
+
+    def _flush_steps(self) -> None:
+        if not self._step_rows:
+            return
+        tensors = [v for _, row in self._step_rows for v in row.values() if isinstance(v, torch.Tensor)]
+        values = iter(torch.stack(tensors).tolist()) if tensors else iter(())
+        rows = [(s, {k: (next(values) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
+                for s, row in self._step_rows]
+        self._step_rows = []
+        self.progress.show({"loss": rows[-1][1]["train/loss_step"]})
+        if self.stepper.skipped:
+            rows[-1][1]["train/skipped_steps"] = float(self.stepper.skipped)
+        for lg in self.loggers:
+            lg.log_steps(rows)
+
+    def _log_start(self) -> None:
+        total = sum(p.numel() for p in self.raw_model.parameters())
+        trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        log.info("device %s, precision %s, %d parameters (%d trainable, %d frozen)", self.device,
+                 self.stepper.precision, total, trainable, total - trainable)
+        log.info("initial-parameter fingerprint %s", self.initial_fingerprint)
+
+    # ---------------------------------------------------------------------------------------
+    # checkpoints
+    # ---------------------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir / "checkpoints"
+
+    def _ckpt_str(self, name: str) -> str | None:
+        return str(self.ckpt_dir / name) if self.run_dir is not None else None
+
+    def state_dict(self, epoch_accum: dict | None = None) -> dict[str, Any]:
+        """Everything a resume needs, as plain data (loadable with weights_only=True)."""
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "torchkiln": __version__,
+            "torch": str(torch.__version__),
+            "model": strip_prefixes(self.raw_model.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "step": self.stepper.state_dict(),
+            "loop": self.loop.to_dict(),
+            "epoch_accum": epoch_accum,
+            "rng": rng_state(),
+            "fingerprint": self.initial_fingerprint,
+            "config": self.config,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise CheckpointError("not a torchkiln checkpoint (use model.pretrained for plain weights)")
+        self.load_weights(state["model"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"optimizer state does not fit this optimizer: {exc}") from exc
+        _move_optimizer_state(self.optimizer, self.device)
+        self.schedule.load_state_dict(state["schedule"])
+        self.stepper.load_state_dict(state["step"])
+        self.loop = LoopState.from_dict(state["loop"])
+        self._epoch_accum = state.get("epoch_accum")
+        self.initial_fingerprint = state.get("fingerprint")
+        set_rng_state(state["rng"])
+
+    def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
+        weights = strip_prefixes(weights)
+        own = self.raw_model.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        mismatched = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+        if strict and (missing or unexpected or mismatched):
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+            if unexpected:
+                parts.append(f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}")
+            if mismatched:
+                k = mismatched[0]
+                parts.append(f"shape of {k}: checkpoint {tuple(weights[k].shape)}, model {tuple(own[k].shape)}")
+            raise CheckpointError(f"checkpoint does not fit this model ({'; '.join(parts)})")
+        self.raw_model.load_state_dict(weights, strict=strict)
+
+    def _save(self, state: dict[str, Any], name: str, numbered: bool = False) -> None:
+        save_checkpoint(state, self.ckpt_dir / name)
+        if numbered and self.keep_last:
+            numbered_files = sorted(
+                (p for p in self.ckpt_dir.glob("*.ckpt") if re.match(r"(epoch|step)-\d+\.ckpt$", p.name)),
+                key=lambda p: p.stat().st_mtime_ns,
+            )
+            for old in numbered_files[: -self.keep_last]:
+                old.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------------------------------
+    # stopping
+    # ---------------------------------------------------------------------------------------
+    def request_stop(self, signum: int) -> None:
+        """Finish the current optimizer step, write a checkpoint, then raise StopRequested."""
+        self._stop_signal = signum
+
+    def summary(self, seconds: float | None = None) -> dict[str, Any]:
+        loop = self.loop
+        return {
+            "epochs_completed": loop.epoch,
+            "global_step": loop.global_step,
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": loop.best,
+            "best_epoch": loop.best_epoch,
+            "stopped_early": loop.stopped_early,
+            "skipped_steps": self.stepper.skipped,
+            "final": loop.history[-1] if loop.history else {},
+            "fingerprint": self.initial_fingerprint,
+            "seconds": seconds,
+        }
+
+
+def _scalars(computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v) for k, v in computed.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+
+
+def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                state[k] = v.to(device)

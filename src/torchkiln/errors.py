@@ -1,0 +1,38 @@
+"""User-facing errors: one class per area, caught once in the CLI and printed as one line."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KilnError(Exception):
+    """An error the user can fix; the message says what, where and how."""
+
+    exit_code = 2
+
+
+class ConfigError(KilnError):
+    pass
+
+
+class DataError(KilnError):
+    pass
+
+
+class CheckpointError(KilnError):
+    pass
+
+
+class TrainingError(KilnError):
+    """The run cannot continue (e.g. a non-finite loss); saved checkpoints are intact."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ' did you mean 'x'?' suffix for the closest choice, or ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in choices}
+        if word.lower() in lowered:
+            close = [lowered[word.lower()]]
+    return f"; did you mean '{close[0]}'?" if close else ""

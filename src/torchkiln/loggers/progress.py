@@ -1,0 +1,53 @@
+"""Console progress: a bar per epoch on a terminal, one line per epoch otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+log = logging.getLogger("torchkiln")
+
+
+class Progress:
+    def __init__(self, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.bar = None
+        self.start = 0.0
+        self.samples = 0
+
+    @property
+    def interactive(self) -> bool:
+        return self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def epoch_start(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
+        self.start = time.perf_counter()
+        self.samples = 0
+        if self.interactive:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch}/{epochs}", file=self.stream,
+                            leave=False, dynamic_ncols=True, unit="batch")
+
+    def advance(self, batches: int, samples: int) -> None:
+        self.samples += samples
+        if self.bar is not None:
+            self.bar.update(batches)
+
+    def show(self, values: dict[str, float]) -> None:
+        if self.bar is not None:
+            rate = self.samples / max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "samples/s": f"{rate:.0f}"},
+                                 refresh=False)
+
+    def epoch_end(self, epoch: int, epochs: int, record: dict[str, float]) -> float:
+        seconds = time.perf_counter() - self.start
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.enabled:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k and not k.startswith("lr"))
+            log.info("epoch %d/%d  %s  (%.1fs, %.0f samples/s)", epoch, epochs, shown, seconds,
+                     self.samples / max(seconds, 1e-9))
+        return seconds

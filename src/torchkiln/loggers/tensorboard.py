@@ -1,0 +1,37 @@
+"""TensorBoard scalars: per-step loss, LR, grad norm; per-epoch metrics; final hparams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torchkiln.loggers.base import Logger
+
+
+class TensorBoardLogger(Logger):
+    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard"):
+        self.log_dir = Path(run_dir) / subdir
+        self.writer = None
+
+    def start(self, info, resume_epoch=None, resume_step=0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events logged after the checkpoint we resume from.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=resume_step + 1 if resume_epoch is not None else None)
+
+    def log_steps(self, rows):
+        for step, vals in rows:
+            for k, v in vals.items():
+                self.writer.add_scalar(k, v, step)
+
+    def log_epoch(self, epoch, step, record):
+        for k, v in record.items():
+            self.writer.add_scalar(k, v, epoch)
+        self.writer.flush()
+
+    def finish(self, summary: dict[str, Any]):
+        if self.writer is None:
+            return
+        self.writer.flush()
+        self.writer.close()
+        self.writer = None

@@ -1,0 +1,119 @@
+"""Name -> factory, for every pluggable kind. `package.module:Name` import paths work everywhere."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torchkiln.errors import ConfigError, did_you_mean
+
+
+class Registry:
+    """Holds factories by name; `fallbacks` are modules searched for names not registered."""
+
+    def __init__(self, kind: str, fallbacks: Iterable[str] = (), predicate: Callable | None = None):
+        self.kind = kind
+        self._items: dict[str, Callable] = {}
+        self._fallbacks = tuple(fallbacks)
+        self._predicate = predicate or (lambda obj: callable(obj))
+
+    def register(self, obj: Callable | None = None, *, name: str | None = None):
+        """Use as `@REG.register` or `@REG.register(name="x")`."""
+
+        def add(o: Callable) -> Callable:
+            key = name or o.__name__
+            self._items[key] = o
+            return o
+
+        return add(obj) if obj is not None else add
+
+    def _fallback_names(self) -> dict[str, Callable]:
+        found: dict[str, Callable] = {}
+        for modname in self._fallbacks:
+            mod = importlib.import_module(modname)
+            for attr in dir(mod):
+                if attr.startswith("_"):
+                    continue
+                obj = getattr(mod, attr)
+                if self._predicate(obj):
+                    found.setdefault(attr, obj)
+        return found
+
+    def names(self) -> list[str]:
+        return sorted(set(self._items) | set(self._fallback_names()))
+
+    def get(self, name: str, where: str = "type") -> Callable:
+        """Resolve a registered name or an import path; raise ConfigError naming `where`."""
+        if ":" in name:
+            return import_path(name, where)
+        if name in self._items:
+            return self._items[name]
+        fallback = self._fallback_names()
+        if name in fallback:
+            return fallback[name]
+        raise ConfigError(
+            f"{where}: unknown {self.kind} '{name}'{did_you_mean(name, self.names())}"
+            f" (or give an import path 'package.module:Name')"
+        )
+
+
+def import_path(path: str, where: str = "type") -> Any:
+    """Import `package.module:Name` (dots after the colon walk attributes)."""
+    modname, _, attr = path.partition(":")
+    if not modname or not attr:
+        raise ConfigError(f"{where}: bad import path '{path}'; expected 'package.module:Name'")
+    try:
+        obj: Any = importlib.import_module(modname)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import module '{modname}' from '{path}': {exc}") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: module '{modname}' has no attribute '{attr}' (from '{path}')")
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterable[str] = ()) -> None:
+    """Refuse arguments the factory does not accept, naming the closest valid one."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in args:
+        if key not in params and key not in skip:
+            raise ConfigError(
+                f"{where}.{key}: unknown argument for {getattr(factory, '__name__', factory)}"
+                f"{did_you_mean(key, valid)} (accepted: {', '.join(valid)})"
+            )
+
+
+def _is_class_of(module: str, base: str) -> Callable[[Any], bool]:
+    def pred(obj: Any) -> bool:
+        if not inspect.isclass(obj):
+            return False
+        mod = importlib.import_module(module)
+        parent = getattr(mod, base, None)
+        return parent is not None and issubclass(obj, parent) and obj is not parent
+
+    return pred
+
+
+MODELS = Registry("model")
+DATASETS = Registry("dataset")
+LOSSES = Registry("loss", fallbacks=["torch.nn"], predicate=lambda o: inspect.isclass(o) and o.__name__.endswith("Loss"))
+OPTIMIZERS = Registry("optimizer", fallbacks=["torch.optim"], predicate=_is_class_of("torch.optim", "Optimizer"))
+SCHEDULERS = Registry(
+    "scheduler",
+    fallbacks=["torch.optim.lr_scheduler"],
+    predicate=lambda o: inspect.isclass(o)
+    and o.__module__ == "torch.optim.lr_scheduler"
+    and (o.__name__.endswith("LR") or o.__name__ in {"ReduceLROnPlateau", "CosineAnnealingWarmRestarts"}),
+)
+METRICS = Registry("metric")
+TASKS = Registry("task")

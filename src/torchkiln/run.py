@@ -1,0 +1,249 @@
+"""What `kiln train` and `kiln test` do: config -> objects -> Trainer, inside a run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from torchkiln.config.load import apply_overrides, dump_yaml, read_file, resolve, to_plain
+from torchkiln.config.schema import Config
+from torchkiln.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("torchkiln")
+CHECKPOINTS = "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------
+# run directories
+# ------------------------------------------------------------------------------------------
+def new_run_dir(cfg: Config) -> Path:
+    root = Path(cfg.output_dir) / cfg.name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir, i = root / stamp, 1
+    while run_dir.exists():
+        run_dir, i = root / f"{stamp}-{i}", i + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def find_checkpoint(target: str, cfg: Config | None = None) -> Path:
+    """`auto` (newest valid checkpoint of this config's newest run), a run directory, or a file."""
+    from torchkiln.engine.checkpoint import load_checkpoint
+
+    if target == "auto":
+        if cfg is None:
+            raise ConfigError("--resume auto needs a config to know the run name")
+        root = Path(cfg.output_dir) / cfg.name
+        runs = sorted((p for p in root.glob("*") if (p / CHECKPOINTS).is_dir()), key=lambda p: p.name, reverse=True)
+        for run in runs:
+            for ckpt in _candidates(run / CHECKPOINTS):
+                try:
+                    load_checkpoint(ckpt)
+                except CheckpointError as exc:
+                    log.warning("skipping unreadable checkpoint: %s", exc)
+                    continue
+                return ckpt
+        raise CheckpointError(f"--resume auto: no valid checkpoint under {root}; start without --resume")
+    path = Path(target)
+    if path.is_dir():
+        ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+        found = _candidates(ckpt_dir)
+        if not found:
+            raise CheckpointError(f"{path}: no checkpoint found in {ckpt_dir}")
+        return found[0]
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    return path
+
+
+def _candidates(ckpt_dir: Path) -> list[Path]:
+    """Checkpoints newest first by progress (last.ckpt, then numbered, by time written)."""
+    files = [p for p in ckpt_dir.glob("*.ckpt") if p.name != "best.ckpt"]
+    return sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
+
+
+# ------------------------------------------------------------------------------------------
+# logging to the console and train.log
+# ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def file_log(run_dir: Path):
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer):
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second Ctrl-C exits at once."""
+    previous = {}
+
+    def handler(signum, frame):
+        if trainer._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning("received %s: finishing this step and writing a checkpoint (Ctrl-C again to quit now)",
+                    signal.Signals(signum).name)
+        trainer.request_stop(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+# ------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------
+def resume_config(target: str, cfg: Config | None, overrides: list[str]) -> tuple[Config, Path]:
+    """On resume the run's own config.yaml is the base; command-line overrides still apply."""
+    ckpt = find_checkpoint(target, cfg)
+    run_cfg = run_dir_of(ckpt) / "config.yaml"
+    if not run_cfg.is_file():
+        raise CheckpointError(f"{ckpt}: its run directory has no config.yaml to resume with")
+    data = apply_overrides(read_file(run_cfg), overrides)
+    return resolve(data, str(run_cfg)), ckpt
+
+
+def train(cfg: Config, resume: Path | None = None, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+    """Validate, build, train; returns the run directory and the summary."""
+    from torchkiln.config.build import check_components
+
+    check_components(cfg)
+    import torch
+
+    from torchkiln.engine.step import check_precision
+    from torchkiln.engine.trainer import resolve_device
+
+    check_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
+    if resume is not None:
+        run_dir = run_dir_of(resume)
+    else:
+        run_dir = new_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    with file_log(run_dir):
+        log.info("run directory %s", run_dir)
+        trainer, loaders = build_trainer(cfg, run_dir, progress=progress)
+        torch.set_float32_matmul_precision("high")
+        from torchkiln.engine.state import StopRequested
+
+        try:
+            with stop_on_signals(trainer):
+                summary = trainer.fit(loaders["train"], loaders.get("val"), resume=resume)
+        except StopRequested as stop:
+            _finish(cfg, run_dir, trainer.summary())
+            log.warning("stopped; checkpoint %s. Resume with: kiln train --resume %s", stop.checkpoint, run_dir)
+            raise
+        _finish(cfg, run_dir, summary)
+        best = summary["best"]
+        log.info("done: best %s %.4f at epoch %s; run directory %s", summary["monitor"],
+                 best if best is not None else float("nan"), summary["best_epoch"], run_dir)
+    return run_dir, summary
+
+
+def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
+    from torchkiln.config.build import (
+        build_data,
+        build_loaders,
+        build_loss,
+        build_model,
+        build_optimizer,
+        build_scheduler,
+        num_classes_of,
+    )
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.loggers import CSVLogger, JSONLLogger, TensorBoardLogger
+    from torchkiln.metrics import build_metrics
+    from torchkiln.registry import TASKS
+    from torchkiln.repro import seed_everything
+
+    seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
+    data = build_data(cfg)
+    loaders = build_loaders(cfg, data)
+    num_classes = num_classes_of(cfg, data)
+    task = TASKS.get(cfg.task, "task")()
+    model = build_model(cfg, num_classes)
+    loss = build_loss(cfg, task)
+    optimizer = build_optimizer(cfg, model)
+    scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]))
+    metric_specs = [m if isinstance(m, str) else m.model_dump() for m in cfg.metrics] or list(task.default_metrics)
+    metrics = build_metrics(metric_specs, num_classes)
+    loggers: list = []
+    if run_dir is not None:
+        if cfg.logging.csv:
+            loggers += [CSVLogger(run_dir), JSONLLogger(run_dir)]
+        if cfg.logging.tensorboard:
+            loggers.append(TensorBoardLogger(run_dir))
+    t = cfg.trainer
+    trainer = Trainer(
+        model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,
+        device=t.device, precision=t.precision, grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode,
+        accumulate=t.accumulate, monitor=t.monitor, mode=t.mode, early_stop=t.early_stop,
+        min_delta=t.min_delta, run_dir=run_dir, save_period=t.save_period,
+        checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last, loggers=loggers,
+        progress=progress and cfg.logging.progress, log_every_n_steps=cfg.logging.every_n_steps,
+        on_nonfinite=t.on_nonfinite, compile=t.compile, compile_options=t.compile_options,
+        channels_last=t.channels_last, config=to_plain(cfg), **sched_kwargs,
+    )
+    return trainer, loaders
+
+
+def _finish(cfg: Config, run_dir: Path, summary: dict[str, Any]) -> None:
+    out = {"name": cfg.name, "run_dir": str(run_dir), **summary}
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    if cfg.logging.plots and summary.get("epochs_completed"):
+        from torchkiln.engine.checkpoint import load_checkpoint
+        from torchkiln.loggers.plots import plot_curves
+
+        last = run_dir / CHECKPOINTS / "last.ckpt"
+        history = load_checkpoint(last)["loop"]["history"] if last.is_file() else []
+        plot_curves(history, run_dir / "plots" / "curves.png", monitor=summary.get("monitor"))
+
+
+# ------------------------------------------------------------------------------------------
+# test
+# ------------------------------------------------------------------------------------------
+def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides: list[str] | None = None
+         ) -> dict[str, float]:
+    from torchkiln.engine.checkpoint import load_checkpoint, model_weights
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = resolve(apply_overrides(read_file(cfg_path), list(overrides or [])), str(cfg_path))
+    ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
+    weights = model_weights(load_checkpoint(ckpt), ckpt)
+    trainer, loaders = build_trainer(cfg, None, progress=False)
+    if split not in loaders:
+        raise ConfigError(
+            f"{cfg_path}: this run has no {split} split (set data.{split}_split or data.{split}_dataset),"
+            f" or use --split val"
+        )
+    try:
+        trainer.load_weights(weights)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{ckpt}: {exc}") from exc
+    results = trainer.evaluate(loaders[split], split)
+    out = {"checkpoint": str(ckpt), "split": split, "samples": len(loaders[split].dataset), **results}
+    (run_dir / f"{split}_metrics.json").write_text(json.dumps(out, indent=2))
+    return results
