@@ -1,0 +1,59 @@
+"""Shared helpers: small real configs on digits, and `kiln` as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_config(tmp_path: Path, **sections) -> dict:
+    """A fast digits config writing runs under tmp_path; sections override top-level keys."""
+    cfg = {
+        "name": "t",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "data": {"dataset": {"type": "Digits"}, "val_split": 0.2, "test_split": 0.1, "batch_size": 64},
+        "model": {"type": "MLP", "args": {"num_classes": 10, "hidden": [32]}},
+        "metrics": ["accuracy", "f1_macro"],
+        "optimizer": {"type": "Adam", "args": {"lr": 0.01}},
+        "trainer": {"epochs": 2, "monitor": "val/accuracy"},
+        "logging": {"progress": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def kiln(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool = False,
+         env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m torchkiln ARGS` in a fresh process."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "torchkiln", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def make(**sections):
+        return small_config(tmp_path, **sections)
+
+    return make
