@@ -52,6 +52,22 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool 
 
 
 @pytest.fixture
+def cli(capsys, monkeypatch, tmp_path):
+    """Run `kiln ARGS` in this process (cwd = tmp_path); returns (exit code, stdout, stderr)."""
+    from torchkiln.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
 def cfg_factory(tmp_path):
     def make(**sections):
         return small_config(tmp_path, **sections)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from torchkiln.config.load import load_config
+    from torchkiln.config.load import load_checked, load_config
 
     if args.command == "config":
         if args.config_command == "schema":
@@ -105,7 +105,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             cfg, resume = run.resume_config(args.resume, base, args.overrides)
             log.info("resuming from %s", resume)
         else:
-            cfg = load_config(args.config, args.overrides)
+            cfg = load_checked(args.config, args.overrides)
         from torchkiln.engine.state import StopRequested
 
         try:

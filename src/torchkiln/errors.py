@@ -30,9 +30,10 @@ class TrainingError(KilnError):
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' did you mean 'x'?' suffix for the closest choice, or ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    if not close:
-        lowered = {c.lower(): c for c in choices}
-        if word.lower() in lowered:
-            close = [lowered[word.lower()]]
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    if word.lower() in lowered:
+        close = [lowered[word.lower()]]
+    else:
+        close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""

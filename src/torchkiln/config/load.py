@@ -166,6 +166,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return resolve(data, source)
 
 
+def load_checked(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """load_config, then resolve every component name and argument; errors name the file."""
+    from torchkiln.config.build import check_components
+
+    cfg = load_config(path, overrides)
+    try:
+        check_components(cfg)
+    except ConfigError as exc:
+        source = str(path) if path is not None else str(default_config_path())
+        raise ConfigError(f"{source}: {exc}") from exc
+    return cfg
+
+
 def to_plain(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data (what checkpoints and config.yaml hold)."""
     return cfg.model_dump(mode="json")

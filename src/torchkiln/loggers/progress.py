@@ -46,8 +46,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.enabled:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k and not k.startswith("lr"))
-            log.info("epoch %d/%d  %s  (%.1fs, %.0f samples/s)", epoch, epochs, shown, seconds,
-                     self.samples / max(seconds, 1e-9))
+        # Always logged (train.log); the console shows it unless --quiet.
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k and not k.startswith("lr"))
+        log.info("epoch %d/%d  %s  (%.1fs, %.0f samples/s)", epoch, epochs, shown, seconds,
+                 self.samples / max(seconds, 1e-9))
         return seconds
