@@ -129,6 +129,10 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True) -> tup
     from torchkiln.config.build import check_components
 
     check_components(cfg)
+    if cfg.logging.wandb is not None:
+        from torchkiln.loggers.wandb import require_wandb
+
+        require_wandb()
     import torch
 
     from torchkiln.engine.step import check_precision
@@ -171,7 +175,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
         num_classes_of,
     )
     from torchkiln.engine.trainer import Trainer
-    from torchkiln.loggers import CSVLogger, JSONLLogger, TensorBoardLogger
+    from torchkiln.loggers import build_loggers
     from torchkiln.metrics import build_metrics
     from torchkiln.registry import TASKS
     from torchkiln.repro import seed_everything
@@ -187,12 +191,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
     scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]))
     metric_specs = [m if isinstance(m, str) else m.model_dump() for m in cfg.metrics] or list(task.default_metrics)
     metrics = build_metrics(metric_specs, num_classes)
-    loggers: list = []
-    if run_dir is not None:
-        if cfg.logging.csv:
-            loggers += [CSVLogger(run_dir), JSONLLogger(run_dir)]
-        if cfg.logging.tensorboard:
-            loggers.append(TensorBoardLogger(run_dir))
+    loggers = build_loggers(cfg, run_dir, model, data.class_names) if run_dir is not None else []
     t = cfg.trainer
     trainer = Trainer(
         model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,

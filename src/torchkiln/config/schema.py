@@ -107,12 +107,25 @@ class TrainerConfig(_Strict):
         return str(v) if isinstance(v, int) else v
 
 
+class WandbConfig(_Strict):
+    project: str = "torchkiln"
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="default: $WANDB_MODE, else online"
+    )
+    entity: str | None = None
+    name: str | None = Field(None, description="default: <run name>/<timestamp>")
+    tags: list[str] = Field(default_factory=list)
+
+
 class LoggingConfig(_Strict):
-    every_n_steps: int = Field(10, ge=1)
+    every_n_steps: int = Field(10, ge=1, description="per-step scalars leave the device this often")
     tensorboard: bool = True
     csv: bool = True
     plots: bool = True
     progress: bool = True
+    histograms: int | None = Field(None, ge=1, description="TensorBoard weight/gradient histograms every N epochs")
+    images: int = Field(16, ge=0, description="misclassified validation images drawn per epoch (0: none)")
+    wandb: WandbConfig | None = Field(None, description="log to Weights & Biases (extra: torchkiln[wandb])")
 
 
 class Config(_Strict):

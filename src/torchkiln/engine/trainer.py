@@ -31,7 +31,9 @@ from torchkiln.engine.state import LoopState, StopRequested
 from torchkiln.engine.step import OptimizerStep, is_finite
 from torchkiln.errors import CheckpointError, ConfigError, TrainingError
 from torchkiln.loggers.base import Logger
+from torchkiln.loggers.device import DeviceStats
 from torchkiln.loggers.progress import Progress
+from torchkiln.loggers.validation import ValidationCollector
 from torchkiln.repro import fingerprint, rng_state, set_rng_state
 from torchkiln.tasks.base import ClassificationTask, Task
 
@@ -140,6 +142,7 @@ class Trainer:
         self.keep_last = keep_last
         self.loggers = list(loggers)
         self.progress = Progress(enabled=progress)
+        self.device_stats = DeviceStats(self.device)
         self.log_every_n_steps = max(1, int(log_every_n_steps))
         if on_nonfinite not in ("stop", "skip_batch"):
             raise ConfigError(f"trainer.on_nonfinite: expected stop or skip_batch; found {on_nonfinite!r}")
@@ -225,7 +228,8 @@ class Trainer:
             self.loop = LoopState()
             self.initial_fingerprint = fingerprint(self.raw_model)
         self._log_start()
-        info = {"fingerprint": self.initial_fingerprint, "epochs": self.epochs}
+        info = {"fingerprint": self.initial_fingerprint, "epochs": self.epochs, "monitor": self.monitor,
+                "mode": self.mode, "best": self.loop.best}
         for lg in self.loggers:
             lg.start(info, resume_epoch=self.loop.epoch + 1 if resumed else None,
                      resume_step=self.loop.global_step)
@@ -235,7 +239,7 @@ class Trainer:
             for epoch in range(self.loop.epoch, self.epochs):
                 record = self._train_epoch(epoch, train_loader, steps_per_epoch)
                 if val_loader is not None:
-                    record.update(self._evaluate(val_loader, self.val_metrics, "val"))
+                    record.update(self._validate_and_show(epoch + 1, val_loader))
                 self._end_epoch(epoch, record)
                 if self._stop_signal is not None:
                     raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
@@ -258,6 +262,7 @@ class Trainer:
         set_loader_epoch(loader, epoch, skip=start)
         loss_sum, count = self._restore_epoch_accum()
         self.progress.epoch_start(epoch + 1, self.epochs, n_batches, done=start)
+        self.device_stats.epoch_start()
         check_finite = stepper.scaler is None
 
         for i, batch in enumerate(loader, start=start):
@@ -346,8 +351,10 @@ class Trainer:
         self.schedule.on_epoch_end(record)
         improved = self._update_best(record)
         loop.history.append(dict(record))
+        record.update(self.device_stats.epoch_end())
         seconds = self.progress.epoch_end(epoch + 1, self.epochs, record)
         record["time/epoch_s"] = seconds
+        record["time/samples_per_s"] = self.progress.samples / max(seconds, 1e-9)
         for lg in self.loggers:
             lg.log_epoch(epoch + 1, loop.global_step, record)
         if self.run_dir is not None:
@@ -394,8 +401,20 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # evaluation
     # ---------------------------------------------------------------------------------------
+    def _validate_and_show(self, epoch: int, loader: Iterable) -> dict[str, float]:
+        """Validation; loggers that ask to see its outputs this epoch get them (and only then)."""
+        wanting = [lg for lg in self.loggers if lg.wants_validation(epoch)]
+        collector = ValidationCollector(max(lg.max_images for lg in wanting)) if wanting else None
+        record = self._evaluate(loader, self.val_metrics, "val", collector)
+        sample = collector.result() if collector is not None else None
+        if sample is not None:
+            for lg in wanting:
+                lg.log_validation(epoch, self.loop.global_step, sample)
+        return record
+
     @torch.inference_mode()
-    def _evaluate(self, loader: Iterable, metrics: Any, prefix: str) -> dict[str, float]:
+    def _evaluate(self, loader: Iterable, metrics: Any, prefix: str,
+                  collector: ValidationCollector | None = None) -> dict[str, float]:
         self._setup()
         self.model.eval()
         if metrics is not None:
@@ -411,6 +430,8 @@ class Trainer:
                     count += n
             if metrics is not None and targets is not None:
                 self.task.update_metrics(metrics, outputs, targets)
+            if collector is not None:
+                collector.update(self.task.split_batch(batch)[0], outputs, targets)
         record = {f"{prefix}/loss": float(loss_sum / count)} if count else {}
         if metrics is not None and count:
             computed = _scalars(metrics.compute())
@@ -464,6 +485,7 @@ class Trainer:
         rows = [(s, {k: (next(values) if isinstance(v, torch.Tensor) else v) for k, v in row.items()})
                 for s, row in self._step_rows]
         self._step_rows = []
+        self.device_stats.sample()
         self.progress.show({"loss": rows[-1][1]["train/loss_step"]})
         if self.stepper.skipped:
             rows[-1][1]["train/skipped_steps"] = float(self.stepper.skipped)

@@ -1,18 +1,36 @@
-"""The logger protocol: three moments, plain floats only."""
+"""The logger protocol: a few moments, plain floats only (plus an opt-in look at validation outputs)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torchkiln.loggers.validation import ValidationSample
 
 
 class Logger:
-    """Receives per-step scalars (buffered by the trainer), per-epoch records, and the summary."""
+    """Receives per-step scalars (buffered by the trainer), per-epoch records, and the summary.
+
+    A logger that draws from model outputs (misclassified images, a confusion matrix) answers
+    `wants_validation(epoch)` with True; only then does the trainer gather a `ValidationSample`
+    during that epoch's validation and hand it to `log_validation` before `log_epoch`.
+    """
+
+    #: misclassified validation inputs this logger wants in its sample (0: predictions only)
+    max_images: int = 0
 
     def start(self, info: dict[str, Any], resume_epoch: int | None = None, resume_step: int = 0) -> None:
         """`resume_epoch` is the first epoch that will be (re)written when resuming."""
 
     def log_steps(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         """rows of (global_step, {name: value})."""
+
+    def wants_validation(self, epoch: int) -> bool:
+        """Whether this logger wants `log_validation` for `epoch` (1-based)."""
+        return False
+
+    def log_validation(self, epoch: int, step: int, sample: ValidationSample) -> None:
+        """Predictions and targets over the validation set (and a few misclassified inputs)."""
 
     def log_epoch(self, epoch: int, step: int, record: dict[str, float]) -> None:
         """`epoch` is 1-based; `record` holds train/..., val/..., lr..."""

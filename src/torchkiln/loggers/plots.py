@@ -1,8 +1,13 @@
-"""Plots a person would rather look at than numbers: curves.png from the epoch history."""
+"""Plots a person would rather look at than numbers: curves, confusion matrix, per-class F1."""
 
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
+
+from torchkiln.loggers.base import Logger
+from torchkiln.loggers.validation import ValidationSample
 
 
 def plot_curves(history: list[dict[str, float]], path: str | Path, monitor: str | None = None) -> Path | None:
@@ -50,3 +55,62 @@ def plot_curves(history: list[dict[str, float]], path: str | Path, monitor: str 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+class ClassificationPlots(Logger):
+    """plots/confusion_matrix.png, per_class_f1.png and per_class.csv from the best epoch's validation.
+
+    "Best" follows the trainer's monitor; a resumed run that never improves again uses its last epoch.
+    """
+
+    def __init__(self, run_dir: str | Path, class_names: list[str] | None = None):
+        self.dir = Path(run_dir) / "plots"
+        self.class_names = class_names
+        self.monitor: str | None = None
+        self.mode = "max"
+        self.best: float | None = None
+        self.latest: tuple[int, ValidationSample] | None = None
+        self.chosen: tuple[int, ValidationSample] | None = None
+
+    def start(self, info, resume_epoch=None, resume_step=0):
+        self.monitor, self.mode = info.get("monitor"), info.get("mode") or "max"
+        self.best = info.get("best") if resume_epoch is not None else None
+        self.latest = self.chosen = None
+
+    def wants_validation(self, epoch):
+        return True
+
+    def log_validation(self, epoch, step, sample):
+        self.latest = (epoch, sample)
+
+    def log_epoch(self, epoch, step, record):
+        if self.latest is None or self.latest[0] != epoch:
+            return
+        value = record.get(self.monitor) if self.monitor else None
+        better = value is not None and math.isfinite(value) and (
+            self.best is None or (value < self.best if self.mode == "min" else value > self.best))
+        if better or self.chosen is None and self.best is None:
+            self.chosen = self.latest
+            if better:
+                self.best = value
+
+    def finish(self, summary):
+        chosen = self.chosen or self.latest
+        if chosen is None:
+            return
+        epoch, sample = chosen
+        from torchkiln.loggers import figures
+
+        which = f"validation, epoch {epoch}"
+        figures.save(figures.confusion_figure(sample, self.class_names, f"confusion matrix ({which})"),
+                     self.dir / "confusion_matrix.png")
+        figures.save(figures.per_class_f1_figure(sample, self.class_names, f"per-class F1 ({which})"),
+                     self.dir / "per_class_f1.png")
+        stats = figures.per_class(sample)
+        with open(self.dir / "per_class.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["class", "support", "precision", "recall", "f1"])
+            for i in range(sample.num_classes):
+                writer.writerow([figures.class_label(i, self.class_names), int(stats["support"][i]),
+                                 f"{stats['precision'][i]:.6f}", f"{stats['recall'][i]:.6f}",
+                                 f"{stats['f1'][i]:.6f}"])

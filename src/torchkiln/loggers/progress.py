@@ -47,7 +47,8 @@ class Progress:
             self.bar.close()
             self.bar = None
         # Always logged (train.log); the console shows it unless --quiet.
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in record.items() if "/" in k and not k.startswith("lr"))
+        shown = "  ".join(f"{k} {v:.0f}" if k.startswith(("memory/", "gpu/")) else f"{k} {v:.4f}"
+                          for k, v in record.items() if "/" in k and not k.startswith(("lr", "time/")))
         log.info("epoch %d/%d  %s  (%.1fs, %.0f samples/s)", epoch, epochs, shown, seconds,
                  self.samples / max(seconds, 1e-9))
         return seconds

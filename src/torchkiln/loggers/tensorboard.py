@@ -1,37 +1,123 @@
-"""TensorBoard scalars: per-step loss, LR, grad norm; per-epoch metrics; final hparams."""
+"""TensorBoard: per-step loss, LR, grad norm; per-epoch metrics, throughput and memory; validation
+figures (misclassified samples, confusion matrix); optional weight and gradient histograms; the
+config as hparams with the final metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from torchkiln.loggers.base import Logger
 
 
+def flat_config(config: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys -> int/float/str/bool (lists and None as text), as hparams accept."""
+    out: dict[str, Any] = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_config(value, name + "."))
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+        else:
+            out[name] = str(value)
+    return out
+
+
+class GradientTaps:
+    """Keeps a reference to each parameter's latest gradient (no copy), so histograms can be drawn
+    after the optimizer step has set `.grad` to None."""
+
+    def __init__(self, model: nn.Module):
+        self.grads: dict[str, Any] = {}
+        self.handles = [
+            p.register_post_accumulate_grad_hook(lambda p, name=name: self.grads.__setitem__(name, p.grad))
+            for name, p in model.named_parameters() if p.requires_grad
+        ]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.grads = [], {}
+
+
 class TensorBoardLogger(Logger):
-    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard"):
+    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard", *, model: nn.Module | None = None,
+                 histograms: int | None = None, images: int = 16, class_names: list[str] | None = None,
+                 config: dict[str, Any] | None = None):
         self.log_dir = Path(run_dir) / subdir
+        self.model = model
+        self.histograms = histograms if model is not None else None
+        self.max_images = images
+        self.class_names = class_names
+        self.config = config
         self.writer = None
+        self.taps: GradientTaps | None = None
 
     def start(self, info, resume_epoch=None, resume_step=0):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events logged after the checkpoint we resume from.
         self.writer = SummaryWriter(str(self.log_dir), purge_step=resume_step + 1 if resume_epoch is not None else None)
+        if self.histograms:
+            self.taps = GradientTaps(self.model)
 
     def log_steps(self, rows):
         for step, vals in rows:
             for k, v in vals.items():
                 self.writer.add_scalar(k, v, step)
 
+    def wants_validation(self, epoch):
+        return True
+
+    def log_validation(self, epoch, step, sample):
+        from torchkiln.loggers import figures
+
+        fig = figures.misclassified_figure(sample, self.class_names, f"misclassified (epoch {epoch})")
+        if fig is not None:
+            self.writer.add_image("val/misclassified", figures.to_array(fig), epoch, dataformats="HWC")
+        fig = figures.confusion_figure(sample, self.class_names, f"confusion matrix (epoch {epoch})")
+        self.writer.add_image("val/confusion_matrix", figures.to_array(fig), epoch, dataformats="HWC")
+
     def log_epoch(self, epoch, step, record):
         for k, v in record.items():
             self.writer.add_scalar(k, v, epoch)
+        if self.histograms and epoch % self.histograms == 0:
+            for name, p in self.model.named_parameters():
+                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), epoch)
+            for name, g in (self.taps.grads if self.taps else {}).items():
+                if g is not None:
+                    self.writer.add_histogram(f"grads/{name}", g.detach().float().cpu(), epoch)
         self.writer.flush()
 
     def finish(self, summary: dict[str, Any]):
         if self.writer is None:
             return
+        if self.taps is not None:
+            self.taps.remove()
+            self.taps = None
+        if self.config is not None:
+            self._hparams(summary)
         self.writer.flush()
         self.writer.close()
         self.writer = None
+
+    def _hparams(self, summary: dict[str, Any]) -> None:
+        """The config as hparams, with the best monitored value and the final epoch's metrics."""
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {f"hparam/{k}": float(v) for k, v in (summary.get("final") or {}).items()
+                   if k.startswith(("train/", "val/"))}
+        if summary.get("best") is not None:
+            metrics["hparam/best"] = float(summary["best"])
+        if not metrics:
+            return
+        exp, ssi, sei = hparams(flat_config(self.config), metrics)
+        fw = self.writer._get_file_writer()
+        for s in (exp, ssi, sei):
+            fw.add_summary(s)
+        step = summary.get("epochs_completed") or 0
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)

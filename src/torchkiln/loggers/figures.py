@@ -1,0 +1,129 @@
+"""Figures drawn from a ValidationSample, shared by TensorBoard, W&B and plots/ (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from torchkiln.loggers.validation import ValidationSample
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def class_label(index: int, class_names: list[str] | None) -> str:
+    if class_names and 0 <= index < len(class_names):
+        return str(class_names[index])
+    return str(index)
+
+
+def per_class(sample: ValidationSample) -> dict[str, np.ndarray]:
+    """support, precision, recall and F1 per class from the confusion matrix (0 where undefined)."""
+    cm = sample.confusion().double().numpy()
+    tp, true, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.nan_to_num(tp / predicted)
+        recall = np.nan_to_num(tp / true)
+        f1 = np.nan_to_num(2 * tp / (true + predicted))
+    return {"support": true.astype(int), "precision": precision, "recall": recall, "f1": f1}
+
+
+def to_array(fig) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB rendering of a figure, which is then closed."""
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    pyplot().close(fig)
+    return image
+
+
+def save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def confusion_figure(sample: ValidationSample, class_names: list[str] | None = None, title: str = ""):
+    """Row-normalized colours, raw counts written in the cells when there are few classes."""
+    plt = pyplot()
+    cm = sample.confusion().numpy()
+    c = sample.num_classes
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    size = min(4 + 0.45 * c, 16)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    if c <= 30:
+        labels = [class_label(i, class_names) for i in range(c)]
+        ax.set_xticks(range(c), labels, rotation=90 if c > 10 else 0)
+        ax.set_yticks(range(c), labels)
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_f1_figure(sample: ValidationSample, class_names: list[str] | None = None, title: str = ""):
+    plt = pyplot()
+    stats = per_class(sample)
+    c = sample.num_classes
+    fig, ax = plt.subplots(figsize=(min(3 + 0.4 * c, 20), 3.6))
+    ax.bar(range(c), stats["f1"], color="tab:blue")
+    ax.axhline(stats["f1"].mean(), color="tab:red", ls="--", lw=1, label=f"macro {stats['f1'].mean():.3f}")
+    if c <= 60:
+        ax.set_xticks(range(c), [class_label(i, class_names) for i in range(c)], rotation=90 if c > 10 else 0)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("class")
+    ax.set_ylabel("F1")
+    ax.set_title(title or "per-class F1")
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(sample: ValidationSample, class_names: list[str] | None = None, title: str = ""):
+    """A grid of misclassified inputs, each titled with its true and predicted class; None if none."""
+    if sample.images is None or not len(sample.images):
+        return None
+    plt = pyplot()
+    images = sample.images
+    n = len(images)
+    cols = min(8, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for k in range(n):
+        ax = axes.ravel()[k]
+        img = _displayable(images[k])
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        t = class_label(int(sample.image_targets[k]), class_names)
+        p = class_label(int(sample.image_preds[k]), class_names)
+        ax.set_title(f"true {t}\npred {p}", fontsize=8, color="tab:red")
+    fig.suptitle(title or "misclassified validation samples", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _displayable(image: torch.Tensor) -> np.ndarray:
+    """Min-max scaled to [0, 1] (inputs are often normalized); (H, W) or (H, W, 3)."""
+    x = image.float()
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()

@@ -1,0 +1,96 @@
+"""Weights & Biases: the same scalars, validation figures and config as TensorBoard.
+
+`wandb` is an optional extra, imported only when a run starts. Offline mode (`mode: offline` or
+WANDB_MODE=offline) writes `wandb/offline-run-*` in the run directory with no network; upload it
+later with `wandb sync`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+from torchkiln.errors import ConfigError
+from torchkiln.loggers.base import Logger
+
+RUN_ID_FILE = "wandb-run-id"
+
+
+def require_wandb() -> None:
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "logging.wandb: the wandb package is not installed; pip install 'torchkiln[wandb]'"
+            " (or remove logging.wandb)"
+        )
+
+
+class WandbLogger(Logger):
+    def __init__(self, run_dir: str | Path, *, project: str = "torchkiln", mode: str | None = None,
+                 entity: str | None = None, name: str | None = None, tags: list[str] | None = None,
+                 config: dict[str, Any] | None = None, images: int = 16,
+                 class_names: list[str] | None = None):
+        require_wandb()
+        self.run_dir = Path(run_dir)
+        self.init_args = {"project": project, "entity": entity, "tags": tags or None,
+                          "name": name or f"{self.run_dir.parent.name}/{self.run_dir.name}"}
+        self.mode = mode
+        self.config = config
+        self.max_images = images
+        self.class_names = class_names
+        self.run = None
+
+    def start(self, info, resume_epoch=None, resume_step=0):
+        import wandb
+
+        id_file = self.run_dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resume_epoch is not None and id_file.is_file() else None
+        self.run = wandb.init(
+            **self.init_args,
+            dir=str(self.run_dir),
+            config=self.config,
+            mode=self.mode or os.environ.get("WANDB_MODE") or "online",
+            id=run_id or wandb.util.generate_id(),
+            resume="allow" if run_id else None,
+        )
+        id_file.write_text(self.run.id)
+        # Epoch records are plotted against the epoch; step rows against the optimizer step.
+        self.run.define_metric("epoch")
+        for prefix in ("train/*", "val/*", "time/*", "memory/*", "gpu/*"):
+            self.run.define_metric(prefix, step_metric="epoch")
+        for key in ("train/loss_step", "train/grad_norm", "train/skipped_steps"):
+            self.run.define_metric(key, step_metric="trainer/global_step")
+        self.run.define_metric("lr/*", step_metric="trainer/global_step")
+
+    def log_steps(self, rows):
+        for step, vals in rows:
+            self.run.log({**vals, "trainer/global_step": step})
+
+    def wants_validation(self, epoch):
+        return True
+
+    def log_validation(self, epoch, step, sample):
+        import wandb
+
+        from torchkiln.loggers import figures
+
+        images = {}
+        fig = figures.misclassified_figure(sample, self.class_names, f"misclassified (epoch {epoch})")
+        if fig is not None:
+            images["val/misclassified"] = wandb.Image(figures.to_array(fig))
+        fig = figures.confusion_figure(sample, self.class_names, f"confusion matrix (epoch {epoch})")
+        images["val/confusion_matrix"] = wandb.Image(figures.to_array(fig))
+        self.run.log({**images, "epoch": epoch})
+
+    def log_epoch(self, epoch, step, record):
+        self.run.log({**record, "epoch": epoch, "trainer/global_step": step})
+
+    def finish(self, summary):
+        if self.run is None:
+            return
+        for key in ("best", "best_epoch", "epochs_completed", "global_step", "stopped_early"):
+            if summary.get(key) is not None:
+                self.run.summary[key] = summary[key]
+        self.run.finish()
+        self.run = None
