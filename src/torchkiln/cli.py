@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key.path=value")
 
+    r = sub.add_parser("report", help="compare runs: differing config keys, best/final metrics, overlaid curves")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or runs/<name> folders)")
+    r.add_argument("-o", "--out", default="kiln-report", help="folder for curves.png and index.html")
+
     c = sub.add_parser("config", help="show the resolved config, or its JSON Schema")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved config as YAML (and nothing else)")
@@ -94,6 +98,14 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return 0
         parser.parse_args(["config", "--help"])
         return 2
+
+    if args.command == "report":
+        from torchkiln.report import report
+
+        result = report(args.run_dirs, args.out)
+        print(result["text"])
+        print(f"\nwrote {result['png']} and {result['html']}")
+        return 0
 
     _console(args.quiet)
     if args.command == "train":

@@ -80,9 +80,13 @@ def file_log(run_dir: Path):
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     log.addHandler(handler)
+    level = log.level
+    if level == logging.NOTSET or level > logging.INFO:  # the Python API, without the CLI's set-up
+        log.setLevel(logging.INFO)
     try:
         yield
     finally:
+        log.setLevel(level)
         log.removeHandler(handler)
         handler.close()
 

@@ -7,7 +7,6 @@ later with `wandb sync`.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,13 @@ RUN_ID_FILE = "wandb-run-id"
 
 
 def require_wandb() -> None:
-    if importlib.util.find_spec("wandb") is None:
+    try:
+        import wandb  # noqa: F401
+    except ImportError as exc:
         raise ConfigError(
             "logging.wandb: the wandb package is not installed; pip install 'torchkiln[wandb]'"
             " (or remove logging.wandb)"
-        )
+        ) from exc
 
 
 class WandbLogger(Logger):
@@ -51,7 +52,7 @@ class WandbLogger(Logger):
             dir=str(self.run_dir),
             config=self.config,
             mode=self.mode or os.environ.get("WANDB_MODE") or "online",
-            id=run_id or wandb.util.generate_id(),
+            id=run_id,  # None: wandb makes a new one, kept in RUN_ID_FILE for resuming
             resume="allow" if run_id else None,
         )
         id_file.write_text(self.run.id)

@@ -1,0 +1,196 @@
+"""Logging and pictures: TensorBoard events, plots, always-on files, console, W&B offline, kiln report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import confusion_matrix
+
+from conftest import kiln, small_config, write_config
+from torchkiln.config.load import resolve
+from torchkiln.loggers.validation import ValidationCollector
+from torchkiln.run import train
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """One short digits run with every picture on: 2 epochs, histograms each epoch."""
+    tmp = tmp_path_factory.mktemp("logged")
+    cfg = small_config(tmp, logging={"progress": False, "every_n_steps": 5, "histograms": 1, "images": 8})
+    run_dir, summary = train(resolve(cfg, "test"), progress=False)
+    return run_dir, summary
+
+
+def _events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"),
+                           size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_scalars_match_metrics_csv(logged_run):
+    run_dir, summary = logged_run
+    acc = _events(run_dir)
+    tags = set(acc.Tags()["scalars"])
+    rows = _csv(run_dir / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    epoch_keys = {"train/loss", "train/accuracy", "train/f1_macro", "val/loss", "val/accuracy",
+                  "val/f1_macro", "lr/group0", "time/epoch_s", "time/samples_per_s"}
+    assert epoch_keys <= set(rows[0])
+    assert epoch_keys | {"train/loss_step", "train/grad_norm", "hparam/best"} <= tags
+    for key in epoch_keys - {"lr/group0"}:  # lr/group0 is also a per-step tag
+        events = acc.Scalars(key)
+        assert [e.step for e in events] == [1, 2], key
+        for e, row in zip(events, rows):
+            assert e.value == pytest.approx(float(row[key]), rel=1e-6, abs=1e-7), key
+    assert all(float(r["time/samples_per_s"]) > 0 for r in rows)
+
+    # Per-step scalars: one per optimizer step, equal to the JSONL step rows.
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_rows = [s for s in steps if "epoch" not in s]
+    assert len(step_rows) == summary["global_step"] and [s["step"] for s in step_rows][:3] == [1, 2, 3]
+    loss_events = acc.Scalars("train/loss_step")
+    assert [e.step for e in loss_events] == [s["step"] for s in step_rows]
+    for e, s in zip(loss_events, step_rows):
+        assert e.value == pytest.approx(s["train/loss_step"], rel=1e-6)
+        assert math.isfinite(s["train/grad_norm"]) and s["train/grad_norm"] > 0
+    assert [s["epoch"] for s in steps if "epoch" in s] == [1, 2]
+
+    # hparams: the config, with the final metrics and the best monitored value.
+    assert acc.Scalars("hparam/best")[0].value == pytest.approx(summary["best"], rel=1e-6)
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hp["optimizer.args.lr"].number_value == pytest.approx(0.01)
+    assert hp["model.type"].string_value == "MLP"
+
+
+def test_tensorboard_figures_and_histograms(logged_run):
+    run_dir, _ = logged_run
+    acc = _events(run_dir)
+    for tag in ("val/misclassified", "val/confusion_matrix"):
+        images = acc.Images(tag)
+        assert [i.step for i in images] == [1, 2], tag
+        assert images[0].width > 100 and images[0].height > 100
+    hist = set(acc.Tags()["histograms"])
+    assert {"weights/head.weight", "grads/head.weight", "weights/features.1.weight"} <= hist
+    grads = acc.Histograms("grads/head.weight")
+    assert [h.step for h in grads] == [1, 2] and grads[0].histogram_value.num == 10 * 32
+    assert grads[0].histogram_value.sum_squares > 0
+
+
+def test_plots_and_files(logged_run):
+    run_dir, summary = logged_run
+    for name in ("curves.png", "confusion_matrix.png", "per_class_f1.png"):
+        with Image.open(run_dir / "plots" / name) as im:
+            im.verify()
+            assert im.size[0] > 300, name
+    # Per-class numbers come from the best epoch's validation: their mean is that epoch's macro F1.
+    per_class = _csv(run_dir / "plots" / "per_class.csv")
+    assert [r["class"] for r in per_class] == [str(i) for i in range(10)]
+    best = _csv(run_dir / "metrics.csv")[summary["best_epoch"] - 1]
+    mean_f1 = sum(float(r["f1"]) for r in per_class) / 10
+    assert mean_f1 == pytest.approx(float(best["val/f1_macro"]), abs=1e-5)
+    assert sum(int(r["support"]) for r in per_class) == 360
+    log_text = (run_dir / "train.log").read_text()
+    assert "epoch 1/2" in log_text and "epoch 2/2" in log_text and "samples/s" in log_text
+
+
+def test_validation_collector_confusion_matches_sklearn():
+    g = torch.Generator().manual_seed(0)
+    collector = ValidationCollector(max_images=5)
+    all_out, all_t = [], []
+    for _ in range(3):
+        images, out, t = torch.rand(16, 1, 8, 8, generator=g), torch.randn(16, 4, generator=g), \
+            torch.randint(0, 4, (16,), generator=g)
+        collector.update(images, out, t)
+        all_out.append(out)
+        all_t.append(t)
+    sample = collector.result()
+    preds, targets = torch.cat(all_out).argmax(1), torch.cat(all_t)
+    assert sample.confusion().tolist() == confusion_matrix(targets, preds, labels=range(4)).tolist()
+    assert len(sample.images) == 5 and bool((sample.image_preds != sample.image_targets).all())
+    # Not single-label classification (regression outputs): nothing is gathered.
+    other = ValidationCollector(max_images=5)
+    other.update(torch.rand(4, 3), torch.randn(4), torch.randn(4))
+    assert other.result() is None
+    # Flat inputs: predictions are gathered, no images drawn.
+    flat = ValidationCollector(max_images=5)
+    flat.update(torch.rand(16, 64), torch.randn(16, 4), torch.randint(0, 4, (16,)))
+    assert flat.result().images is None and len(flat.result().preds) == 16
+
+
+@pytest.mark.slow
+def test_report_compares_runs_and_console_output(tmp_path):
+    runs = []
+    for lr, quiet in ((0.01, False), (0.003, True)):
+        cfg = small_config(tmp_path, name=f"lr{lr}", optimizer={"type": "Adam", "args": {"lr": lr}},
+                           logging={"progress": True, "tensorboard": False})
+        proc = kiln("train", *(["-q"] if quiet else []), "-c", str(write_config(tmp_path, cfg, f"{lr}.yaml")),
+                    check=True)
+        if quiet:
+            assert "epoch 1/2" not in proc.stderr
+        else:  # off a terminal: one plain line per epoch, no progress bar
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("epoch ")]
+            assert len(lines) == 2 and "samples/s" in lines[0] and "\r" not in proc.stderr
+        runs.append(next((tmp_path / "runs" / f"lr{lr}").iterdir()))
+    # The second run "in progress": no summary.json yet.
+    (runs[1] / "summary.json").unlink()
+    out_dir = tmp_path / "report"
+    proc = kiln("report", str(runs[0]), str(runs[1]), "-o", str(out_dir), check=True)
+    table = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.strip()}
+    assert table["optimizer.args.lr"] == ["0.01", "0.003"]
+    assert table["name"] == ["lr0.01", "lr0.003"]
+    assert "seed" not in table and "model.type" not in table  # equal keys are not shown
+    assert table["status"] == ["finished", "in", "progress"]
+    best = [float(r["val/accuracy"]) for r in _csv(runs[0] / "metrics.csv")]
+    assert f"{max(best):.4g}" == table["best"][1]
+    with Image.open(out_dir / "curves.png") as im:
+        im.verify()
+    page = (out_dir / "index.html").read_text()
+    assert "data:image/png;base64," in page and "optimizer.args.lr" in page
+
+    bad = kiln("report", str(tmp_path), "-o", str(out_dir))
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_writes_its_directory(tmp_path):
+    pytest.importorskip("wandb")
+    cfg = small_config(tmp_path, logging={"progress": False, "tensorboard": False,
+                                          "wandb": {"project": "kiln-test", "mode": "offline"}})
+    # Offline with every proxy pointing nowhere: any network use would fail the run.
+    dead = "http://127.0.0.1:9"
+    env = {"WANDB_MODE": "offline", "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "https_proxy": dead,
+           "http_proxy": dead, "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg")}
+    kiln("train", "-q", "-c", str(write_config(tmp_path, cfg)), env=env, check=True)
+    run_dir = next((tmp_path / "runs" / "t").iterdir())
+    run_id = (run_dir / "wandb-run-id").read_text().strip()
+    offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 1
+    assert (offline[0] / f"run-{run_id}.wandb").stat().st_size > 1000
+    media = {p.name.rsplit("_", 2)[0] for p in (offline[0] / "files" / "media" / "images" / "val").iterdir()}
+    assert media == {"confusion_matrix", "misclassified"}
+
+
+def test_wandb_missing_names_the_extra(tmp_path, cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: import raises ImportError
+    cfg = small_config(tmp_path, logging={"wandb": {"project": "x", "mode": "offline"}})
+    code, _, err = cli("train", "-q", "-c", str(write_config(tmp_path, cfg)))
+    assert code == 2 and "torchkiln[wandb]" in err
+    assert not (tmp_path / "runs").exists()
