@@ -1,0 +1,96 @@
+"""What logging costs per training step, on the default config's model (SmallCNN on digits).
+
+Trains the same model with no loggers, then with CSV + JSONL + TensorBoard at several
+`logging.every_n_steps`, and reports the median epoch time of each against the bare run. Also
+times the once-per-epoch validation figures (confusion matrix, misclassified grid), and prints the
+per-epoch device numbers (peak memory, GPU utilization) on CUDA.
+
+    python benchmarks/logging_overhead.py [--epochs 4] [--repeat 8] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from torchkiln.data.digits import Digits
+from torchkiln.engine.trainer import Trainer
+from torchkiln.loggers.base import Logger
+from torchkiln.loggers.files import CSVLogger, JSONLLogger
+from torchkiln.loggers.tensorboard import TensorBoardLogger
+from torchkiln.metrics import build_metrics
+from torchkiln.models.small import SmallCNN
+
+
+class Records(Logger):
+    """Keeps the epoch records (time/epoch_s and the device numbers are not in the trainer's history)."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def log_epoch(self, epoch, step, record):
+        self.rows.append(dict(record))
+
+
+def epoch_times(loader, device, every: int | None, epochs: int, run_dir: str) -> tuple[list[float], dict]:
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=10)
+    records = Records()
+    loggers = [records]
+    if every is not None:
+        Path(run_dir).mkdir(parents=True)
+        loggers += [CSVLogger(run_dir), JSONLLogger(run_dir), TensorBoardLogger(run_dir)]
+    trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), device=device, epochs=epochs,
+                      metrics=build_metrics(["accuracy"], 10), loggers=loggers, progress=False,
+                      log_every_n_steps=every or 10, grad_clip=1.0, monitor="train/loss")
+    trainer.fit(loader)
+    times = [row["time/epoch_s"] for row in records.rows]
+    return times[1:], records.rows[-1]  # the first epoch warms up
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=8, help="copies of the digits training images per epoch")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    ds = Digits()
+    train = TensorDataset(ds.images.repeat(args.repeat, 1, 1, 1), ds.targets.repeat(args.repeat))
+    loader = DataLoader(train, batch_size=64, shuffle=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, every in (("no loggers", None), ("every 1", 1), ("every 10 (default)", 10), ("every 50", 50)):
+            times, final = epoch_times(loader, args.device, every, args.epochs, f"{tmp}/{every}")
+            results[name] = statistics.median(times)
+            extra = {k: round(v, 1) for k, v in final.items() if k.startswith(("memory/", "gpu/"))}
+            print(f"{name:<20} {results[name] * 1000 / len(loader):7.3f} ms/step {extra or ''}", flush=True)
+    base = results["no loggers"]
+    overhead = {k: round(100 * (v - base) / base, 2) for k, v in results.items() if k != "no loggers"}
+    print(json.dumps({"device": str(torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")),
+                      "steps_per_epoch": len(loader), "overhead_pct": overhead}, indent=1))
+    figures_cost(loader)
+
+
+def figures_cost(loader) -> None:
+    from torchkiln.loggers import figures
+    from torchkiln.loggers.validation import ValidationCollector
+
+    collector = ValidationCollector(max_images=16)
+    for x, y in loader:
+        collector.update(x, torch.randn(len(y), 10), y)
+    sample = collector.result()
+    start = time.perf_counter()
+    figures.to_array(figures.confusion_figure(sample))
+    figures.to_array(figures.misclassified_figure(sample))
+    print(f"validation figures (once per epoch): {time.perf_counter() - start:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
