@@ -403,8 +403,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     def _validate_and_show(self, epoch: int, loader: Iterable) -> dict[str, float]:
         """Validation; loggers that ask to see its outputs this epoch get them (and only then)."""
-        wanting = [lg for lg in self.loggers if lg.wants_validation(epoch)]
-        collector = ValidationCollector(max(lg.max_images for lg in wanting)) if wanting else None
+        wanting = [lg for lg in self.loggers if getattr(lg, "wants_validation", None) and lg.wants_validation(epoch)]
+        collector = ValidationCollector(max(getattr(lg, "max_images", 0) for lg in wanting)) if wanting else None
         record = self._evaluate(loader, self.val_metrics, "val", collector)
         sample = collector.result() if collector is not None else None
         if sample is not None:
