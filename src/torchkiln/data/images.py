@@ -207,9 +207,9 @@ class CsvImages(ImageFiles):
             raise DataError(f"{self.csv_file}: target must be class, multilabel, regression or heads;"
                             f" found {target!r}")
         self.items = self._check_files(items, str(self.csv_file))
-        if target == "class":
+        if target == "class" and label_col is not None:
             self.targets = np.asarray([it.target for it in self.items], dtype=np.int64)
-        if target == "multilabel":
+        if target == "multilabel" and label_col is not None:
             self.label_matrix = np.stack([it.target for it in self.items])
 
     # -- reading ------------------------------------------------------------------------------
