@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -103,3 +104,20 @@ def test_tensor_file_takes_the_fast_path(tmp_path):
     assert x.shape == (32, 8) and y.dtype == torch.int64
     trainer, _ = _train(cfg)
     assert trainer.loop.epoch == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fast_path_on_cuda_matches_the_dataloader_path(tmp_path):
+    fast_cfg, slow_cfg = _cfg(tmp_path, "auto"), _cfg(tmp_path, "off")
+    fast_cfg.trainer.device = slow_cfg.trainer.device = "cuda"
+    fast = build_loaders(fast_cfg, build_data(fast_cfg))
+    slow = build_loaders(slow_cfg, build_data(slow_cfg))
+    assert fast["train"].tensors[0].device.type == "cuda"
+    a = _epochs(fast["train"])
+    b = [[[t.cuda() for t in batch] for batch in epoch] for epoch in _epochs(slow["train"])]
+    _same(a, b)
+    ft, _ = _train(fast_cfg)
+    st, _ = _train(slow_cfg)
+    x, y = ft.raw_model.state_dict(), st.raw_model.state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in x)

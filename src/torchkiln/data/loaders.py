@@ -181,7 +181,7 @@ class FastLoader:
         for b in batches:
             idx = flat[start : start + len(b)]
             start += len(b)
-            yield [t[idx] for t in self.tensors]
+            yield [t.index_select(0, idx) for t in self.tensors]
 
 
 def make_batch_sampler(n: int, batch_size: int, *, train: bool, seed: int, shuffle: bool = True,

@@ -79,17 +79,27 @@ def build_data(cfg: Any, data_cls: type) -> Any:
     )
 
 
-def use_fast_path(cfg: Any, dataset: Dataset) -> bool:
+def use_fast_path(cfg: Any, dataset: Dataset, device: Any) -> bool:
     """Fast when the data are in-memory tensors, no per-sample transform and no custom collate."""
     from torchkiln.data.loaders import fast_source
 
     d = cfg.data
     if d.fast_path == "off":
         return False
-    possible = fast_source(dataset) is not None and d.collate is None
+    source = fast_source(dataset)
+    possible = source is not None and d.collate is None
     if d.fast_path == "on" and not possible:
         raise ConfigError("data.fast_path: on needs an in-memory tensor dataset (Digits, TensorFile) without"
                           " transforms or a custom collate; use auto")
+    if possible and d.fast_path == "auto" and device.type == "cuda":
+        import torch
+
+        size = sum(t.numel() * t.element_size() for t in source[0])
+        free, _ = torch.cuda.mem_get_info(device)
+        if size > free // 4:  # leave the GPU to the model: large data sets keep the DataLoader path
+            log.info("data: %.1f GiB of tensors is over a quarter of free GPU memory; using the DataLoader",
+                     size / 2**30)
+            return False
     return possible
 
 
@@ -110,7 +120,7 @@ def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
         if balanced is None:
             raise ConfigError("data.sampler: balanced needs single-label class targets (a dataset with"
                               " `targets`); this training set has none")
-    fast = use_fast_path(cfg, data.train)
+    fast = use_fast_path(cfg, data.train, device)
     if fast and d.num_workers:
         log.info("data: fast in-memory path (num_workers=%d unused)", d.num_workers)
     loaders = {"train": make_loader(data.train, d.batch_size, train=True, shuffle=d.shuffle, drop_last=d.drop_last,
@@ -119,7 +129,7 @@ def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
         ds = getattr(data, split)
         if ds is not None:
             loaders[split] = make_loader(ds, d.eval_batch_size or d.batch_size, train=False,
-                                         fast=use_fast_path(cfg, ds), **common)
+                                         fast=use_fast_path(cfg, ds, device), **common)
     return loaders
 
 
