@@ -12,10 +12,11 @@ from torchkiln.config.build import build_data, build_loaders
 from torchkiln.config.load import resolve
 from torchkiln.data.loaders import FastLoader
 from torchkiln.engine.trainer import set_loader_epoch
+from torchkiln.errors import ConfigError
 from torchkiln.run import build_trainer
 
 
-def _cfg(tmp_path, fast: str, **data):
+def _cfg(tmp_path, fast: str | bool, **data):
     raw = small_config(tmp_path, data={"fast_path": fast, "batch_size": 50, **data},
                        trainer={"epochs": 2, "monitor": "val/accuracy", "device": "cpu"})
     return resolve(raw, "test")
@@ -41,7 +42,7 @@ def _same(a, b):
 
 def test_fast_path_is_chosen_automatically_and_yields_the_same_batches(tmp_path):
     for extra in ({}, {"sampler": "balanced", "drop_last": True}):
-        fast_cfg, slow_cfg = _cfg(tmp_path, "auto", **extra), _cfg(tmp_path, "off", **extra)
+        fast_cfg, slow_cfg = _cfg(tmp_path, "auto", **extra), _cfg(tmp_path, False, **extra)
         fast = build_loaders(fast_cfg, build_data(fast_cfg))
         slow = build_loaders(slow_cfg, build_data(slow_cfg))
         assert all(isinstance(v, FastLoader) for v in fast.values())
@@ -69,7 +70,7 @@ def _train(cfg, run_dir=None, resume=None):
 
 def test_fast_path_and_dataloader_path_train_the_same_weights(tmp_path):
     fast, fl = _train(_cfg(tmp_path, "auto"))
-    slow, sl = _train(_cfg(tmp_path, "off"))
+    slow, sl = _train(_cfg(tmp_path, False))
     assert isinstance(fl["train"], FastLoader) and isinstance(sl["train"], DataLoader)
     a, b = fast.raw_model.state_dict(), slow.raw_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -109,7 +110,7 @@ def test_tensor_file_takes_the_fast_path(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fast_path_on_cuda_matches_the_dataloader_path(tmp_path):
-    fast_cfg, slow_cfg = _cfg(tmp_path, "auto"), _cfg(tmp_path, "off")
+    fast_cfg, slow_cfg = _cfg(tmp_path, "auto"), _cfg(tmp_path, False)
     fast_cfg.trainer.device = slow_cfg.trainer.device = "cuda"
     fast = build_loaders(fast_cfg, build_data(fast_cfg))
     slow = build_loaders(slow_cfg, build_data(slow_cfg))
@@ -121,3 +122,9 @@ def test_fast_path_on_cuda_matches_the_dataloader_path(tmp_path):
     st, _ = _train(slow_cfg)
     x, y = ft.raw_model.state_dict(), st.raw_model.state_dict()
     assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_fast_path_true_without_tensor_data_is_a_config_error(tmp_path):
+    cfg = _cfg(tmp_path, True, transforms={"train": [{"type": "RandomHorizontalFlip"}]})
+    with pytest.raises(ConfigError, match="data.fast_path: true needs an in-memory tensor dataset"):
+        build_loaders(cfg, build_data(cfg))

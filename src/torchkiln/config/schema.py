@@ -52,8 +52,8 @@ class DataConfig(_Strict):
         "default", description="balanced: draw training samples with weights 1/class count"
     )
     collate: Component | None = Field(None, description="a named collate function, e.g. pad_sequences")
-    fast_path: Literal["auto", "on", "off"] = Field(
-        "auto", description="in-memory tensor datasets: batches by index slicing on the device"
+    fast_path: Literal["auto"] | bool = Field(
+        "auto", description="in-memory tensor datasets: batches by index slicing on the device (true, false, auto)"
     )
     on_error: Literal["raise", "skip"] = Field("raise", description="broken or missing files, unknown labels")
     max_skipped: float = Field(0.01, ge=0.0, le=1.0, description="on_error: skip fails above this fraction")

@@ -84,12 +84,12 @@ def use_fast_path(cfg: Any, dataset: Dataset, device: Any) -> bool:
     from torchkiln.data.loaders import fast_source
 
     d = cfg.data
-    if d.fast_path == "off":
+    if d.fast_path is False:
         return False
     source = fast_source(dataset)
     possible = source is not None and d.collate is None
-    if d.fast_path == "on" and not possible:
-        raise ConfigError("data.fast_path: on needs an in-memory tensor dataset (Digits, TensorFile) without"
+    if d.fast_path is True and not possible:
+        raise ConfigError("data.fast_path: true needs an in-memory tensor dataset (Digits, TensorFile) without"
                           " transforms or a custom collate; use auto")
     if possible and d.fast_path == "auto" and device.type == "cuda":
         import torch
