@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from torchkiln import __version__
-from torchkiln.errors import KilnError
+from torchkiln.errors import ConfigError, KilnError
 
 log = logging.getLogger("torchkiln")
 
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
     t.add_argument("--resume", metavar="auto|RUN_DIR|CKPT", help="continue a run from its checkpoint")
     t.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    t.add_argument("--folds", action="store_true",
+                   help="k-fold cross-validation: train every fold of data.folds, report mean and spread")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
     e = sub.add_parser("test", help="evaluate a run's best checkpoint on its test split")
@@ -43,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("-c", "--config")
     show.add_argument("overrides", nargs="*", metavar="key.path=value")
     csub.add_parser("schema", help="print the config's JSON Schema")
+
+    d = sub.add_parser("data", help="inspect the configured data")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    st = dsub.add_parser("stats", help="class counts, imbalance, image sizes, mean/std; saves a class histogram")
+    st.add_argument("-c", "--config")
+    st.add_argument("-o", "--out", help="folder for stats.json and class_histogram.png"
+                    " (default: <output_dir>/<name>/data_stats)")
+    st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
+    st.add_argument("overrides", nargs="*", metavar="key.path=value")
     return p
 
 
@@ -95,7 +106,29 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.parse_args(["config", "--help"])
         return 2
 
+    if args.command == "data":
+        if args.data_command != "stats":
+            parser.parse_args(["data", "--help"])
+            return 2
+        from torchkiln.data.stats import data_stats, format_stats
+
+        _console(False)
+        stats, out_dir = data_stats(load_config(args.config, args.overrides), args.out, args.max_images)
+        print(format_stats(stats))
+        if (out_dir / "class_histogram.png").is_file():
+            print(f"class histogram    {out_dir / 'class_histogram.png'}")
+        return 0
+
     _console(args.quiet)
+    if args.command == "train" and args.folds:
+        if args.resume:
+            raise ConfigError("--folds and --resume exclude each other; resume a single fold's run instead")
+        from torchkiln.kfold import format_folds, train_folds
+
+        root, result = train_folds(load_config(args.config, args.overrides), progress=not args.quiet)
+        print(format_folds(result))
+        print(f"folds summary      {root / 'folds.json'}")
+        return 0
     if args.command == "train":
         from torchkiln import run
 

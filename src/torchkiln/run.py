@@ -178,6 +178,10 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
 
     seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     data = build_data(cfg)
+    if run_dir is not None:
+        from torchkiln.data.setup import write_skipped
+
+        write_skipped(run_dir, data.skipped)
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
     task = TASKS.get(cfg.task, "task")()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,8 @@ from torchkiln.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS,
 def _register_builtins() -> None:
     # Importing these modules fills the registries.
     import torchkiln.data.digits  # noqa: F401
+    import torchkiln.data.images  # noqa: F401
+    import torchkiln.data.tensorfile  # noqa: F401
     import torchkiln.metrics  # noqa: F401
     import torchkiln.models  # noqa: F401
     import torchkiln.tasks  # noqa: F401
@@ -34,6 +36,12 @@ def check_components(cfg: Config) -> None:
         skip = ("params",) if reg is OPTIMIZERS else ("optimizer",) if reg is SCHEDULERS else ()
         check_args(factory, comp.args, f"{where}.args", skip=skip)
     check_metric_specs([m if isinstance(m, str) else m.model_dump() for m in cfg.metrics])
+    from torchkiln.data.collate import COLLATES
+    from torchkiln.data.transforms import check_transforms
+
+    check_transforms(cfg.data.transforms)
+    if cfg.data.collate is not None:
+        COLLATES.get(cfg.data.collate.type, "data.collate.type")
     if cfg.scheduler is not None and cfg.scheduler.type == "ReduceLROnPlateau" and cfg.scheduler.interval == "step":
         raise ConfigError("scheduler.interval: ReduceLROnPlateau needs the monitored metric, which exists only"
                           " after validation; use interval: epoch (or leave it out)")
@@ -73,38 +81,20 @@ class Data:
     test: Any | None
     num_classes: int | None
     class_names: list[str] | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason), data.on_error: skip
 
 
 def build_data(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test")) -> Data:
-    from torchkiln.data.splits import split_dataset
+    from torchkiln.data.setup import build_data as _build_data
 
     _register_builtins()
-    d = cfg.data
-    dataset = build(d.dataset, DATASETS, "data.dataset")
-    seed = d.split_seed if d.split_seed is not None else cfg.seed
-    val_frac = 0.0 if d.val_dataset else d.val_split
-    test_frac = 0.0 if d.test_dataset else d.test_split
-    train, val, test = split_dataset(dataset, val_frac, test_frac, seed, stratify=d.stratify)
-    if d.val_dataset:
-        val = build(d.val_dataset, DATASETS, "data.val_dataset")
-    if d.test_dataset:
-        test = build(d.test_dataset, DATASETS, "data.test_dataset")
-    return Data(train, val, test, getattr(dataset, "num_classes", None), getattr(dataset, "classes", None))
+    return _build_data(cfg, Data)
 
 
 def build_loaders(cfg: Config, data: Data) -> dict[str, Any]:
-    from torchkiln.data.loaders import make_loader
+    from torchkiln.data.setup import build_loaders as _build_loaders
 
-    d = cfg.data
-    common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers,
-                  prefetch_factor=d.prefetch_factor, seed=cfg.seed)
-    loaders = {"train": make_loader(data.train, d.batch_size, train=True, shuffle=d.shuffle,
-                                    drop_last=d.drop_last, **common)}
-    for split in ("val", "test"):
-        ds = getattr(data, split)
-        if ds is not None:
-            loaders[split] = make_loader(ds, d.eval_batch_size or d.batch_size, train=False, **common)
-    return loaders
+    return _build_loaders(cfg, data)
 
 
 def num_classes_of(cfg: Config, data: Data | None) -> int | None:

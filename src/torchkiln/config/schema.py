@@ -22,6 +22,13 @@ class WeightedComponent(Component):
     weight: float = 1.0
 
 
+class TransformsConfig(_Strict):
+    """torchvision.transforms.v2 steps by name; `train` for the training split, `eval` for the rest."""
+
+    train: list[Component] = Field(default_factory=list)
+    eval: list[Component] = Field(default_factory=list)
+
+
 class DataConfig(_Strict):
     dataset: Component = Field(default_factory=lambda: Component(type="Digits"))
     val_dataset: Component | None = None
@@ -38,11 +45,33 @@ class DataConfig(_Strict):
     pin_memory: bool = False
     persistent_workers: bool = False
     prefetch_factor: int | None = Field(None, ge=1)
+    transforms: TransformsConfig = Field(default_factory=TransformsConfig)
+    folds: int | None = Field(None, ge=2, description="k-fold cross-validation: the number of folds")
+    fold: int = Field(0, ge=0, description="which fold is the validation split (0..folds-1)")
+    sampler: Literal["default", "balanced"] = Field(
+        "default", description="balanced: draw training samples with weights 1/class count"
+    )
+    collate: Component | None = Field(None, description="a named collate function, e.g. pad_sequences")
+    fast_path: Literal["auto"] | bool = Field(
+        "auto", description="in-memory tensor datasets: batches by index slicing on the device (true, false, auto)"
+    )
+    on_error: Literal["raise", "skip"] = Field("raise", description="broken or missing files, unknown labels")
+    max_skipped: float = Field(0.01, ge=0.0, le=1.0, description="on_error: skip fails above this fraction")
+
+    @field_validator("collate", mode="before")
+    @classmethod
+    def _collate_name(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _splits_fit(self) -> DataConfig:
         if self.val_split + self.test_split >= 1.0:
             raise ValueError("val_split + test_split must be below 1")
+        if self.folds is not None:
+            if self.fold >= self.folds:
+                raise ValueError(f"fold must be in 0..{self.folds - 1} (folds: {self.folds})")
+            if self.val_dataset is not None:
+                raise ValueError("folds and val_dataset exclude each other: the fold is the validation split")
         return self
 
 

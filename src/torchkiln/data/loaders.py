@@ -80,10 +80,18 @@ def make_loader(
     persistent_workers: bool = False,
     prefetch_factor: int | None = None,
     collate_fn=None,
-) -> DataLoader:
-    sampler = ResumableBatchSampler(
-        len(dataset), batch_size, shuffle=shuffle and train, seed=seed, drop_last=drop_last and train
-    )
+    balanced_labels=None,
+    fast: bool = False,
+    device: torch.device | str = "cpu",
+) -> DataLoader | FastLoader:
+    """A loader whose order is a function of (seed, epoch); `fast` slices in-memory tensors instead.
+
+    `balanced_labels` (the training samples' class labels) turns on class-balanced sampling.
+    """
+    sampler = make_batch_sampler(len(dataset), batch_size, train=train, seed=seed, shuffle=shuffle,
+                                 drop_last=drop_last, balanced_labels=balanced_labels)
+    if fast:
+        return FastLoader(dataset, sampler, device)
     extra = {}
     if num_workers > 0:
         extra["persistent_workers"] = persistent_workers
@@ -99,3 +107,86 @@ def make_loader(
         collate_fn=collate_fn,
         **extra,
     )
+
+
+class BalancedBatchSampler(ResumableBatchSampler):
+    """Batches drawn with replacement, each sample weighted 1 / (its class count).
+
+    The draw for an epoch comes from a generator seeded with `seed + epoch`, so like the plain
+    sampler it is a pure function of (seed, epoch) and `skip(k)` resumes mid-epoch. An epoch has
+    as many samples as the dataset (`num_samples` to change that).
+    """
+
+    def __init__(self, labels, batch_size: int, seed: int, drop_last: bool = False,
+                 num_samples: int | None = None, rank: int = 0, world_size: int = 1):
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        counts = torch.bincount(labels)
+        self.weights = (1.0 / counts.clamp(min=1).double())[labels]
+        n = num_samples if num_samples is not None else len(labels)
+        super().__init__(n, batch_size, shuffle=True, seed=seed, drop_last=drop_last, rank=rank,
+                         world_size=world_size)
+
+    def _order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        return order[self.rank :: self.world_size]
+
+
+def fast_source(dataset: Dataset) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
+    """(tensors, index map) when `dataset` is in-memory tensors, possibly under Subsets; else None."""
+    from torch.utils.data import Subset
+
+    index: torch.Tensor | None = None
+    ds = dataset
+    while isinstance(ds, Subset):
+        idx = torch.as_tensor(ds.indices, dtype=torch.int64)
+        index = idx if index is None else idx[index]
+        ds = ds.dataset
+    get = getattr(ds, "fast_tensors", None)
+    if get is None:
+        return None
+    return tuple(get()), index
+
+
+class FastLoader:
+    """Batches by index slicing of tensors already on the device: no __getitem__, no collate.
+
+    Yields exactly what a DataLoader over the same dataset and sampler yields (a list of
+    stacked tensors), in the same order; `batch_sampler` drives the order (set_epoch, skip).
+    """
+
+    def __init__(self, dataset: Dataset, batch_sampler: ResumableBatchSampler,
+                 device: torch.device | str = "cpu"):
+        source = fast_source(dataset)
+        if source is None:
+            raise ValueError("FastLoader needs a dataset with fast_tensors() (possibly under Subsets)")
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.device = torch.device(device)
+        tensors, index = source
+        self.tensors = tuple(t.to(self.device) for t in tensors)
+        self.index = index.to(self.device) if index is not None else None
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        batches = list(self.batch_sampler)
+        if not batches:
+            return
+        flat = torch.as_tensor([i for b in batches for i in b], dtype=torch.int64).to(self.device)
+        if self.index is not None:
+            flat = self.index[flat]
+        start = 0
+        for b in batches:
+            idx = flat[start : start + len(b)]
+            start += len(b)
+            yield [t.index_select(0, idx) for t in self.tensors]
+
+
+def make_batch_sampler(n: int, batch_size: int, *, train: bool, seed: int, shuffle: bool = True,
+                       drop_last: bool = False, balanced_labels=None) -> ResumableBatchSampler:
+    if balanced_labels is not None and train:
+        return BalancedBatchSampler(balanced_labels, batch_size, seed=seed, drop_last=drop_last)
+    return ResumableBatchSampler(n, batch_size, shuffle=shuffle and train, seed=seed,
+                                 drop_last=drop_last and train)

@@ -62,7 +62,7 @@ def move_to(batch: Any, device: torch.device, channels_last: bool = False) -> An
 
 def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
     """Fix the loader's order (and its workers' seeds) for this epoch; drop its first `skip` batches."""
-    if not isinstance(loader, DataLoader):
+    if not isinstance(loader, DataLoader) and getattr(loader, "batch_sampler", None) is None:
         return
     sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
     for s in (sampler, getattr(sampler, "sampler", None)):
