@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -140,23 +141,30 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True) -> tup
     else:
         run_dir = new_run_dir(cfg)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    with file_log(run_dir):
-        log.info("run directory %s", run_dir)
-        trainer, loaders = build_trainer(cfg, run_dir, progress=progress)
-        torch.set_float32_matmul_precision("high")
-        from torchkiln.engine.state import StopRequested
+    built = False
+    try:
+        with file_log(run_dir):
+            log.info("run directory %s", run_dir)
+            trainer, loaders = build_trainer(cfg, run_dir, progress=progress)
+            built = True
+            torch.set_float32_matmul_precision("high")
+            from torchkiln.engine.state import StopRequested
 
-        try:
-            with stop_on_signals(trainer):
-                summary = trainer.fit(loaders["train"], loaders.get("val"), resume=resume)
-        except StopRequested as stop:
-            _finish(cfg, run_dir, trainer.summary())
-            log.warning("stopped; checkpoint %s. Resume with: kiln train --resume %s", stop.checkpoint, run_dir)
-            raise
-        _finish(cfg, run_dir, summary)
-        best = summary["best"]
-        log.info("done: best %s %.4f at epoch %s; run directory %s", summary["monitor"],
-                 best if best is not None else float("nan"), summary["best_epoch"], run_dir)
+            try:
+                with stop_on_signals(trainer):
+                    summary = trainer.fit(loaders["train"], loaders.get("val"), resume=resume)
+            except StopRequested as stop:
+                _finish(cfg, run_dir, trainer.summary())
+                log.warning("stopped; checkpoint %s. Resume with: kiln train --resume %s", stop.checkpoint, run_dir)
+                raise
+            _finish(cfg, run_dir, summary)
+            best = summary["best"]
+            log.info("done: best %s %.4f at epoch %s; run directory %s", summary["monitor"],
+                     best if best is not None else float("nan"), summary["best_epoch"], run_dir)
+    except BaseException:
+        if resume is None and not built:  # a data or build error: leave no empty run behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir, summary
 
 

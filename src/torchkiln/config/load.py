@@ -119,9 +119,10 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
     if kind == "missing":
         return ConfigError(f"{source}: {path}: required key is missing")
     found = err.get("input")
-    shown = repr(found) if not isinstance(found, dict) else "a mapping"
     msg = err["msg"].removeprefix("Value error, ")
-    return ConfigError(f"{source}: {path}: {msg}; found {shown}")
+    if isinstance(found, dict):  # a check across several keys: the message says it all
+        return ConfigError(f"{source}: {path}: {msg}")
+    return ConfigError(f"{source}: {path}: {msg}; found {found!r}")
 
 
 def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
