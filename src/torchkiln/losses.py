@@ -56,7 +56,7 @@ class FocalLoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if targets.shape == logits.shape and targets.dtype.is_floating_point:
             return self._sigmoid(logits, targets.to(logits.dtype))
-        logp = F.log_softmax(logits.float(), dim=1).gather(1, targets.long().unsqueeze(1)).squeeze(1)
+        logp = F.log_softmax(_wide(logits), dim=1).gather(1, targets.long().unsqueeze(1)).squeeze(1)
         loss = -((1 - logp.exp()) ** self.gamma) * logp
         if self.scalar_alpha is not None:
             loss = self.scalar_alpha * loss
@@ -68,8 +68,8 @@ class FocalLoss(nn.Module):
         return _reduce(loss, self.reduction)
 
     def _sigmoid(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        p = logits.float().sigmoid()
-        ce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+        p = _wide(logits).sigmoid()
+        ce = F.binary_cross_entropy_with_logits(_wide(logits), targets.to(p.dtype), reduction="none")
         p_t = p * targets + (1 - p) * (1 - targets)
         loss = ce * (1 - p_t) ** self.gamma
         alpha = self.scalar_alpha if self.alpha is None else self.alpha.to(loss.dtype)
@@ -90,7 +90,7 @@ class LabelSmoothingLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logp = F.log_softmax(logits.float(), dim=1)
+        logp = F.log_softmax(_wide(logits), dim=1)
         nll = -logp.gather(1, targets.long().unsqueeze(1)).squeeze(1)
         smooth = -logp.mean(dim=1)
         return _reduce((1 - self.smoothing) * nll + self.smoothing * smooth, self.reduction)
@@ -109,7 +109,7 @@ class F1Loss(nn.Module):
         self.eps = float(eps)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        p, y, _ = _softmax_or_sigmoid(logits.float(), targets)
+        p, y, _ = _softmax_or_sigmoid(_wide(logits), targets)
         tp = (p * y).sum(0)
         fp = (p * (1 - y)).sum(0)
         fn = ((1 - p) * y).sum(0)
@@ -140,6 +140,11 @@ def _group_log_softmax(x: torch.Tensor, inv: torch.Tensor, n: int) -> torch.Tens
     shifted = x - top[inv]
     total = x.new_zeros(n).index_add(0, inv, shifted.exp())
     return shifted - total.log()[inv]
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half-precision logits under autocast), float64 kept (gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -70,35 +70,28 @@ class DigitsMultiHead(Dataset):
 
 @DATASETS.register
 class DigitsRanking(Dataset):
-    """Queries over digit images: query q asks for digit q; relevance 2 for digit q, 1 for q+1, else 0.
+    """Lists of digit images ranked by value: relevance 2 for 8-9, 1 for 5-7, 0 below.
 
-    Each query holds `items` images (at least one of digit q, except every `no_relevant`-th query,
-    which holds none); a sample is (image flattened ++ one-hot(q), relevance, query id).
+    Each query holds `items` random images; every `no_relevant`-th query holds only images
+    below 5 (nothing relevant). A sample is (image, relevance, query id); `flatten` as in Digits.
     """
 
-    def __init__(self, queries: int = 150, items: int = 12, no_relevant: int = 10, seed: int = 0):
-        base = Digits(flatten=True)
+    def __init__(self, queries: int = 150, items: int = 12, no_relevant: int = 10, seed: int = 0,
+                 flatten: bool = False):
+        base = Digits(flatten=flatten)
         g = torch.Generator().manual_seed(seed)
-        by_digit = [torch.nonzero(base.targets == d).squeeze(1) for d in range(10)]
-        feats, rel, qid = [], [], []
+        low = torch.nonzero(base.targets < 5).squeeze(1)
+        picks, qid = [], []
         for q in range(queries):
-            digit = int(torch.randint(10, (1,), generator=g))
-            pool = torch.randperm(len(base.targets), generator=g)
-            pool = pool[base.targets[pool] != digit] if no_relevant and q % no_relevant == no_relevant - 1 else pool
-            picks = pool[:items]
-            if not (no_relevant and q % no_relevant == no_relevant - 1):
-                own = by_digit[digit][torch.randint(len(by_digit[digit]), (1,), generator=g)]
-                picks = torch.cat([own, picks[: items - 1]])
-            d = base.targets[picks]
-            onehot = torch.zeros(len(picks), 10)
-            onehot[:, digit] = 1.0
-            feats.append(torch.cat([base.images[picks], onehot], dim=1))
-            rel.append(torch.where(d == digit, 2.0, torch.where(d == (digit + 1) % 10, 1.0, 0.0)))
-            qid.append(torch.full((len(picks),), q, dtype=torch.long))
-        self.inputs = torch.cat(feats)
-        self.relevance = torch.cat(rel)
+            empty = no_relevant and q % no_relevant == no_relevant - 1
+            pool = low if empty else torch.arange(len(base.targets))
+            picks.append(pool[torch.randperm(len(pool), generator=g)[:items]])
+            qid.append(torch.full((items,), q, dtype=torch.long))
+        idx = torch.cat(picks)
+        d = base.targets[idx]
+        self.inputs = base.images[idx]
+        self.relevance = torch.where(d >= 8, 2.0, torch.where(d >= 5, 1.0, 0.0))
         self.groups = torch.cat(qid)
-        self.in_features = self.inputs.shape[1]
 
     def __len__(self) -> int:
         return len(self.relevance)

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from torchkiln.errors import ConfigError, DataError
+from torchkiln.errors import ConfigError, DataError, did_you_mean
 from torchkiln.registry import TASKS
 from torchkiln.tasks.base import ClassificationTask, ReportView
 
@@ -78,9 +78,12 @@ class MultiHeadTask(ClassificationTask):
             try:
                 self.heads[name] = HeadSpec.model_validate(raw)
             except ValidationError as exc:
-                err = exc.errors()[0]
-                loc = ".".join(str(p) for p in err["loc"])
-                raise ConfigError(f"task.args.heads.{name}{'.' + loc if loc else ''}: {err['msg']}") from exc
+                errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+                loc = ".".join(str(p) for p in errs[0]["loc"])
+                msg = errs[0]["msg"]
+                if errs[0]["type"] == "extra_forbidden":
+                    msg = f"unknown key{did_you_mean(loc, HeadSpec.model_fields)} (valid: {', '.join(HeadSpec.model_fields)})"
+                raise ConfigError(f"task.args.heads.{name}{'.' + loc if loc else ''}: {msg}") from exc
         self.combined = (combined if isinstance(combined, str) else "combined") if combined else None
         self.combined_metrics = combined_metrics
         self.sizes = [h.classes for h in self.heads.values()]
