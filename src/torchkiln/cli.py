@@ -155,6 +155,10 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         width = max(len(k) for k in results) if results else 0
         for k, v in results.items():
             print(f"{k:<{width}}  {v:.6f}")
+        report = Path(args.run_dir) / f"{args.split}_report.txt"
+        if report.is_file():
+            print()
+            print(report.read_text(), end="")
         return 0
     return 2
 

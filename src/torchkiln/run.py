@@ -180,9 +180,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
     )
     from torchkiln.engine.trainer import Trainer
     from torchkiln.loggers import CSVLogger, JSONLLogger, TensorBoardLogger
-    from torchkiln.metrics import build_metrics
-    from torchkiln.registry import TASKS
     from torchkiln.repro import seed_everything
+    from torchkiln.tasks import build_task, dataset_targets
 
     seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     data = build_data(cfg)
@@ -192,13 +191,12 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
         write_skipped(run_dir, data.skipped)
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
-    task = TASKS.get(cfg.task, "task")()
-    model = build_model(cfg, num_classes)
-    loss = build_loss(cfg, task)
+    task = build_task(cfg.task)
+    model = build_model(cfg, task.num_outputs(num_classes))
+    loss = build_loss(cfg, task, labels=lambda: dataset_targets(data.train), num_classes=num_classes)
     optimizer = build_optimizer(cfg, model)
     scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]))
-    metric_specs = [m if isinstance(m, str) else m.model_dump() for m in cfg.metrics] or list(task.default_metrics)
-    metrics = build_metrics(metric_specs, num_classes)
+    metrics = task.build_metrics([m if isinstance(m, str) else m.model_dump() for m in cfg.metrics], num_classes)
     loggers: list = []
     if run_dir is not None:
         if cfg.logging.csv:
@@ -258,4 +256,16 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
     results = trainer.evaluate(loaders[split], split)
     out = {"checkpoint": str(ckpt), "split": split, "samples": len(loaders[split].dataset), **results}
     (run_dir / f"{split}_metrics.json").write_text(json.dumps(out, indent=2))
+    _report(trainer, loaders[split], run_dir, split)
     return results
+
+
+def _report(trainer, loader, run_dir: Path, split: str) -> None:
+    """Per-class tables and confusion matrices (classification tasks) beside the metrics."""
+    from torchkiln.reports import class_names_of, collect, write_reports
+
+    (run_dir / f"{split}_report.txt").unlink(missing_ok=True)
+    outputs, targets = collect(trainer, loader)
+    if outputs is not None:
+        views = trainer.task.report_views(outputs, targets, class_names_of(loader.dataset))
+        write_reports(views, run_dir, split)

@@ -12,7 +12,7 @@ from torch import nn
 
 from torchkiln.config.schema import Component, Config
 from torchkiln.errors import ConfigError, did_you_mean
-from torchkiln.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TASKS, check_args
+from torchkiln.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, check_args
 
 
 def _register_builtins() -> None:
@@ -20,6 +20,7 @@ def _register_builtins() -> None:
     import torchkiln.data.digits  # noqa: F401
     import torchkiln.data.images  # noqa: F401
     import torchkiln.data.tensorfile  # noqa: F401
+    import torchkiln.data.toy  # noqa: F401
     import torchkiln.metrics  # noqa: F401
     import torchkiln.models  # noqa: F401
     import torchkiln.tasks  # noqa: F401
@@ -29,8 +30,9 @@ def check_components(cfg: Config) -> None:
     """Every name resolves and every argument is accepted: a typo fails here, not mid-run."""
     _register_builtins()
     from torchkiln.metrics import check_metric_specs
+    from torchkiln.tasks import build_task
 
-    TASKS.get(cfg.task, "task")
+    build_task(cfg.task)
     for where, comp, reg in _components(cfg):
         factory = reg.get(comp.type, f"{where}.type")
         skip = ("params",) if reg is OPTIMIZERS else ("optimizer",) if reg is SCHEDULERS else ()
@@ -116,15 +118,15 @@ def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
     return build(cfg.model, MODELS, "model", **extra)
 
 
-def build_loss(cfg: Config, task) -> nn.Module:
-    from torchkiln.losses import WeightedSum
-
+def build_loss(cfg: Config, task, labels=None, num_classes: int | None = None) -> nn.Module:
+    """The task makes the loss from the config's specs; `labels()` gives the training targets (for 'balanced')."""
     if cfg.loss is None:
-        return build(Component(type=task.default_loss), LOSSES, "loss")
-    if isinstance(cfg.loss, list):
-        losses = [build(Component(type=c.type, args=c.args), LOSSES, f"loss.{i}") for i, c in enumerate(cfg.loss)]
-        return WeightedSum(losses, [c.weight for c in cfg.loss])
-    return build(cfg.loss, LOSSES, "loss")
+        specs = None
+    elif isinstance(cfg.loss, list):
+        specs = [c.model_dump() for c in cfg.loss]
+    else:
+        specs = [{"type": cfg.loss.type, "args": cfg.loss.args}]
+    return task.make_loss(specs, labels, num_classes)
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:

@@ -117,7 +117,7 @@ class TrainerConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0.0)
     grad_clip_mode: Literal["norm", "value"] = "norm"
     accumulate: int = Field(1, ge=1)
-    monitor: str = "val/loss"
+    monitor: str | None = Field(None, description="default: the first metric listed (val/<name>), else val/loss")
     mode: Literal["min", "max"] | None = Field(None, description="default: min for losses, max otherwise")
     early_stop: int | None = Field(None, ge=1, description="patience: epochs without improvement")
     min_delta: float = Field(0.0, ge=0.0)
@@ -149,12 +149,12 @@ class Config(_Strict):
 
     name: str = "run"
     seed: int = 42
-    task: str = "classification"
+    task: str | Component = Field("classification", description="a name, or {type, args} for task options")
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: Component = Field(default_factory=lambda: Component(type="SmallCNN"))
     loss: Component | list[WeightedComponent] | None = None
-    metrics: list[str | Component] = Field(default_factory=lambda: ["accuracy"])
+    metrics: list[str | Component] = Field(default_factory=list, description="default: the task's metrics")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig | None = None
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)

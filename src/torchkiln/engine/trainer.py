@@ -125,7 +125,7 @@ class Trainer:
         self.raw_model = model
         self.optimizer = optimizer
         self.task = task or ClassificationTask()
-        self.loss_fn = loss_fn if loss_fn is not None else getattr(nn, self.task.default_loss)()
+        self.loss_fn = loss_fn if loss_fn is not None else self.task.make_loss(None)
         self.scheduler = scheduler
         self.epochs = int(epochs)
         self.device = resolve_device(device)
@@ -209,7 +209,10 @@ class Trainer:
         """Train for `epochs` (continuing from `resume`, a checkpoint path or its loaded dict)."""
         started = time.perf_counter()
         self._setup()
-        self.monitor = self.monitor or ("val/loss" if val_loader is not None else "train/loss")
+        if not self.monitor:
+            watched = self.val_metrics if val_loader is not None else self.train_metrics
+            names = list(watched.keys(keep_base=True)) if watched is not None else []
+            self.monitor = self.task.default_monitor(names, val_loader is not None)
         self.schedule.monitor = self.monitor
         self.mode = self.mode or self.task.monitor_mode(self.monitor)
         self._check_monitor(val_loader is not None)
@@ -575,7 +578,16 @@ class Trainer:
 
 
 def _scalars(computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    return {k: float(v) for k, v in computed.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    """Scalars as they are; vectors (per-class metrics) as `name/<i>`; matrices are left to reports."""
+    out: dict[str, float] = {}
+    for k, v in computed.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.numel() == 1:
+            out[k] = float(v)
+        elif v.dim() == 1:
+            out.update({f"{k}/{i}": x for i, x in enumerate(v.tolist())})
+    return out
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
