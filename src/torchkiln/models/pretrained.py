@@ -31,19 +31,19 @@ class LoadReport:
     head_kept: list[str] = field(default_factory=list)  # head tensors left as initialised
     adapted: list[str] = field(default_factory=list)  # input convs summed/repeated to the model's channels
 
-    def lines(self) -> list[str]:
-        out = [f"pretrained: loaded {len(self.loaded)} tensors from {self.path}"]
+    def log(self) -> None:
+        """Expected outcomes at INFO; anything left out of the load at WARNING."""
+        log.info("pretrained: loaded %d tensors from %s", len(self.loaded), self.path)
         if self.adapted:
-            out.append(f"pretrained: adapted to the model's input channels: {_some(self.adapted)}")
+            log.info("pretrained: adapted to the model's input channels: %s", _some(self.adapted))
         if self.head_kept:
-            out.append(f"pretrained: new head (not loaded): {_some(self.head_kept)}")
+            log.info("pretrained: new head (not loaded): %s", _some(self.head_kept))
         if self.missing:
-            out.append(f"pretrained: missing from the file, left as initialised: {_some(self.missing)}")
+            log.warning("pretrained: missing from the file, left as initialised: %s", _some(self.missing))
         if self.unexpected:
-            out.append(f"pretrained: unexpected in the file, ignored: {_some(self.unexpected)}")
+            log.warning("pretrained: unexpected in the file, ignored: %s", _some(self.unexpected))
         if self.mismatched:
-            out.append(f"pretrained: shape mismatch, skipped (strict: false): {_some(self.mismatched)}")
-        return out
+            log.warning("pretrained: shape mismatch, skipped (strict: false): %s", _some(self.mismatched))
 
 
 def _some(keys: list[str], n: int = 5) -> str:
@@ -125,7 +125,5 @@ def load_pretrained(model: nn.Module, path: str | Path, *, strict: bool = True, 
         raise CheckpointError(f"{where}: {len(report.missing)} model tensors are not in the file:"
                               f" {_some(report.missing, 3)}; set model.strict: false to leave them initialised")
     model.load_state_dict(take, strict=False)
-    for i, line in enumerate(report.lines()):
-        (log.info if i == 0 or line.startswith(("pretrained: new head", "pretrained: adapted"))
-         else log.warning)(line)
+    report.log()
     return report
