@@ -39,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key.path=value")
 
+    m = sub.add_parser("summary", help="the model's layers, output shapes, parameters, MACs and memory")
+    m.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
+    m.add_argument("--batch-size", type=int, help="batch size to size for (default: data.batch_size)")
+    m.add_argument("--depth", type=int, default=3, help="nesting depth of the layer table (default: 3)")
+    m.add_argument("overrides", nargs="*", metavar="key.path=value")
+
     c = sub.add_parser("config", help="show the resolved config, or its JSON Schema")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved config as YAML (and nothing else)")
@@ -117,6 +123,13 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(format_stats(stats))
         if (out_dir / "class_histogram.png").is_file():
             print(f"class histogram    {out_dir / 'class_histogram.png'}")
+        return 0
+
+    if args.command == "summary":
+        from torchkiln.summary import model_summary
+
+        _console(quiet=True)
+        print(model_summary(load_config(args.config, args.overrides), args.batch_size, args.depth))
         return 0
 
     _console(args.quiet)

@@ -145,7 +145,7 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True) -> tup
     try:
         with file_log(run_dir):
             log.info("run directory %s", run_dir)
-            trainer, loaders = build_trainer(cfg, run_dir, progress=progress)
+            trainer, loaders = build_trainer(cfg, run_dir, progress=progress, pretrained=resume is None)
             built = True
             torch.set_float32_matmul_precision("high")
             from torchkiln.engine.state import StopRequested
@@ -168,9 +168,10 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True) -> tup
     return run_dir, summary
 
 
-def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
+def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pretrained: bool = True):
     from torchkiln.config.build import (
         build_data,
+        build_freezer,
         build_loaders,
         build_loss,
         build_model,
@@ -192,7 +193,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
     task = build_task(cfg.task)
-    model = build_model(cfg, task.num_outputs(num_classes))
+    model = build_model(cfg, task.num_outputs(num_classes), pretrained=pretrained)
+    freezer = build_freezer(cfg, model)
     loss = build_loss(cfg, task, labels=lambda: dataset_targets(data.train), num_classes=num_classes)
     optimizer = build_optimizer(cfg, model)
     scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]))
@@ -212,7 +214,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True):
         checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last, loggers=loggers,
         progress=progress and cfg.logging.progress, log_every_n_steps=cfg.logging.every_n_steps,
         on_nonfinite=t.on_nonfinite, compile=t.compile, compile_options=t.compile_options,
-        channels_last=t.channels_last, config=to_plain(cfg), **sched_kwargs,
+        channels_last=t.channels_last, config=to_plain(cfg), freezer=freezer, **sched_kwargs,
     )
     return trainer, loaders
 
@@ -243,7 +245,7 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
     cfg = resolve(apply_overrides(read_file(cfg_path), list(overrides or [])), str(cfg_path))
     ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
     weights = model_weights(load_checkpoint(ckpt), ckpt)
-    trainer, loaders = build_trainer(cfg, None, progress=False)
+    trainer, loaders = build_trainer(cfg, None, progress=False, pretrained=False)
     if split not in loaders:
         raise ConfigError(
             f"{cfg_path}: this run has no {split} split (set data.{split}_split or data.{split}_dataset),"

@@ -33,6 +33,7 @@ def check_components(cfg: Config) -> None:
     from torchkiln.tasks import build_task
 
     build_task(cfg.task)
+    check_model_config(cfg)
     for where, comp, reg in _components(cfg):
         factory = reg.get(comp.type, f"{where}.type")
         skip = ("params",) if reg is OPTIMIZERS else ("optimizer",) if reg is SCHEDULERS else ()
@@ -105,7 +106,26 @@ def num_classes_of(cfg: Config, data: Data | None) -> int | None:
     return data.num_classes if data is not None else None
 
 
-def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
+def check_model_config(cfg: Config) -> None:
+    """Before anything heavy: no hub downloads, and the pretrained file exists."""
+    from pathlib import Path
+
+    from torchkiln.models.backbones import HUB_HINT, hub_request
+
+    m = cfg.model
+    if isinstance(m.pretrained, bool):
+        if m.pretrained:
+            raise ConfigError(f"model.pretrained: true would download weights; {HUB_HINT}")
+    elif m.pretrained is not None and not Path(m.pretrained).is_file():
+        raise ConfigError(f"model.pretrained: {m.pretrained}: file not found (give a .safetensors, .pth"
+                          f" or torchkiln .ckpt file)")
+    key = hub_request(m.type, m.args)
+    if key is not None:
+        raise ConfigError(f"model.args.{key}: {m.type} would download pretrained weights; {HUB_HINT}")
+
+
+def build_model(cfg: Config, num_classes: int | None = None, pretrained: bool = True) -> nn.Module:
+    """The model, with `model.pretrained` loaded (unless `pretrained` is False)."""
     _register_builtins()
     args = dict(cfg.model.args)
     factory = MODELS.get(cfg.model.type, "model.type")
@@ -113,9 +133,31 @@ def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
     if num_classes is not None and "num_classes" not in args:
         import inspect
 
-        if "num_classes" in inspect.signature(factory).parameters:
+        try:
+            takes = "num_classes" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
             extra["num_classes"] = num_classes
-    return build(cfg.model, MODELS, "model", **extra)
+    model = build(cfg.model, MODELS, "model", **extra)
+    if pretrained and isinstance(cfg.model.pretrained, str):
+        from torchkiln.models import find_head, load_pretrained
+
+        head = find_head(model, cfg.model.head, required=cfg.model.head is not None)
+        load_pretrained(model, cfg.model.pretrained, strict=cfg.model.strict, head=head,
+                        reset_head=cfg.model.reset_head)
+    return model
+
+
+def build_freezer(cfg: Config, model: nn.Module):
+    """A Freezer for `model.freeze` (in the state of the first epoch), or None."""
+    if cfg.model.freeze is None:
+        return None
+    from torchkiln.models import make_freezer
+
+    freezer = make_freezer(model, cfg.model.freeze, cfg.model.unfreeze_at_epoch, head=cfg.model.head)
+    freezer.set_epoch(0)
+    return freezer
 
 
 def build_loss(cfg: Config, task, labels=None, num_classes: int | None = None) -> nn.Module:
@@ -150,9 +192,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
         return False
 
     groups: dict[tuple, dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in model.named_parameters():  # frozen ones too: they get no gradient, so no update
         spec_idx = next((i for i, g in enumerate(o.groups) if fnmatch.fnmatchcase(name, g.params)), None)
         if spec_idx is not None:
             names_in_use.add(spec_idx)
@@ -182,8 +222,10 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    # Every parameter, frozen ones too: they get no gradient, so the optimizer skips them until
+    # unfrozen, and the optimizer's state has the same shape whatever the epoch (resume-safe).
     params: Any = param_groups(model, cfg) if (cfg.optimizer.groups or cfg.optimizer.no_decay) else \
-        [p for p in model.parameters() if p.requires_grad]
+        list(model.parameters())
     comp = Component(type=cfg.optimizer.type, args=cfg.optimizer.args)
     return build(comp, OPTIMIZERS, "optimizer", params=params)
 

@@ -18,6 +18,27 @@ class Component(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class ModelConfig(Component):
+    """The model, and how to start it: local pretrained weights, a fresh head, frozen parts."""
+
+    pretrained: str | bool | None = Field(
+        None, description="weights file: .safetensors, a .pth/.pt state_dict, or a torchkiln checkpoint"
+    )
+    strict: bool = Field(True, description="refuse missing keys and shape mismatches outside the head")
+    head: str | None = Field(None, description="the classifier's module name; found automatically when not given")
+    reset_head: bool = Field(False, description="keep the new head even where the file's head has the same shape")
+    freeze: Literal["backbone"] | list[str] | None = Field(
+        None, description="'backbone' (all but the head) or glob patterns over parameter names"
+    )
+    unfreeze_at_epoch: int | None = Field(None, ge=1, description="make frozen parameters trainable from this epoch")
+
+    @model_validator(mode="after")
+    def _unfreeze_needs_freeze(self) -> ModelConfig:
+        if self.unfreeze_at_epoch is not None and self.freeze is None:
+            raise ValueError("unfreeze_at_epoch needs model.freeze")
+        return self
+
+
 class WeightedComponent(Component):
     weight: float = 1.0
 
@@ -152,7 +173,7 @@ class Config(_Strict):
     task: str | Component = Field("classification", description="a name, or {type, args} for task options")
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
-    model: Component = Field(default_factory=lambda: Component(type="SmallCNN"))
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(type="SmallCNN"))
     loss: Component | list[WeightedComponent] | None = None
     metrics: list[str | Component] = Field(default_factory=list, description="default: the task's metrics")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)

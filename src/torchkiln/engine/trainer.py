@@ -120,6 +120,7 @@ class Trainer:
         compile_options: dict[str, Any] | None = None,
         channels_last: bool = False,
         config: dict[str, Any] | None = None,
+        freezer: Any | None = None,
     ):
         self.model = model
         self.raw_model = model
@@ -147,6 +148,7 @@ class Trainer:
         self.compile = compile
         self.compile_options = dict(compile_options or {})
         self.config = config
+        self.freezer = freezer  # models.freeze.Freezer: set_epoch(epoch) freezes/unfreezes for that epoch
         self.stepper = OptimizerStep(
             optimizer,
             device=self.device,
@@ -227,6 +229,8 @@ class Trainer:
         else:
             self.loop = LoopState()
             self.initial_fingerprint = fingerprint(self.raw_model)
+        if self.freezer is not None:
+            self.freezer.set_epoch(self.loop.epoch)
         self._log_start()
         info = {"fingerprint": self.initial_fingerprint, "epochs": self.epochs}
         for lg in self.loggers:
@@ -256,6 +260,10 @@ class Trainer:
     def _train_epoch(self, epoch: int, loader: Iterable, steps_per_epoch: int) -> dict[str, float]:
         model, loop, stepper, k = self.model, self.loop, self.stepper, self.stepper.accumulate
         model.train()
+        if self.freezer is not None and self.freezer.set_epoch(epoch):
+            trainable, frozen = self.freezer.counts()
+            log.info("epoch %d: %s; %d parameters trainable, %d frozen", epoch + 1,
+                     "froze" if self.freezer.frozen else "unfroze", trainable, frozen)
         n_batches = len(loader)  # type: ignore[arg-type]
         start = loop.batch_in_epoch
         set_loader_epoch(loader, epoch, skip=start)
@@ -478,6 +486,8 @@ class Trainer:
         trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         log.info("device %s, precision %s, %d parameters (%d trainable, %d frozen)", self.device,
                  self.stepper.precision, total, trainable, total - trainable)
+        if self.freezer is not None:
+            log.info("frozen: %s", self.freezer.describe())
         log.info("initial-parameter fingerprint %s", self.initial_fingerprint)
 
     # ---------------------------------------------------------------------------------------
