@@ -48,7 +48,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top, found {type(data).__name__}")
-    return data
+    from torchkiln.config.migrate import from_template, is_template
+
+    return from_template(data, str(path)) if is_template(data) else data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
