@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-q", "--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key.path=value")
 
+    x = sub.add_parser("export", help="write a run's best weights as safetensors, with the model config")
+    x.add_argument("run_dir", help="a run directory (runs/<name>/<timestamp>)")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt"])
+    x.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    x.add_argument("-o", "--out", help="output folder (default: RUN_DIR/export)")
+
     c = sub.add_parser("config", help="show the resolved config, or its JSON Schema")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved config as YAML (and nothing else)")
@@ -95,21 +101,24 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.parse_args(["config", "--help"])
         return 2
 
-    _console(args.quiet)
+    _console(getattr(args, "quiet", False))
     if args.command == "train":
         from torchkiln import run
 
-        resume = None
+        resume = state = None
+        cfg = load_config(args.config, args.overrides) if args.resume in (None, "auto") else None
         if args.resume:
-            base = load_config(args.config) if args.resume == "auto" else None
-            cfg, resume = run.resume_config(args.resume, base, args.overrides)
-            log.info("resuming from %s", resume)
-        else:
-            cfg = load_config(args.config, args.overrides)
+            found = run.resume_config(args.resume, cfg, args.overrides)
+            if found is None:
+                log.info("--resume auto: no checkpoint of '%s' under %s yet; starting a new run",
+                         cfg.name, cfg.output_dir)
+            else:
+                cfg, resume, state = found
+                log.info("resuming from %s", resume)
         from torchkiln.engine.state import StopRequested
 
         try:
-            run.train(cfg, resume=resume, progress=not args.quiet)
+            run.train(cfg, resume=resume, progress=not args.quiet, state=state)
         except StopRequested as stop:
             return 128 + stop.signum
         return 0
@@ -122,6 +131,12 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         width = max(len(k) for k in results) if results else 0
         for k, v in results.items():
             print(f"{k:<{width}}  {v:.6f}")
+        return 0
+    if args.command == "export":
+        from torchkiln.export import export
+
+        for path in export(Path(args.run_dir), args.format, args.checkpoint, args.out):
+            print(path)
         return 0
     return 2
 
