@@ -341,7 +341,7 @@ def test_damaged_or_foreign_checkpoints_give_one_clear_line(tmp_path, mlp_run):
 
     config_before = (run / "config.yaml").read_text()
     proc = kiln("train", "--resume", str(run), "model.args.hidden=[16]")
-    one_line_error(proc, str(last), "does not fit this model", "hidden")
+    one_line_error(proc, str(last), "does not fit this model", "features.1.weight")
     assert (run / "config.yaml").read_text() == config_before, "a failed resume changed config.yaml"
 
 

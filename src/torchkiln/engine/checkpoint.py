@@ -32,7 +32,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as exc:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         cause = exc if isinstance(exc, OSError) else (writer.error if "writer" in locals() else None)
         if cause is None:
             reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
@@ -44,9 +44,16 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             f"{path}: could not write checkpoint ({reason}); the previous checkpoint is intact"
         ) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     return path
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 class _Writer:
