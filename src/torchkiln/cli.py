@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--depth", type=int, default=3, help="nesting depth of the layer table (default: 3)")
     m.add_argument("overrides", nargs="*", metavar="key.path=value")
 
+    x = sub.add_parser("export", help="write a run's best weights as safetensors, with the model config")
+    x.add_argument("run_dir", help="a run directory (runs/<name>/<timestamp>)")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt"])
+    x.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    x.add_argument("-o", "--out", help="output folder (default: RUN_DIR/export)")
+
     c = sub.add_parser("config", help="show the resolved config, or its JSON Schema")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved config as YAML (and nothing else)")
@@ -132,7 +138,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(model_summary(load_config(args.config, args.overrides), args.batch_size, args.depth))
         return 0
 
-    _console(args.quiet)
+    _console(getattr(args, "quiet", False))
     if args.command == "train" and args.folds:
         if args.resume:
             raise ConfigError("--folds and --resume exclude each other; resume a single fold's run instead")
@@ -145,17 +151,22 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "train":
         from torchkiln import run
 
-        resume = None
+        resume = state = None
         if args.resume:
-            base = load_config(args.config) if args.resume == "auto" else None
-            cfg, resume = run.resume_config(args.resume, base, args.overrides)
-            log.info("resuming from %s", resume)
-        else:
+            base = load_config(args.config, args.overrides) if args.resume == "auto" else None
+            found = run.resume_config(args.resume, base, args.overrides)
+            if found is None:
+                log.info("--resume auto: no checkpoint of '%s' under %s yet; starting a new run",
+                         base.name, base.output_dir)
+            else:
+                cfg, resume, state = found
+                log.info("resuming from %s", resume)
+        if resume is None:
             cfg = load_checked(args.config, args.overrides)
         from torchkiln.engine.state import StopRequested
 
         try:
-            run.train(cfg, resume=resume, progress=not args.quiet)
+            run.train(cfg, resume=resume, progress=not args.quiet, state=state)
         except StopRequested as stop:
             return 128 + stop.signum
         return 0
@@ -172,6 +183,12 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if report.is_file():
             print()
             print(report.read_text(), end="")
+        return 0
+    if args.command == "export":
+        from torchkiln.export import export
+
+        for path in export(Path(args.run_dir), args.format, args.checkpoint, args.out):
+            print(path)
         return 0
     return 2
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -61,7 +62,12 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed NumPy and `random` in each worker from torch's per-worker seed."""
+    """Seed NumPy and `random` in each worker from torch's per-worker seed.
+
+    Workers ignore SIGINT: a Ctrl-C in a terminal reaches the whole process group, and the main
+    process alone decides how to stop (finish the step, checkpoint) and shuts the workers down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)

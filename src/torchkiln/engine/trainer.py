@@ -240,6 +240,8 @@ class Trainer:
         steps_per_epoch = math.ceil(len(train_loader) / self.stepper.accumulate)  # type: ignore[arg-type]
         try:
             for epoch in range(self.loop.epoch, self.epochs):
+                if self.loop.stopped_early:  # resumed from the checkpoint of an early stop
+                    break
                 record = self._train_epoch(epoch, train_loader, steps_per_epoch)
                 if val_loader is not None:
                     record.update(self._evaluate(val_loader, self.val_metrics, "val"))
@@ -330,6 +332,7 @@ class Trainer:
             "metrics": self.train_metrics.state_dict() if self.train_metrics is not None else None,
         }
         if self.run_dir is not None:
+            self._flush_logs()
             state = self.state_dict(epoch_accum=accum)
             if due:
                 self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
@@ -362,6 +365,7 @@ class Trainer:
         for lg in self.loggers:
             lg.log_epoch(epoch + 1, loop.global_step, record)
         if self.run_dir is not None:
+            self._flush_logs()
             state = self.state_dict()
             if improved:
                 self._save(state, "best.ckpt")
@@ -480,6 +484,13 @@ class Trainer:
             rows[-1][1]["train/skipped_steps"] = float(self.stepper.skipped)
         for lg in self.loggers:
             lg.log_steps(rows)
+
+    def _flush_logs(self) -> None:
+        """Before a checkpoint: everything logged up to it is on disk, so a resume neither loses
+        nor repeats rows (loggers drop what was logged after the checkpoint it resumes from)."""
+        self._flush_steps()
+        for lg in self.loggers:
+            lg.flush()
 
     def _log_start(self) -> None:
         total = sum(p.numel() for p in self.raw_model.parameters())

@@ -25,9 +25,16 @@ class TensorBoardLogger(Logger):
                 self.writer.add_scalar(k, v, step)
 
     def log_epoch(self, epoch, step, record):
+        # Against the global step, like the step scalars: purge_step on resume then drops exactly
+        # the rows logged after the checkpoint, epoch rows included. `epoch` is a scalar too.
+        self.writer.add_scalar("epoch", epoch, step)
         for k, v in record.items():
-            self.writer.add_scalar(k, v, epoch)
+            self.writer.add_scalar(k, v, step)
         self.writer.flush()
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
 
     def finish(self, summary: dict[str, Any]):
         if self.writer is None:
