@@ -56,6 +56,7 @@ class OptimizerStep:
         grad_clip: float | None = None,
         grad_clip_mode: str = "norm",
         accumulate: int = 1,
+        scaler_options: dict | None = None,
     ):
         device = torch.device(device)
         check_precision(precision, device)
@@ -68,7 +69,10 @@ class OptimizerStep:
         self.grad_clip = grad_clip
         self.grad_clip_mode = grad_clip_mode
         self.accumulate = max(1, int(accumulate))
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        # scaler_options go to torch.amp.GradScaler (init_scale, growth_interval, ...).
+        self.scaler = (
+            torch.amp.GradScaler(device.type, **(scaler_options or {})) if precision == "fp16" else None
+        )
         self.skipped = 0
 
     def params(self) -> Iterable[nn.Parameter]:
@@ -86,9 +90,10 @@ class OptimizerStep:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, group_size: int = 1) -> None:
-        """Backward of loss / group_size so that a group of micro-batches averages like one batch."""
-        loss = loss / group_size if group_size > 1 else loss
+    def backward(self, loss: torch.Tensor, weight: float = 1.0) -> None:
+        """Backward of `loss * weight`; the weights of a group's micro-batches sum to 1 (their
+        share of the group's samples), so the group's gradient is that of one big batch."""
+        loss = loss * weight if weight != 1.0 else loss
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
