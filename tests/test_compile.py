@@ -6,9 +6,9 @@ import logging
 
 import pytest
 import torch
-from conftest import kiln, small_config, write_config
 from torch.utils.data import Subset
 
+from conftest import kiln, small_config, write_config
 from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader
 from torchkiln.engine.checkpoint import load_checkpoint

@@ -329,7 +329,7 @@ class Trainer:
 
             if last_in_group and group_used:
                 lrs = self.schedule.lrs()  # the learning rates this step uses
-                result = stepper.step(want_norm=True)
+                result = stepper.step(want_norm=self._logs_steps())
                 loop.global_step += 1
                 if result.stepped:
                     self.schedule.on_optimizer_step(epoch, i // k, steps_per_epoch)
@@ -491,8 +491,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # per-step logging (scalars leave the device once per log interval)
     # ---------------------------------------------------------------------------------------
+    def _logs_steps(self) -> bool:
+        return bool(self.loggers) or self.progress.interactive
+
     def _record_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, lrs: list[float]) -> None:
-        if not self.loggers and not self.progress.interactive:
+        if not self._logs_steps():
             return
         row: dict[str, Any] = {"train/loss_step": loss.float()}
         if grad_norm is not None:
