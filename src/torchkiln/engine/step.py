@@ -74,6 +74,7 @@ class OptimizerStep:
             torch.amp.GradScaler(device.type, **(scaler_options or {})) if precision == "fp16" else None
         )
         self.skipped = 0
+        self._scale: float | None = None  # the scale after the last update
 
     def params(self) -> Iterable[nn.Parameter]:
         for group in self.optimizer.param_groups:
@@ -116,11 +117,12 @@ class OptimizerStep:
         norm = self.clip(params, want_norm)
         stepped = True
         if self.scaler is not None:
-            before = self.scaler.get_scale()
+            before = self._scale if self._scale is not None else self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             # The scale only ever goes down when the step was skipped for inf/NaN gradients.
-            stepped = self.scaler.get_scale() >= before
+            self._scale = self.scaler.get_scale()  # one device sync per step, not two
+            stepped = self._scale >= before
         else:
             self.optimizer.step()
         if not stepped:
@@ -134,6 +136,7 @@ class OptimizerStep:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+            self._scale = None
         self.skipped = int(state.get("skipped", 0))
 
 
