@@ -209,3 +209,18 @@ def test_cli_onecycle_total_steps_with_accumulation_and_group_lr_mult(tmp_path):
     step_events = [e for e in events if e.step >= 1]
     assert len({e.step for e in step_events}) >= 15
     assert acc.Scalars("train/grad_norm")[-1].value > 0
+
+
+@pytest.mark.parametrize("interval,total", [(None, 4 * 7), ("epoch", 4)])
+def test_onecycle_total_steps_from_epochs_steps_and_accumulation(tmp_path, interval, total):
+    from torchkiln.config.build import build_scheduler
+    from torchkiln.config.load import resolve
+
+    sched = {"type": "OneCycleLR", "args": {"max_lr": 0.1}}
+    if interval:
+        sched["interval"] = interval
+    cfg = resolve(small_config(tmp_path, scheduler=sched, trainer={"epochs": 4, "accumulate": 3}), "test")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9)
+    scheduler, kwargs = build_scheduler(cfg, opt, batches_per_epoch=20)  # ceil(20 / 3) = 7 steps
+    assert scheduler.total_steps == total
+    assert kwargs["scheduler_interval"] == interval

@@ -245,7 +245,7 @@ class NaNAt(nn.Module):
 def nan_run(tmp_path, on_nonfinite):
     (tmp_path / "nanloss.py").write_text(NAN_LOSS)
     cfg = small_config(tmp_path, loss={"type": "nanloss:NaNAt", "args": {"at": 30}},
-                       trainer={"epochs": 3, "monitor": "val/accuracy", "on_nonfinite": on_nonfinite},
+                       trainer={"epochs": 2, "monitor": "val/accuracy", "on_nonfinite": on_nonfinite},
                        logging={"plots": False})
     from conftest import ROOT
 
@@ -275,10 +275,28 @@ def test_nan_loss_skip_batch(tmp_path):
     log = (run / "train.log").read_text()
     assert "skipped batch 10 of epoch 2: non-finite loss nan" in log
     last = load_checkpoint(run / "checkpoints" / "last.ckpt")
-    assert last["loop"]["epoch"] == 3
-    assert last["loop"]["global_step"] == 59  # the skipped batch took no optimizer step
+    assert last["loop"]["epoch"] == 2
+    assert last["loop"]["global_step"] == 39  # the skipped batch took no optimizer step
     assert all(torch.isfinite(v).all() for v in last["model"].values())
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in last["loop"]["history"])
+
+
+class NaNInEval(nn.Module):
+    def forward(self, outputs, targets):
+        loss = nn.functional.cross_entropy(outputs, targets)
+        return loss if torch.is_grad_enabled() else loss * float("nan")
+
+
+def test_a_nan_metric_never_becomes_best(digits, tmp_path):
+    torch.manual_seed(0)
+    model = MLP(num_classes=10, hidden=[16])
+    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-2), NaNInEval(), device="cpu", epochs=2,
+                      monitor="val/loss", progress=False, run_dir=tmp_path)
+    summary = trainer.fit(loader(digits, 256, 64), loader(digits, 128, 64))
+    assert all(h["val/loss"] != h["val/loss"] for h in trainer.loop.history)  # NaN every epoch
+    assert summary["best"] is None and summary["best_epoch"] is None
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
 # ------------------------------------------------------------------------------------------
