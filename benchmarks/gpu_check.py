@@ -18,15 +18,15 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import torchkiln  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+# Run from a checkout: measure the torchkiln beside this script, installed or not.
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if (_SRC / "torchkiln").is_dir():
+    sys.path.insert(0, str(_SRC))
 
-import torch
-from torch import nn
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
-from torchkiln.engine.trainer import Trainer
+from torchkiln.engine.trainer import Trainer  # noqa: E402
 
 VARIANTS = {
     # name: (loop, precision, channels_last, compile)
