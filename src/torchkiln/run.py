@@ -274,6 +274,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
         checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last, loggers=loggers,
         progress=progress and cfg.logging.progress, log_every_n_steps=cfg.logging.every_n_steps,
         on_nonfinite=t.on_nonfinite, compile=t.compile, compile_options=t.compile_options,
+        cache_size_limit=t.cache_size_limit,
         channels_last=t.channels_last, config=resolved, freezer=freezer, **sched_kwargs,
     )
     return trainer, loaders

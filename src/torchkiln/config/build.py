@@ -230,6 +230,19 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return build(comp, OPTIMIZERS, "optimizer", params=params)
 
 
+def _keep_lr_mults(args: dict[str, Any], optimizer: torch.optim.Optimizer, base_lr: float | None) -> None:
+    """OneCycleLR and CyclicLR set absolute LRs; scale a scalar max_lr/base_lr per param group so
+    that `optimizer.groups` lr_mult still holds under them."""
+    if not base_lr or len(optimizer.param_groups) < 2:
+        return
+    mults = [g["lr"] / base_lr for g in optimizer.param_groups]
+    if all(m == 1.0 for m in mults):
+        return
+    for key in ("max_lr", "base_lr"):
+        if isinstance(args.get(key), (int, float)):
+            args[key] = [args[key] * m for m in mults]
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epoch: int) -> tuple[Any, dict]:
     """The torch scheduler and the Trainer keyword arguments that say how to drive it."""
     s = cfg.scheduler
@@ -238,7 +251,10 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_e
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.trainer.accumulate)
     args = dict(s.args)
     if s.type == "OneCycleLR" and "total_steps" not in args and "epochs" not in args:
-        args["total_steps"] = cfg.trainer.epochs * steps_per_epoch
+        per_epoch = 1 if s.interval == "epoch" else steps_per_epoch
+        args["total_steps"] = cfg.trainer.epochs * per_epoch
+    if s.type in ("OneCycleLR", "CyclicLR"):
+        _keep_lr_mults(args, optimizer, cfg.optimizer.args.get("lr"))
     scheduler = build(Component(type=s.type, args=args), SCHEDULERS, "scheduler", optimizer=optimizer)
     warmup = 0
     if s.warmup is not None:

@@ -147,7 +147,10 @@ class TrainerConfig(_Strict):
     keep_last: int | None = Field(None, ge=1, description="numbered checkpoints kept (best, last always)")
     on_nonfinite: Literal["stop", "skip_batch"] = "stop"
     compile: bool = False
-    compile_options: dict[str, Any] = Field(default_factory=dict)
+    compile_options: dict[str, Any] = Field(default_factory=dict, description="passed to torch.compile")
+    cache_size_limit: int | None = Field(
+        None, ge=1, description="torch._dynamo.config.cache_size_limit (512 for models with many shapes)"
+    )
     channels_last: bool = False
     deterministic: bool = False
 

@@ -81,6 +81,24 @@ def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
         gen.manual_seed(seed + 1_000_003 * (epoch + 1))
 
 
+def epoch_batch_sizes(loader: Iterable, n_batches: int) -> list[int] | None:
+    """The sizes of the epoch's batches when the loader's batch sampler tells them ahead, so that
+    accumulation weighs micro-batches by samples (a short last batch counts for what it holds)."""
+    bs = getattr(loader, "batch_sampler", None)
+    size = getattr(bs, "batch_size", None)
+    if not isinstance(size, int) or size < 1:
+        return None
+    if hasattr(bs, "sampler") and hasattr(bs.sampler, "__len__"):
+        total = len(bs.sampler)
+    elif all(isinstance(getattr(bs, a, None), int) for a in ("n", "rank", "world_size")):
+        total = len(range(bs.rank, bs.n, bs.world_size))  # torchkiln's ResumableBatchSampler
+    else:
+        return None
+    full, rest = divmod(total, size)
+    sizes = [size] * full + ([rest] if rest and not getattr(bs, "drop_last", False) else [])
+    return sizes if len(sizes) == n_batches else None
+
+
 class Trainer:
     """Train a model with mixed precision, clipping, accumulation, schedules and checkpoints."""
 
@@ -118,6 +136,8 @@ class Trainer:
         on_nonfinite: str = "stop",
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
+        cache_size_limit: int | None = None,
+        scaler_options: dict[str, Any] | None = None,
         channels_last: bool = False,
         config: dict[str, Any] | None = None,
         freezer: Any | None = None,
@@ -147,6 +167,9 @@ class Trainer:
         self.on_nonfinite = on_nonfinite
         self.compile = compile
         self.compile_options = dict(compile_options or {})
+        self.cache_size_limit = cache_size_limit
+        self.compile_report: dict[str, Any] | None = None
+        self._dynamo_before: dict[str, Any] | None = None
         self.config = config
         self.freezer = freezer  # models.freeze.Freezer: set_epoch(epoch) freezes/unfreezes for that epoch
         self.stepper = OptimizerStep(
@@ -156,6 +179,7 @@ class Trainer:
             grad_clip=grad_clip,
             grad_clip_mode=grad_clip_mode,
             accumulate=accumulate,
+            scaler_options=scaler_options,
         )
         self.schedule = LRSchedule(
             optimizer,
@@ -200,7 +224,10 @@ class Trainer:
                 m.to(self.device)
         _move_optimizer_state(self.optimizer, self.device)
         if self.compile:
-            self.model = torch.compile(self.raw_model, **self.compile_options)
+            from torchkiln.engine.compile import compile_model, dynamo_stats
+
+            self._dynamo_before = dynamo_stats()
+            self.model = compile_model(self.raw_model, self.compile_options, self.cache_size_limit)
         self._ready = True
 
     # ---------------------------------------------------------------------------------------
@@ -254,6 +281,10 @@ class Trainer:
                     break
         finally:
             self._flush_steps()
+            if self._dynamo_before is not None:
+                from torchkiln.engine.compile import report_compilation
+
+                self.compile_report = report_compilation(self._dynamo_before)
             summary = self.summary(time.perf_counter() - started)
             for lg in self.loggers:
                 lg.finish(summary)
@@ -273,10 +304,16 @@ class Trainer:
         self.progress.epoch_start(epoch + 1, self.epochs, n_batches, done=start)
         check_finite = stepper.scaler is None
 
+        sizes = epoch_batch_sizes(loader, n_batches)
+        group_used = False  # a group whose every micro-batch was skipped takes no optimizer step
         for i, batch in enumerate(loader, start=start):
             group_start = (i // k) * k
             group_size = min(k, n_batches - group_start)  # the epoch's last group may be shorter
             last_in_group = i - group_start == group_size - 1
+            if sizes is not None:  # each micro-batch's share of the group's samples
+                weight = sizes[i] / sum(sizes[group_start:group_start + group_size])
+            else:
+                weight = 1.0 / group_size
             batch = move_to(batch, self.device, self.channels_last)
             n = self.task.batch_size(batch)
 
@@ -293,7 +330,8 @@ class Trainer:
                         )
                     log.warning("skipped batch %d of epoch %d: non-finite loss %s", i + 1, epoch + 1, loss.item())
                 else:
-                    stepper.backward(loss, group_size)
+                    stepper.backward(loss, weight)
+                    group_used = True
                     loss_sum += loss.detach().float() * n
                     count += n
                     if self.train_metrics is not None:
@@ -302,12 +340,21 @@ class Trainer:
             loop.batch_in_epoch = i + 1
             self.progress.advance(1, n)
 
-            if last_in_group:
-                result = stepper.step(want_norm=True)
+            if last_in_group and group_used:
+                lrs = self.schedule.lrs()  # the learning rates this step uses
+                result = stepper.step(want_norm=self._logs_steps())
                 loop.global_step += 1
                 if result.stepped:
                     self.schedule.on_optimizer_step(epoch, i // k, steps_per_epoch)
-                self._record_step(loss.detach(), result.grad_norm)
+                else:
+                    log.info("step %d skipped by the fp16 GradScaler (inf/NaN gradients; scale now %g);"
+                             " the LR schedule did not advance (%d skipped so far)", loop.global_step,
+                             stepper.scaler.get_scale(), stepper.skipped)
+                self._record_step(loss.detach(), result.grad_norm, lrs)
+            elif last_in_group:
+                stepper.optimizer.zero_grad(set_to_none=True)
+            if last_in_group:
+                group_used = False
                 if i + 1 < n_batches:
                     self._maybe_checkpoint_mid_epoch(loss_sum, count)
 
@@ -459,13 +506,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # per-step logging (scalars leave the device once per log interval)
     # ---------------------------------------------------------------------------------------
-    def _record_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        if not self.loggers and not self.progress.interactive:
+    def _logs_steps(self) -> bool:
+        return bool(self.loggers) or self.progress.interactive
+
+    def _record_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, lrs: list[float]) -> None:
+        if not self._logs_steps():
             return
         row: dict[str, Any] = {"train/loss_step": loss.float()}
         if grad_norm is not None:
             row["train/grad_norm"] = grad_norm.float()
-        for i, lr in enumerate(self.schedule.lrs()):
+        for i, lr in enumerate(lrs):
             row[f"lr/group{i}"] = lr
         self._step_rows.append((self.loop.global_step, row))
         if self.loop.global_step % self.log_every_n_steps == 0:
@@ -592,6 +642,7 @@ class Trainer:
             "best_epoch": loop.best_epoch,
             "stopped_early": loop.stopped_early,
             "skipped_steps": self.stepper.skipped,
+            "compile": self.compile_report,
             "final": loop.history[-1] if loop.history else {},
             "fingerprint": self.initial_fingerprint,
             "seconds": seconds,
