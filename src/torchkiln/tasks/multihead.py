@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from torchkiln.errors import ConfigError, DataError, did_you_mean
@@ -33,14 +33,36 @@ from torchkiln.registry import TASKS
 from torchkiln.tasks.base import ClassificationTask, ReportView
 
 
-class HeadSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass
+class HeadSpec:
+    """One head: its class count, loss weight, and optional own loss, metrics and class names."""
 
-    classes: int = Field(ge=2)
-    weight: float = Field(1.0, ge=0.0, description="this head's weight in the total loss")
-    loss: dict[str, Any] | list[dict[str, Any]] | None = Field(None, description="default: the config's loss")
-    metrics: list[str | dict[str, Any]] | None = Field(None, description="default: the config's metrics")
-    names: list[str] | None = Field(None, description="class names for reports")
+    classes: int
+    weight: float = 1.0
+    loss: dict[str, Any] | list[dict[str, Any]] | None = None  # default: the config's loss
+    metrics: list[str | dict[str, Any]] | None = None  # default: the config's metrics
+    names: list[str] | None = None  # class names for reports
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> HeadSpec:
+        """Plain checks (no pydantic here: the engine side stays importable without it)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: expected a class count or a mapping; found {raw!r}")
+        valid = [f.name for f in fields(cls)]
+        for key in raw:
+            if key not in valid:
+                raise ConfigError(f"{where}.{key}: unknown key{did_you_mean(key, valid)} (valid: {', '.join(valid)})")
+        if "classes" not in raw:
+            raise ConfigError(f"{where}.classes: required key is missing")
+        classes, weight = raw["classes"], raw.get("weight", 1.0)
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+            raise ConfigError(f"{where}.classes: expected an integer >= 2; found {classes!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ConfigError(f"{where}.weight: expected a number >= 0; found {weight!r}")
+        names = raw.get("names")
+        if names is not None and (not isinstance(names, list) or len(names) != classes):
+            raise ConfigError(f"{where}.names: expected a list of {classes} class names; found {names!r}")
+        return cls(classes, float(weight), raw.get("loss"), raw.get("metrics"), names)
 
 
 class MultiHeadLoss(nn.Module):
@@ -75,15 +97,7 @@ class MultiHeadTask(ClassificationTask):
                 raise ConfigError(f"task.args.heads.{name}: a head name cannot contain '/' or '.' nor be"
                                   f" the combined name '{combined}'")
             raw = {"classes": spec} if isinstance(spec, int) else spec
-            try:
-                self.heads[name] = HeadSpec.model_validate(raw)
-            except ValidationError as exc:
-                errs = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-                loc = ".".join(str(p) for p in errs[0]["loc"])
-                msg = errs[0]["msg"]
-                if errs[0]["type"] == "extra_forbidden":
-                    msg = f"unknown key{did_you_mean(loc, HeadSpec.model_fields)} (valid: {', '.join(HeadSpec.model_fields)})"
-                raise ConfigError(f"task.args.heads.{name}{'.' + loc if loc else ''}: {msg}") from exc
+            self.heads[name] = HeadSpec.parse(raw, f"task.args.heads.{name}")
         self.combined = (combined if isinstance(combined, str) else "combined") if combined else None
         self.combined_metrics = combined_metrics
         self.sizes = [h.classes for h in self.heads.values()]
