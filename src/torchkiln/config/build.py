@@ -94,10 +94,12 @@ def build_data(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test")) 
 
 def build_loaders(cfg: Config, data: Data) -> dict[str, Any]:
     from torchkiln.data.loaders import make_loader
+    from torchkiln.engine import distributed
 
     d = cfg.data
     common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers,
-                  prefetch_factor=d.prefetch_factor, seed=cfg.seed)
+                  prefetch_factor=d.prefetch_factor, seed=cfg.seed,
+                  rank=distributed.rank(), world_size=distributed.world_size())  # DDP: one shard per rank
     loaders = {"train": make_loader(data.train, d.batch_size, train=True, shuffle=d.shuffle,
                                     drop_last=d.drop_last, **common)}
     for split in ("val", "test"):

@@ -15,10 +15,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     `set_epoch(e)` picks the epoch's order and `skip(k)` drops its first k batches, which is how a
     mid-epoch resume sees exactly the remaining batches of the same order.
+
+    Under DDP rank r takes positions r, r + W, r + 2W, ... of the epoch's order, so global batch k
+    (the union of every rank's batch k) holds the same samples as batch k of one process with a
+    W times larger batch. `pad` (training) repeats the order's first samples until it divides by
+    W so that every rank has the same number of batches (as DistributedSampler does); evaluation
+    shards without padding, so each sample is counted exactly once.
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pad: bool = True):
         self.n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -26,6 +32,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
         self.epoch = 0
         self.start = 0
 
@@ -42,7 +49,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
+        extra = self._padding()
+        if extra:
+            order = order + (order * (extra // max(1, self.n) + 1))[:extra]
         return order[self.rank :: self.world_size]
+
+    def _padding(self) -> int:
+        return (-self.n) % self.world_size if self.pad and self.world_size > 1 else 0
 
     def _all_batches(self) -> list[list[int]]:
         order = self._order()
@@ -55,7 +68,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         yield from self._all_batches()[self.start :]
 
     def __len__(self) -> int:
-        per_rank = (self.n - self.rank + self.world_size - 1) // self.world_size
+        total = self.n + self._padding()
+        per_rank = (total - self.rank + self.world_size - 1) // self.world_size
         full, rest = divmod(per_rank, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -80,9 +94,13 @@ def make_loader(
     persistent_workers: bool = False,
     prefetch_factor: int | None = None,
     collate_fn=None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
+    """`rank`/`world_size` shard the data for DDP: training padded to equal shards, evaluation not."""
     sampler = ResumableBatchSampler(
-        len(dataset), batch_size, shuffle=shuffle and train, seed=seed, drop_last=drop_last and train
+        len(dataset), batch_size, shuffle=shuffle and train, seed=seed, drop_last=drop_last and train,
+        rank=rank, world_size=world_size, pad=train,
     )
     extra = {}
     if num_workers > 0:

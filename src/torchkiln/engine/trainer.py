@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchkiln import __version__
+from torchkiln.engine import distributed
 from torchkiln.engine.checkpoint import (
     FORMAT,
     clean_stale_temps,
@@ -119,6 +120,8 @@ class Trainer:
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
         channels_last: bool = False,
+        strategy: str = "auto",
+        sync_batchnorm: bool = False,
         config: dict[str, Any] | None = None,
     ):
         self.model = model
@@ -146,6 +149,8 @@ class Trainer:
         self.on_nonfinite = on_nonfinite
         self.compile = compile
         self.compile_options = dict(compile_options or {})
+        self.strategy = strategy
+        self.sync_batchnorm = sync_batchnorm
         self.config = config
         self.stepper = OptimizerStep(
             optimizer,
@@ -199,6 +204,9 @@ class Trainer:
         _move_optimizer_state(self.optimizer, self.device)
         if self.compile:
             self.model = torch.compile(self.raw_model, **self.compile_options)
+        self.model = distributed.wrap_model(self.model, self.device, self.strategy, self.sync_batchnorm)
+        if not distributed.is_rank0():  # rank duties: only rank 0 logs and shows progress
+            self.loggers, self.progress = [], Progress(enabled=False)
         self._ready = True
 
     # ---------------------------------------------------------------------------------------
@@ -213,7 +221,7 @@ class Trainer:
         self.schedule.monitor = self.monitor
         self.mode = self.mode or self.task.monitor_mode(self.monitor)
         self._check_monitor(val_loader is not None)
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.is_rank0():
             clean_stale_temps(self.ckpt_dir)
 
         resumed = resume is not None
@@ -236,7 +244,9 @@ class Trainer:
                 record = self._train_epoch(epoch, train_loader, steps_per_epoch)
                 if val_loader is not None:
                     record.update(self._evaluate(val_loader, self.val_metrics, "val"))
+                record = distributed.broadcast_object(record)  # every rank decides on rank 0's numbers
                 self._end_epoch(epoch, record)
+                self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
                 if self._stop_signal is not None:
                     raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
                 if self.loop.stopped_early:
@@ -301,6 +311,7 @@ class Trainer:
         self._flush_steps()
         if count == 0:
             raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
+        loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {"train/loss": float(loss_sum / count)}
         if self.train_metrics is not None:
             record.update(_scalars(self.train_metrics.compute()))
@@ -311,6 +322,7 @@ class Trainer:
     def _maybe_checkpoint_mid_epoch(self, loss_sum: torch.Tensor, count: int) -> None:
         every = self.checkpoint_every_steps
         due = every is not None and self.loop.global_step % every == 0
+        self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
         if not due and self._stop_signal is None:
             return
         accum = {
@@ -401,16 +413,18 @@ class Trainer:
         if metrics is not None:
             metrics.reset()
         loss_sum, count = torch.zeros((), device=self.device), 0
+        model = distributed.unwrap_ddp(self.model)  # ranks hold uneven shards: no collective here
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
-                outputs, targets = self.task.forward(self.model, batch)
+                outputs, targets = self.task.forward(model, batch)
                 if targets is not None:
                     n = self.task.batch_size(batch)
                     loss_sum += self.task.loss(self.loss_fn, outputs, targets).float() * n
                     count += n
             if metrics is not None and targets is not None:
                 self.task.update_metrics(metrics, outputs, targets)
+        loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {f"{prefix}/loss": float(loss_sum / count)} if count else {}
         if metrics is not None and count:
             computed = _scalars(metrics.compute())
@@ -434,10 +448,11 @@ class Trainer:
         self._setup()
         self.model.eval()
         outs = []
+        model = distributed.unwrap_ddp(self.model)
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
-                outputs, _ = self.task.forward(self.model, batch)
+                outputs, _ = self.task.forward(model, batch)
             outs.append(outputs.float().cpu())
         return torch.cat(outs) if outs else torch.empty(0)
 
@@ -489,7 +504,11 @@ class Trainer:
         return str(self.ckpt_dir / name) if self.run_dir is not None else None
 
     def state_dict(self, epoch_accum: dict | None = None) -> dict[str, Any]:
-        """Everything a resume needs, as plain data (loadable with weights_only=True)."""
+        """Everything a resume needs, as plain data (loadable with weights_only=True).
+
+        Under DDP this is a collective (each rank's RNG and partial epoch sums go to `ranks`):
+        call it on every rank.
+        """
         return {
             "format": FORMAT,
             "version": 1,
@@ -502,6 +521,7 @@ class Trainer:
             "loop": self.loop.to_dict(),
             "epoch_accum": epoch_accum,
             "rng": rng_state(),
+            "ranks": distributed.gather_rank_states({"rng": rng_state(), "epoch_accum": epoch_accum}),
             "fingerprint": self.initial_fingerprint,
             "config": self.config,
         }
@@ -518,9 +538,10 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.stepper.load_state_dict(state["step"])
         self.loop = LoopState.from_dict(state["loop"])
-        self._epoch_accum = state.get("epoch_accum")
+        own = distributed.own_rank_state(state, mid_epoch=self.loop.batch_in_epoch > 0) or state
+        self._epoch_accum = own.get("epoch_accum")
         self.initial_fingerprint = state.get("fingerprint")
-        set_rng_state(state["rng"])
+        set_rng_state(own["rng"])
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
         weights = strip_prefixes(weights)
@@ -541,7 +562,13 @@ class Trainer:
         self.raw_model.load_state_dict(weights, strict=strict)
 
     def _save(self, state: dict[str, Any], name: str, numbered: bool = False) -> None:
-        save_checkpoint(state, self.ckpt_dir / name)
+        if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
+            distributed.barrier()
+            return
+        try:
+            save_checkpoint(state, self.ckpt_dir / name)
+        finally:
+            distributed.barrier()
         if numbered and self.keep_last:
             numbered_files = sorted(
                 (p for p in self.ckpt_dir.glob("*.ckpt") if re.match(r"(epoch|step)-\d+\.ckpt$", p.name)),
