@@ -72,6 +72,12 @@ def _launch(args: argparse.Namespace, cfg, resume, run) -> int:
     if cfg.trainer.strategy == "dp":
         raise ConfigError("trainer.strategy: dp is one process over several GPUs; with --devices use ddp or auto")
     check_components(cfg)
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
+    if 0 < gpus < args.devices:
+        raise ConfigError(f"--devices {args.devices}: only {gpus} GPU(s) visible; use --devices {gpus}"
+                          f" (one process per GPU) or trainer.device=cpu")
     run_dir = run.run_dir_of(resume) if resume is not None else run.new_run_dir(cfg)
     worker = (["--debug"] if args.debug else []) + ["train"]
     worker += ["-c", args.config] if args.config else []
@@ -92,7 +98,7 @@ def _restart_target(args: argparse.Namespace, run) -> str | None:
         ckpt = run.find_checkpoint(target, load_config(args.config, args.overrides))
     except CheckpointError:
         return args.resume
-    log.warning("restart %d: resuming from %s", distributed.restart_count(), ckpt)
+    log.info("restart %d: resuming from %s", distributed.restart_count(), ckpt)
     return str(ckpt)
 
 
@@ -138,6 +144,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from torchkiln import run
         from torchkiln.engine import distributed
 
+        distributed.quiet_other_ranks()  # a worker of rank > 0 logs warnings and errors only
         resume = None
         if not args.resume and distributed.restart_count() > 0:  # a restarted worker group
             args.resume = _restart_target(args, run)

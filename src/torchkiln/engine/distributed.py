@@ -76,7 +76,7 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     backend = "nccl" if on_cuda else "gloo"
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    _quiet_other_ranks()
+    quiet_other_ranks()
     log.info("process group: %s, %d processes (this is rank %d)", backend, world_size(), rank())
     return True
 
@@ -101,17 +101,18 @@ def destroy() -> None:
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "_kiln_ranked", False):
-            record.msg = f"[rank {rank()}] {record.msg}"
+            record.msg = f"[rank {os.environ.get('RANK', rank())}] {record.msg}"
             record._kiln_ranked = True  # type: ignore[attr-defined]
         return True
 
 
-def _quiet_other_ranks() -> None:
+def quiet_other_ranks() -> None:
     """Ranks other than 0 log warnings and errors only, prefixed with their rank."""
-    if rank() == 0:
+    if int(os.environ.get("RANK", rank())) == 0:
         return
     log.setLevel(logging.WARNING)
-    log.addFilter(_RankFilter())
+    if not any(isinstance(f, _RankFilter) for f in log.filters):
+        log.addFilter(_RankFilter())
 
 
 _COMM_FAILURE = re.compile(r"gloo|nccl|connection|timed out|timeout|peer|socket|broken pipe", re.IGNORECASE)
@@ -283,6 +284,8 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
 
     if run_dir is not None:
         os.environ[RUN_DIR_ENV] = run_dir
+    # As torchrun does: N processes each running all cores' threads would oversubscribe the CPU.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
