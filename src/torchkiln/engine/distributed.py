@@ -75,7 +75,17 @@ def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
     if on_cuda:
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     backend = "nccl" if on_cuda else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        # The elastic agent's store outlives a restart; without a per-attempt prefix a restarted
+        # rank can read the dead attempt's Gloo/NCCL addresses and fail to connect.
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timeout)
+        store = dist.PrefixStore(f"torchkiln/attempt_{restart_count()}", agent)
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=env_world_size(), timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     quiet_other_ranks()
     log.info("process group: %s, %d processes (this is rank %d)", backend, world_size(), rank())
     return True
