@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     t.add_argument("--folds", action="store_true",
                    help="k-fold cross-validation: train every fold of data.folds, report mean and spread")
+    t.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="start N processes on this machine (DDP, one per GPU; Gloo on CPU)")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --devices: restart the workers up to K times, resuming from the last checkpoint")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
     e = sub.add_parser("test", help="evaluate a run's best checkpoint on its test split")
@@ -79,6 +84,45 @@ def _console(quiet: bool) -> None:
     log.setLevel(logging.INFO)
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def _launch(args: argparse.Namespace, cfg, resume, run) -> int:
+    """`kiln train --devices N`: validate here once, make the run directory, start N workers."""
+    from torchkiln.config.build import check_components
+    from torchkiln.engine import distributed
+    from torchkiln.errors import ConfigError
+
+    if cfg.trainer.strategy == "dp":
+        raise ConfigError("trainer.strategy: dp is one process over several GPUs; with --devices use ddp or auto")
+    check_components(cfg)
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
+    if 0 < gpus < args.devices:
+        raise ConfigError(f"--devices {args.devices}: only {gpus} GPU(s) visible; use --devices {gpus}"
+                          f" (one process per GPU) or trainer.device=cpu")
+    run_dir = run.run_dir_of(resume) if resume is not None else run.new_run_dir(cfg)
+    worker = (["--debug"] if args.debug else []) + ["train"]
+    worker += ["-c", args.config] if args.config else []
+    worker += ["--resume", str(resume)] if resume is not None else []
+    worker += ["-q"] if args.quiet else []
+    log.info("starting %d processes; run directory %s", args.devices, run_dir)
+    return distributed.launch(worker + list(args.overrides), args.devices, args.max_restarts, str(run_dir))
+
+
+def _restart_target(args: argparse.Namespace, run) -> str | None:
+    """After an elastic restart, continue from the run's newest checkpoint (if it wrote one)."""
+    from torchkiln.config.load import load_config
+    from torchkiln.engine import distributed
+    from torchkiln.errors import CheckpointError
+
+    target = os.environ.get(distributed.RUN_DIR_ENV) or "auto"
+    try:
+        ckpt = run.find_checkpoint(target, load_config(args.config, args.overrides))
+    except CheckpointError:
+        return args.resume
+    log.info("restart %d: resuming from %s", distributed.restart_count(), ckpt)
+    return str(ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,8 +194,12 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 0
     if args.command == "train":
         from torchkiln import run
+        from torchkiln.engine import distributed
 
+        distributed.quiet_other_ranks()  # a worker of rank > 0 logs warnings and errors only
         resume = state = None
+        if not args.resume and distributed.restart_count() > 0:  # a restarted worker group
+            args.resume = _restart_target(args, run)
         if args.resume:
             base = load_config(args.config, args.overrides) if args.resume == "auto" else None
             found = run.resume_config(args.resume, base, args.overrides)
@@ -163,12 +211,16 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 log.info("resuming from %s", resume)
         if resume is None:
             cfg = load_checked(args.config, args.overrides)
+        if args.devices > 1 and "LOCAL_RANK" not in os.environ:
+            return _launch(args, cfg, resume, run)
         from torchkiln.engine.state import StopRequested
 
         try:
             run.train(cfg, resume=resume, progress=not args.quiet, state=state)
         except StopRequested as stop:
             return 128 + stop.signum
+        finally:
+            distributed.destroy()
         return 0
 
     if args.command == "test":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import signal
@@ -177,22 +178,30 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True,
     check_components(cfg)
     import torch
 
+    from torchkiln.engine import distributed
     from torchkiln.engine.step import check_precision
     from torchkiln.engine.trainer import resolve_device
 
-    check_precision(cfg.trainer.precision, resolve_device(cfg.trainer.device))
+    distributed.init_from_env(cfg.trainer.device, cfg.trainer.dist_timeout)
+    rank0 = distributed.is_rank0()
+    check_precision(cfg.trainer.precision, resolve_device(distributed.rank_device(cfg.trainer.device)))
+    fresh = False
     if resume is not None:
         resume = Path(resume)
         state = state if state is not None else _load_resumable(resume)
         run_dir = run_dir_of(resume)
-    else:
-        run_dir = new_run_dir(cfg)
+    elif os.environ.get(distributed.RUN_DIR_ENV):  # made by `kiln train --devices N`
+        run_dir = Path(os.environ[distributed.RUN_DIR_ENV])
+    else:  # rank duties: one run directory, made by rank 0, its path sent to the others
+        run_dir = distributed.broadcast_object(new_run_dir(cfg) if rank0 else None)
+        fresh = True
     built = False
     try:
-        with file_log(run_dir):
+        with file_log(run_dir) if rank0 else contextlib.nullcontext():
             log.info("run directory %s", run_dir)
             trainer, loaders = build_trainer(cfg, run_dir, progress=progress, pretrained=resume is None)
             built = True
+            _log_batch_size(cfg)
             if state is not None:
                 try:
                     trainer.load_state_dict(state)  # checked before config.yaml is rewritten
@@ -202,24 +211,28 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True,
                 if loop.get("stopped_early") or loop.get("epoch", 0) >= cfg.trainer.epochs:
                     log.info("%s: this run already finished (%d epochs); to train longer, resume with"
                              " trainer.epochs=N", resume, loop.get("epoch", 0))
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            if rank0:
+                (run_dir / "config.yaml").write_text(dump_yaml(cfg))
             torch.set_float32_matmul_precision("high")
             from torchkiln.engine.state import StopRequested
 
             try:
-                with stop_on_signals(trainer):
+                with stop_on_signals(trainer), distributed.collective_errors():
                     summary = trainer.fit(loaders["train"], loaders.get("val"), resume=state)
             except StopRequested as stop:
-                _finish(cfg, run_dir, trainer.summary())
+                if rank0:
+                    _finish(cfg, run_dir, trainer.summary())
                 log.warning("stopped by %s; checkpoint written: %s. Resume with: kiln train --resume %s",
                             signal.Signals(stop.signum).name, stop.checkpoint, run_dir)
                 raise
-            _finish(cfg, run_dir, summary)
+            if rank0:
+                _finish(cfg, run_dir, summary)
+            distributed.barrier()
             best = summary["best"]
             log.info("done: best %s %.4f at epoch %s; run directory %s", summary["monitor"],
                      best if best is not None else float("nan"), summary["best_epoch"], run_dir)
     except BaseException:
-        if resume is None and not built:  # a data or build error: leave no empty run behind
+        if fresh and not built and rank0:  # a data or build error: leave no empty run behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir, summary
@@ -256,8 +269,10 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
     optimizer = build_optimizer(cfg, model)
     scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]))
     metrics = task.build_metrics([m if isinstance(m, str) else m.model_dump() for m in cfg.metrics], num_classes)
+    from torchkiln.engine import distributed
+
     loggers: list = []
-    if run_dir is not None:
+    if run_dir is not None and distributed.is_rank0():  # rank duties: only rank 0 writes logs
         if cfg.logging.csv:
             loggers += [CSVLogger(run_dir), JSONLLogger(run_dir)]
         if cfg.logging.tensorboard:
@@ -268,14 +283,14 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
     t = cfg.trainer
     trainer = Trainer(
         model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,
-        device=t.device, precision=t.precision, grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode,
+        device=distributed.rank_device(t.device), precision=t.precision, grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode,
         accumulate=t.accumulate, monitor=t.monitor, mode=t.mode, early_stop=t.early_stop,
         min_delta=t.min_delta, run_dir=run_dir, save_period=t.save_period,
         checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last, loggers=loggers,
-        progress=progress and cfg.logging.progress, log_every_n_steps=cfg.logging.every_n_steps,
+        progress=progress and cfg.logging.progress and distributed.is_rank0(), log_every_n_steps=cfg.logging.every_n_steps,
         on_nonfinite=t.on_nonfinite, compile=t.compile, compile_options=t.compile_options,
-        cache_size_limit=t.cache_size_limit,
-        channels_last=t.channels_last, config=resolved, freezer=freezer, **sched_kwargs,
+        cache_size_limit=t.cache_size_limit, channels_last=t.channels_last, strategy=t.strategy,
+        sync_batchnorm=t.sync_batchnorm, config=resolved, freezer=freezer, **sched_kwargs,
     )
     return trainer, loaders
 
@@ -287,6 +302,14 @@ def _parameters(model) -> set[str]:
         return set(inspect.signature(type(model).__init__).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+def _log_batch_size(cfg: Config) -> None:
+    from torchkiln.engine import distributed
+
+    b, world, k = cfg.data.batch_size, distributed.world_size(), cfg.trainer.accumulate
+    log.info("global batch size %d = %d per process x %d process(es) x %d accumulation step(s)",
+             b * world * k, b, world, k)
 
 
 def _finish(cfg: Config, run_dir: Path, summary: dict[str, Any]) -> None:

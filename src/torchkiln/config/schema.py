@@ -153,6 +153,12 @@ class TrainerConfig(_Strict):
     )
     channels_last: bool = False
     deterministic: bool = False
+    strategy: Literal["auto", "ddp", "dp"] = Field(
+        "auto", description="ddp: one process per device (kiln train --devices N or torchrun); dp:"
+        " nn.DataParallel in one process; auto: ddp when started as several processes")
+    sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
+    dist_timeout: float = Field(1800.0, gt=0.0, description="seconds a rank waits for the others before"
+                                " the run stops with an error (a dead or hung process)")
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -16,10 +16,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     `set_epoch(e)` picks the epoch's order and `skip(k)` drops its first k batches, which is how a
     mid-epoch resume sees exactly the remaining batches of the same order.
+
+    Under DDP rank r takes positions r, r + W, r + 2W, ... of the epoch's order, so global batch k
+    (the union of every rank's batch k) holds the same samples as batch k of one process with a
+    W times larger batch. `pad` (training) repeats the order's first samples until it divides by
+    W so that every rank has the same number of batches (as DistributedSampler does); evaluation
+    shards without padding, so each sample is counted exactly once.
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pad: bool = True):
         self.n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -27,6 +33,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
         self.epoch = 0
         self.start = 0
 
@@ -37,13 +44,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def skip(self, batches: int) -> None:
         self.start = batches
 
-    def _order(self) -> list[int]:
+    def _epoch_order(self) -> list[int]:
+        """The whole epoch's order, before padding and sharding."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def _order(self) -> list[int]:
+        order = self._epoch_order()
+        extra = self._padding()
+        if extra:
+            order = order + (order * (extra // max(1, self.n) + 1))[:extra]
         return order[self.rank :: self.world_size]
+
+    def _padding(self) -> int:
+        return (-self.n) % self.world_size if self.pad and self.world_size > 1 else 0
 
     def _all_batches(self) -> list[list[int]]:
         order = self._order()
@@ -56,7 +72,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         yield from self._all_batches()[self.start :]
 
     def __len__(self) -> int:
-        per_rank = (self.n - self.rank + self.world_size - 1) // self.world_size
+        total = self.n + self._padding()
+        per_rank = (total - self.rank + self.world_size - 1) // self.world_size
         full, rest = divmod(per_rank, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -89,13 +106,17 @@ def make_loader(
     balanced_labels=None,
     fast: bool = False,
     device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader | FastLoader:
     """A loader whose order is a function of (seed, epoch); `fast` slices in-memory tensors instead.
 
     `balanced_labels` (the training samples' class labels) turns on class-balanced sampling.
+    `rank`/`world_size` shard the data for DDP: training padded to equal shards, evaluation not.
     """
     sampler = make_batch_sampler(len(dataset), batch_size, train=train, seed=seed, shuffle=shuffle,
-                                 drop_last=drop_last, balanced_labels=balanced_labels)
+                                 drop_last=drop_last, balanced_labels=balanced_labels, rank=rank,
+                                 world_size=world_size)
     if fast:
         return FastLoader(dataset, sampler, device)
     extra = {}
@@ -132,10 +153,9 @@ class BalancedBatchSampler(ResumableBatchSampler):
         super().__init__(n, batch_size, shuffle=True, seed=seed, drop_last=drop_last, rank=rank,
                          world_size=world_size)
 
-    def _order(self) -> list[int]:
+    def _epoch_order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
-        return order[self.rank :: self.world_size]
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
 
 
 def fast_source(dataset: Dataset) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
@@ -191,8 +211,11 @@ class FastLoader:
 
 
 def make_batch_sampler(n: int, batch_size: int, *, train: bool, seed: int, shuffle: bool = True,
-                       drop_last: bool = False, balanced_labels=None) -> ResumableBatchSampler:
+                       drop_last: bool = False, balanced_labels=None, rank: int = 0,
+                       world_size: int = 1) -> ResumableBatchSampler:
     if balanced_labels is not None and train:
-        return BalancedBatchSampler(balanced_labels, batch_size, seed=seed, drop_last=drop_last)
+        return BalancedBatchSampler(balanced_labels, batch_size, seed=seed, drop_last=drop_last,
+                                    rank=rank, world_size=world_size)
     return ResumableBatchSampler(n, batch_size, shuffle=shuffle and train, seed=seed,
-                                 drop_last=drop_last and train)
+                                 drop_last=drop_last and train, rank=rank, world_size=world_size,
+                                 pad=train)

@@ -112,8 +112,11 @@ def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
     d = cfg.data
     device = resolve_device(cfg.trainer.device)
     collate = build_collate(d.collate)
+    from torchkiln.engine import distributed
+
     common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers,
-                  prefetch_factor=d.prefetch_factor, seed=cfg.seed, collate_fn=collate, device=device)
+                  prefetch_factor=d.prefetch_factor, seed=cfg.seed, collate_fn=collate, device=device,
+                  rank=distributed.rank(), world_size=distributed.world_size())  # DDP: one shard per rank
     balanced = None
     if d.sampler == "balanced":
         balanced = dataset_labels(data.train)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchkiln import __version__
+from torchkiln.engine import distributed
 from torchkiln.engine.checkpoint import (
     FORMAT,
     clean_stale_temps,
@@ -139,6 +140,8 @@ class Trainer:
         cache_size_limit: int | None = None,
         scaler_options: dict[str, Any] | None = None,
         channels_last: bool = False,
+        strategy: str = "auto",
+        sync_batchnorm: bool = False,
         config: dict[str, Any] | None = None,
         freezer: Any | None = None,
     ):
@@ -170,6 +173,8 @@ class Trainer:
         self.cache_size_limit = cache_size_limit
         self.compile_report: dict[str, Any] | None = None
         self._dynamo_before: dict[str, Any] | None = None
+        self.strategy = strategy
+        self.sync_batchnorm = sync_batchnorm
         self.config = config
         self.freezer = freezer  # models.freeze.Freezer: set_epoch(epoch) freezes/unfreezes for that epoch
         self.stepper = OptimizerStep(
@@ -228,6 +233,9 @@ class Trainer:
 
             self._dynamo_before = dynamo_stats()
             self.model = compile_model(self.raw_model, self.compile_options, self.cache_size_limit)
+        self.model = distributed.wrap_model(self.model, self.device, self.strategy, self.sync_batchnorm)
+        if not distributed.is_rank0():  # rank duties: only rank 0 logs and shows progress
+            self.loggers, self.progress = [], Progress(enabled=False)
         self._ready = True
 
     # ---------------------------------------------------------------------------------------
@@ -245,7 +253,7 @@ class Trainer:
         self.schedule.monitor = self.monitor
         self.mode = self.mode or self.task.monitor_mode(self.monitor)
         self._check_monitor(val_loader is not None)
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.is_rank0():
             clean_stale_temps(self.ckpt_dir)
 
         resumed = resume is not None
@@ -272,7 +280,9 @@ class Trainer:
                 record = self._train_epoch(epoch, train_loader, steps_per_epoch)
                 if val_loader is not None:
                     record.update(self._evaluate(val_loader, self.val_metrics, "val"))
+                record = distributed.broadcast_object(record)  # every rank decides on rank 0's numbers
                 self._end_epoch(epoch, record)
+                self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
                 if self._stop_signal is not None:
                     raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
                 if self.loop.stopped_early:
@@ -361,6 +371,7 @@ class Trainer:
         self._flush_steps()
         if count == 0:
             raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
+        loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {"train/loss": float(loss_sum / count)}
         if self.train_metrics is not None:
             record.update(_scalars(self.train_metrics.compute()))
@@ -371,6 +382,7 @@ class Trainer:
     def _maybe_checkpoint_mid_epoch(self, loss_sum: torch.Tensor, count: int) -> None:
         every = self.checkpoint_every_steps
         due = every is not None and self.loop.global_step % every == 0
+        self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
         if not due and self._stop_signal is None:
             return
         accum = {
@@ -463,16 +475,18 @@ class Trainer:
         if metrics is not None:
             metrics.reset()
         loss_sum, count = torch.zeros((), device=self.device), 0
+        model = distributed.unwrap_ddp(self.model)  # ranks hold uneven shards: no collective here
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
-                outputs, targets = self.task.forward(self.model, batch)
+                outputs, targets = self.task.forward(model, batch)
                 if targets is not None:
                     n = self.task.batch_size(batch)
                     loss_sum += self.task.loss(self.loss_fn, outputs, targets).float() * n
                     count += n
             if metrics is not None and targets is not None:
                 self.task.update_metrics(metrics, outputs, targets)
+        loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {f"{prefix}/loss": float(loss_sum / count)} if count else {}
         if metrics is not None and count:
             computed = _scalars(metrics.compute())
@@ -496,10 +510,11 @@ class Trainer:
         self._setup()
         self.model.eval()
         outs = []
+        model = distributed.unwrap_ddp(self.model)
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
-                outputs, _ = self.task.forward(self.model, batch)
+                outputs, _ = self.task.forward(model, batch)
             outs.append(outputs.float().cpu())
         return torch.cat(outs) if outs else torch.empty(0)
 
@@ -563,7 +578,11 @@ class Trainer:
         return str(self.ckpt_dir / name) if self.run_dir is not None else None
 
     def state_dict(self, epoch_accum: dict | None = None) -> dict[str, Any]:
-        """Everything a resume needs, as plain data (loadable with weights_only=True)."""
+        """Everything a resume needs, as plain data (loadable with weights_only=True).
+
+        Under DDP this is a collective (each rank's RNG and partial epoch sums go to `ranks`):
+        call it on every rank.
+        """
         return {
             "format": FORMAT,
             "version": 1,
@@ -576,6 +595,7 @@ class Trainer:
             "loop": self.loop.to_dict(),
             "epoch_accum": epoch_accum,
             "rng": rng_state(),
+            "ranks": distributed.gather_rank_states({"rng": rng_state(), "epoch_accum": epoch_accum}),
             "fingerprint": self.initial_fingerprint,
             "config": self.config,
         }
@@ -592,9 +612,10 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.stepper.load_state_dict(state["step"])
         self.loop = LoopState.from_dict(state["loop"])
-        self._epoch_accum = state.get("epoch_accum")
+        own = distributed.own_rank_state(state, mid_epoch=self.loop.batch_in_epoch > 0) or state
+        self._epoch_accum = own.get("epoch_accum")
         self.initial_fingerprint = state.get("fingerprint")
-        set_rng_state(state["rng"])
+        set_rng_state(own["rng"])
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
         weights = strip_prefixes(weights)
@@ -615,7 +636,13 @@ class Trainer:
         self.raw_model.load_state_dict(weights, strict=strict)
 
     def _save(self, state: dict[str, Any], name: str, numbered: bool = False) -> None:
-        save_checkpoint(state, self.ckpt_dir / name)
+        if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
+            distributed.barrier()
+            return
+        try:
+            save_checkpoint(state, self.ckpt_dir / name)
+        finally:
+            distributed.barrier()
         if numbered and self.keep_last:
             numbered_files = sorted(
                 (p for p in self.ckpt_dir.glob("*.ckpt") if re.match(r"(epoch|step)-\d+\.ckpt$", p.name)),
