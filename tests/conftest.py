@@ -51,6 +51,18 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool 
     return proc
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` skip cleanly where there is no CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def cli(capsys, monkeypatch, tmp_path):
     """Run `kiln ARGS` in this process (cwd = tmp_path); returns (exit code, stdout, stderr)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from torchkiln import __version__
-from torchkiln.errors import KilnError
+from torchkiln.errors import ConfigError, KilnError
 
 log = logging.getLogger("torchkiln")
 
@@ -28,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
     t.add_argument("--resume", metavar="auto|RUN_DIR|CKPT", help="continue a run from its checkpoint")
     t.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    t.add_argument("--folds", action="store_true",
+                   help="k-fold cross-validation: train every fold of data.folds, report mean and spread")
+    t.add_argument("--devices", type=int, default=1, metavar="N",
+                   help="start N processes on this machine (DDP, one per GPU; Gloo on CPU)")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+                   help="with --devices: restart the workers up to K times, resuming from the last checkpoint")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
     e = sub.add_parser("test", help="evaluate a run's best checkpoint on its test split")
@@ -41,12 +48,33 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (or runs/<name> folders)")
     r.add_argument("-o", "--out", default="kiln-report", help="folder for curves.png and index.html")
 
+    m = sub.add_parser("summary", help="the model's layers, output shapes, parameters, MACs and memory")
+    m.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
+    m.add_argument("--batch-size", type=int, help="batch size to size for (default: data.batch_size)")
+    m.add_argument("--depth", type=int, default=3, help="nesting depth of the layer table (default: 3)")
+    m.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    x = sub.add_parser("export", help="write a run's best weights as safetensors, with the model config")
+    x.add_argument("run_dir", help="a run directory (runs/<name>/<timestamp>)")
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt"])
+    x.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    x.add_argument("-o", "--out", help="output folder (default: RUN_DIR/export)")
+
     c = sub.add_parser("config", help="show the resolved config, or its JSON Schema")
     csub = c.add_subparsers(dest="config_command", metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved config as YAML (and nothing else)")
     show.add_argument("-c", "--config")
     show.add_argument("overrides", nargs="*", metavar="key.path=value")
     csub.add_parser("schema", help="print the config's JSON Schema")
+
+    d = sub.add_parser("data", help="inspect the configured data")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    st = dsub.add_parser("stats", help="class counts, imbalance, image sizes, mean/std; saves a class histogram")
+    st.add_argument("-c", "--config")
+    st.add_argument("-o", "--out", help="folder for stats.json and class_histogram.png"
+                    " (default: <output_dir>/<name>/data_stats)")
+    st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
+    st.add_argument("overrides", nargs="*", metavar="key.path=value")
     return p
 
 
@@ -60,6 +88,45 @@ def _console(quiet: bool) -> None:
     log.setLevel(logging.INFO)
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+
+
+def _launch(args: argparse.Namespace, cfg, resume, run) -> int:
+    """`kiln train --devices N`: validate here once, make the run directory, start N workers."""
+    from torchkiln.config.build import check_components
+    from torchkiln.engine import distributed
+    from torchkiln.errors import ConfigError
+
+    if cfg.trainer.strategy == "dp":
+        raise ConfigError("trainer.strategy: dp is one process over several GPUs; with --devices use ddp or auto")
+    check_components(cfg)
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
+    if 0 < gpus < args.devices:
+        raise ConfigError(f"--devices {args.devices}: only {gpus} GPU(s) visible; use --devices {gpus}"
+                          f" (one process per GPU) or trainer.device=cpu")
+    run_dir = run.run_dir_of(resume) if resume is not None else run.new_run_dir(cfg)
+    worker = (["--debug"] if args.debug else []) + ["train"]
+    worker += ["-c", args.config] if args.config else []
+    worker += ["--resume", str(resume)] if resume is not None else []
+    worker += ["-q"] if args.quiet else []
+    log.info("starting %d processes; run directory %s", args.devices, run_dir)
+    return distributed.launch(worker + list(args.overrides), args.devices, args.max_restarts, str(run_dir))
+
+
+def _restart_target(args: argparse.Namespace, run) -> str | None:
+    """After an elastic restart, continue from the run's newest checkpoint (if it wrote one)."""
+    from torchkiln.config.load import load_config
+    from torchkiln.engine import distributed
+    from torchkiln.errors import CheckpointError
+
+    target = os.environ.get(distributed.RUN_DIR_ENV) or "auto"
+    try:
+        ckpt = run.find_checkpoint(target, load_config(args.config, args.overrides))
+    except CheckpointError:
+        return args.resume
+    log.info("restart %d: resuming from %s", distributed.restart_count(), ckpt)
+    return str(ckpt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,23 +174,65 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"\nwrote {result['png']} and {result['html']}")
         return 0
 
-    _console(args.quiet)
+    if args.command == "data":
+        if args.data_command != "stats":
+            parser.parse_args(["data", "--help"])
+            return 2
+        from torchkiln.data.stats import data_stats, format_stats
+
+        _console(False)
+        stats, out_dir = data_stats(load_config(args.config, args.overrides), args.out, args.max_images)
+        print(format_stats(stats))
+        if (out_dir / "class_histogram.png").is_file():
+            print(f"class histogram    {out_dir / 'class_histogram.png'}")
+        return 0
+
+    if args.command == "summary":
+        from torchkiln.summary import model_summary
+
+        _console(quiet=True)
+        print(model_summary(load_config(args.config, args.overrides), args.batch_size, args.depth))
+        return 0
+
+    _console(getattr(args, "quiet", False))
+    if args.command == "train" and args.folds:
+        if args.resume:
+            raise ConfigError("--folds and --resume exclude each other; resume a single fold's run instead")
+        from torchkiln.kfold import format_folds, train_folds
+
+        root, result = train_folds(load_config(args.config, args.overrides), progress=not args.quiet)
+        print(format_folds(result))
+        print(f"folds summary      {root / 'folds.json'}")
+        return 0
     if args.command == "train":
         from torchkiln import run
+        from torchkiln.engine import distributed
 
-        resume = None
+        distributed.quiet_other_ranks()  # a worker of rank > 0 logs warnings and errors only
+        resume = state = None
+        if not args.resume and distributed.restart_count() > 0:  # a restarted worker group
+            args.resume = _restart_target(args, run)
         if args.resume:
-            base = load_config(args.config) if args.resume == "auto" else None
-            cfg, resume = run.resume_config(args.resume, base, args.overrides)
-            log.info("resuming from %s", resume)
-        else:
+            base = load_config(args.config, args.overrides) if args.resume == "auto" else None
+            found = run.resume_config(args.resume, base, args.overrides)
+            if found is None:
+                log.info("--resume auto: no checkpoint of '%s' under %s yet; starting a new run",
+                         base.name, base.output_dir)
+            else:
+                cfg, resume, state = found
+                log.info("resuming from %s", resume)
+        if resume is None:
             cfg = load_checked(args.config, args.overrides)
+        if args.devices > 1 and "LOCAL_RANK" not in os.environ:
+            return _launch(args, cfg, resume, run)
         from torchkiln.engine.state import StopRequested
 
         try:
-            run.train(cfg, resume=resume, progress=not args.quiet)
+            run.train(cfg, resume=resume, progress=not args.quiet, state=state)
         except StopRequested as stop:
             return 128 + stop.signum
+        finally:
+            distributed.destroy()
         return 0
 
     if args.command == "test":
@@ -134,6 +243,16 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         width = max(len(k) for k in results) if results else 0
         for k, v in results.items():
             print(f"{k:<{width}}  {v:.6f}")
+        report = Path(args.run_dir) / f"{args.split}_report.txt"
+        if report.is_file():
+            print()
+            print(report.read_text(), end="")
+        return 0
+    if args.command == "export":
+        from torchkiln.export import export
+
+        for path in export(Path(args.run_dir), args.format, args.checkpoint, args.out):
+            print(path)
         return 0
     return 2
 

@@ -1,7 +1,16 @@
-"""Metrics by name, built on torchmetrics: exact over an epoch's samples, ready for DDP sync."""
+"""Metrics by name, built on torchmetrics: exact over an epoch's samples, ready for DDP sync.
+
+One name means the same quantity for every task kind that has it: `f1_macro` is a
+MulticlassF1Score for classification and a MultilabelF1Score for multi-label. `name@k` sets
+`top_k` (`ndcg@10`, `hit_rate@5`, `accuracy@5`). Per-class metrics (`*_per_class`) and
+`confusion_matrix` are not scalars: the Trainer logs per-class vectors as `name/<i>` and leaves
+matrices to the reports.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any
 
 from torchmetrics import Metric, MetricCollection
@@ -9,68 +18,137 @@ from torchmetrics import Metric, MetricCollection
 from torchkiln.errors import ConfigError
 from torchkiln.registry import METRICS, check_args
 
+KINDS = ("multiclass", "multilabel", "regression", "ranking")
+_TABLE: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
 
-def _needs_classes(name: str, num_classes: int | None) -> int:
-    if num_classes is None:
-        raise ConfigError(f"metrics: '{name}' needs the number of classes; set model.args.num_classes")
-    return num_classes
+C, R, T = "torchmetrics.classification", "torchmetrics.regression", "torchmetrics.retrieval"
 
 
-def _classification(name: str, cls_name: str, **fixed: Any):
-    def factory(num_classes: int | None = None, **args: Any) -> Metric:
-        import torchmetrics.classification as C
+def _cls(path: str) -> type[Metric]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-        return getattr(C, cls_name)(num_classes=_needs_classes(name, num_classes), **{**fixed, **args})
+
+def _register(name: str, **kinds: tuple[str, dict[str, Any]]) -> None:
+    """`kinds` maps a task kind to ('module:Class', fixed keyword arguments)."""
+    _TABLE[name] = kinds
+
+    def factory(num_classes: int | None = None, kind: str = "multiclass", threshold: float = 0.5,
+                top_k: int | None = None, **args: Any) -> Metric:
+        if kind not in kinds:
+            raise ConfigError(f"metrics: '{name}' does not apply to a {kind} task; it is for"
+                              f" {', '.join(kinds)} (metrics for {kind}: {', '.join(names_for(kind))})")
+        path, fixed = kinds[kind]
+        cls = _cls(path)
+        params = inspect.signature(cls.__init__).parameters
+        kw = {**fixed, **args}
+        for key in ("num_classes", "num_labels"):
+            if key in params:
+                if num_classes is None:
+                    raise ConfigError(f"metrics: '{name}' needs the number of classes; set model.args.num_classes")
+                kw[key] = num_classes
+        if kind == "multilabel" and "threshold" in params:
+            kw.setdefault("threshold", threshold)
+        if top_k is not None:
+            if "top_k" not in params:
+                raise ConfigError(f"metrics: '{name}' has no top_k (no '@k' form)")
+            kw["top_k"] = top_k
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"metrics: could not build '{name}' for a {kind} task: {exc}") from exc
 
     factory.__name__ = name
     METRICS.register(factory, name=name)
 
 
-_classification("accuracy", "MulticlassAccuracy", average="micro")
-_classification("balanced_accuracy", "MulticlassAccuracy", average="macro")
-_classification("top5_accuracy", "MulticlassAccuracy", average="micro", top_k=5)
-for _avg in ("macro", "micro", "weighted"):
-    _classification(f"f1_{_avg}", "MulticlassF1Score", average=_avg)
-    _classification(f"precision_{_avg}", "MulticlassPrecision", average=_avg)
-    _classification(f"recall_{_avg}", "MulticlassRecall", average=_avg)
-_classification("auroc", "MulticlassAUROC", average="macro")
+def names_for(kind: str) -> list[str]:
+    return sorted(n for n, kinds in _TABLE.items() if kind in kinds)
 
 
-def _regression(name: str, cls_name: str, **fixed: Any):
-    def factory(num_classes: int | None = None, **args: Any) -> Metric:
-        import torchmetrics.regression as R
+# -- classification (single- and multi-label) --------------------------------------------------
+_register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro"}),
+          multilabel=(f"{C}:MultilabelAccuracy", {"average": "micro"}))  # label-wise (1 - Hamming loss)
+_register("balanced_accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "macro"}))
+for _k in (2, 3, 5):
+    _register(f"top{_k}_accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro", "top_k": _k}))
+_register("exact_match", multilabel=(f"{C}:MultilabelExactMatch", {}))  # sklearn's accuracy_score
+_register("hamming_loss", multilabel=(f"{C}:MultilabelHammingDistance", {"average": "micro"}))
+for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted"), ("per_class", "none")):
+    for _name, _stem in (("f1", "F1Score"), ("precision", "Precision"), ("recall", "Recall")):
+        _register(f"{_name}_{_avg}", multiclass=(f"{C}:Multiclass{_stem}", {"average": _tm}),
+                  multilabel=(f"{C}:Multilabel{_stem}", {"average": _tm}))
+_register("auroc", multiclass=(f"{C}:MulticlassAUROC", {"average": "macro"}),
+          multilabel=(f"{C}:MultilabelAUROC", {"average": "macro"}))
+_register("average_precision", multiclass=(f"{C}:MulticlassAveragePrecision", {"average": "macro"}),
+          multilabel=(f"{C}:MultilabelAveragePrecision", {"average": "macro"}))
+_register("confusion_matrix", multiclass=(f"{C}:MulticlassConfusionMatrix", {}),
+          multilabel=(f"{C}:MultilabelConfusionMatrix", {}))
 
-        return getattr(R, cls_name)(**{**fixed, **args})
+# -- regression --------------------------------------------------------------------------------
+_register("mae", regression=(f"{R}:MeanAbsoluteError", {}))
+_register("mse", regression=(f"{R}:MeanSquaredError", {}))
+_register("rmse", regression=(f"{R}:MeanSquaredError", {"squared": False}))
+_register("r2", regression=(f"{R}:R2Score", {}))
 
-    factory.__name__ = name
-    METRICS.register(factory, name=name)
+# -- ranking (grouped by query id; a query without a relevant item scores 0) -------------------
+_register("mrr", ranking=(f"{T}:RetrievalMRR", {}))
+_register("ndcg", ranking=(f"{T}:RetrievalNormalizedDCG", {}))
+_register("map", ranking=(f"{T}:RetrievalMAP", {}))
+_register("hit_rate", ranking=(f"{T}:RetrievalHitRate", {}))
+_register("precision_at", ranking=(f"{T}:RetrievalPrecision", {}))
+_register("recall_at", ranking=(f"{T}:RetrievalRecall", {}))
 
 
-_regression("mae", "MeanAbsoluteError")
-_regression("mse", "MeanSquaredError")
-_regression("rmse", "MeanSquaredError", squared=False)
-_regression("r2", "R2Score")
+def parse_name(name: str, where: str = "metrics") -> tuple[str, int | None]:
+    """'ndcg@10' -> ('ndcg', 10); 'accuracy' -> ('accuracy', None)."""
+    if ":" in name or "@" not in name:
+        return name, None
+    base, _, k = name.rpartition("@")
+    if not k.isdigit() or int(k) < 1:
+        raise ConfigError(f"{where}: '{name}': the part after '@' must be a positive integer, e.g. ndcg@10")
+    return base, int(k)
 
 
-def build_metrics(specs: list[str | dict[str, Any]], num_classes: int | None) -> MetricCollection:
-    """`specs` are names or {type, args}; the collection's keys are the names."""
+def _spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    return spec["type"], dict(spec.get("args") or {})
+
+
+def build_metrics(specs: list[str | dict[str, Any]], num_classes: int | None, kind: str = "multiclass",
+                  threshold: float = 0.5, prefix: str = "", where: str = "metrics") -> MetricCollection:
+    """`specs` are names or {type, args}; the collection's keys are `prefix` + the names."""
+    return MetricCollection(metric_dict(specs, num_classes, kind, threshold, prefix, where), compute_groups=False)
+
+
+def metric_dict(specs: list[str | dict[str, Any]], num_classes: int | None, kind: str = "multiclass",
+                threshold: float = 0.5, prefix: str = "", where: str = "metrics") -> dict[str, Metric]:
     metrics: dict[str, Metric] = {}
     for i, spec in enumerate(specs):
-        name, args = (spec, {}) if isinstance(spec, str) else (spec["type"], dict(spec.get("args") or {}))
-        factory = METRICS.get(name, where=f"metrics.{i}")
+        name, args = _spec(spec)
+        base, top_k = parse_name(name, f"{where}.{i}")
+        factory = METRICS.get(base, where=f"{where}.{i}")
         if ":" in name:  # a user's torchmetrics.Metric class by import path
             metric = factory(**args)
             key = name.rpartition(":")[2]
         else:
-            metric = factory(num_classes=num_classes, **args)
+            metric = factory(num_classes=num_classes, kind=kind, threshold=threshold, top_k=top_k, **args)
             key = name
-        metrics[key] = metric
-    return MetricCollection(metrics, compute_groups=False)
+        metrics[prefix + key] = metric
+    return metrics
 
 
-def check_metric_specs(specs: list[str | dict[str, Any]]) -> None:
+def check_metric_specs(specs: list[str | dict[str, Any]], where: str = "metrics") -> None:
     for i, spec in enumerate(specs):
-        name, args = (spec, {}) if isinstance(spec, str) else (spec["type"], dict(spec.get("args") or {}))
-        factory = METRICS.get(name, where=f"metrics.{i}")
+        name, args = _spec(spec)
+        base, _ = parse_name(name, f"{where}.{i}")
+        factory = METRICS.get(base, where=f"{where}.{i}")
         if ":" in name:
-            check_args(factory, args, f"metrics.{i}.args")
+            check_args(factory, args, f"{where}.{i}.args")
+
+
+def is_scalar_name(name: str) -> bool:
+    """Whether a metric name gives one number (a candidate for `trainer.monitor`)."""
+    last = name.rsplit("/", 1)[-1]
+    return not (last.endswith("_per_class") or last == "confusion_matrix")

@@ -16,6 +16,7 @@ class Registry:
     def __init__(self, kind: str, fallbacks: Iterable[str] = (), predicate: Callable | None = None):
         self.kind = kind
         self._items: dict[str, Callable] = {}
+        self._schemes: dict[str, Callable[[str, str], Callable]] = {}
         self._fallbacks = tuple(fallbacks)
         self._predicate = predicate or (lambda obj: callable(obj))
 
@@ -28,6 +29,10 @@ class Registry:
             return o
 
         return add(obj) if obj is not None else add
+
+    def register_scheme(self, scheme: str, resolve: Callable[[str, str], Callable]) -> None:
+        """Names `scheme:rest` are resolved by `resolve(rest, where)` (e.g. `timm:resnet18`)."""
+        self._schemes[scheme] = resolve
 
     def _fallback_names(self) -> dict[str, Callable]:
         found: dict[str, Callable] = {}
@@ -46,6 +51,9 @@ class Registry:
 
     def get(self, name: str, where: str = "type") -> Callable:
         """Resolve a registered name or an import path; raise ConfigError naming `where`."""
+        scheme, sep, rest = name.partition(":")
+        if sep and scheme in self._schemes:
+            return self._schemes[scheme](rest, where)
         if ":" in name:
             return import_path(name, where)
         if name in self._items:

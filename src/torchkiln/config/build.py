@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,12 +12,15 @@ from torch import nn
 
 from torchkiln.config.schema import Component, Config
 from torchkiln.errors import ConfigError, did_you_mean
-from torchkiln.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, TASKS, check_args
+from torchkiln.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, check_args
 
 
 def _register_builtins() -> None:
     # Importing these modules fills the registries.
     import torchkiln.data.digits  # noqa: F401
+    import torchkiln.data.images  # noqa: F401
+    import torchkiln.data.tensorfile  # noqa: F401
+    import torchkiln.data.toy  # noqa: F401
     import torchkiln.metrics  # noqa: F401
     import torchkiln.models  # noqa: F401
     import torchkiln.tasks  # noqa: F401
@@ -27,13 +30,21 @@ def check_components(cfg: Config) -> None:
     """Every name resolves and every argument is accepted: a typo fails here, not mid-run."""
     _register_builtins()
     from torchkiln.metrics import check_metric_specs
+    from torchkiln.tasks import build_task
 
-    TASKS.get(cfg.task, "task")
+    build_task(cfg.task)
+    check_model_config(cfg)
     for where, comp, reg in _components(cfg):
         factory = reg.get(comp.type, f"{where}.type")
         skip = ("params",) if reg is OPTIMIZERS else ("optimizer",) if reg is SCHEDULERS else ()
         check_args(factory, comp.args, f"{where}.args", skip=skip)
     check_metric_specs([m if isinstance(m, str) else m.model_dump() for m in cfg.metrics])
+    from torchkiln.data.collate import COLLATES
+    from torchkiln.data.transforms import check_transforms
+
+    check_transforms(cfg.data.transforms)
+    if cfg.data.collate is not None:
+        COLLATES.get(cfg.data.collate.type, "data.collate.type")
     if cfg.scheduler is not None and cfg.scheduler.type == "ReduceLROnPlateau" and cfg.scheduler.interval == "step":
         raise ConfigError("scheduler.interval: ReduceLROnPlateau needs the monitored metric, which exists only"
                           " after validation; use interval: epoch (or leave it out)")
@@ -73,38 +84,20 @@ class Data:
     test: Any | None
     num_classes: int | None
     class_names: list[str] | None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason), data.on_error: skip
 
 
 def build_data(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test")) -> Data:
-    from torchkiln.data.splits import split_dataset
+    from torchkiln.data.setup import build_data as _build_data
 
     _register_builtins()
-    d = cfg.data
-    dataset = build(d.dataset, DATASETS, "data.dataset")
-    seed = d.split_seed if d.split_seed is not None else cfg.seed
-    val_frac = 0.0 if d.val_dataset else d.val_split
-    test_frac = 0.0 if d.test_dataset else d.test_split
-    train, val, test = split_dataset(dataset, val_frac, test_frac, seed, stratify=d.stratify)
-    if d.val_dataset:
-        val = build(d.val_dataset, DATASETS, "data.val_dataset")
-    if d.test_dataset:
-        test = build(d.test_dataset, DATASETS, "data.test_dataset")
-    return Data(train, val, test, getattr(dataset, "num_classes", None), getattr(dataset, "classes", None))
+    return _build_data(cfg, Data)
 
 
 def build_loaders(cfg: Config, data: Data) -> dict[str, Any]:
-    from torchkiln.data.loaders import make_loader
+    from torchkiln.data.setup import build_loaders as _build_loaders
 
-    d = cfg.data
-    common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers,
-                  prefetch_factor=d.prefetch_factor, seed=cfg.seed)
-    loaders = {"train": make_loader(data.train, d.batch_size, train=True, shuffle=d.shuffle,
-                                    drop_last=d.drop_last, **common)}
-    for split in ("val", "test"):
-        ds = getattr(data, split)
-        if ds is not None:
-            loaders[split] = make_loader(ds, d.eval_batch_size or d.batch_size, train=False, **common)
-    return loaders
+    return _build_loaders(cfg, data)
 
 
 def num_classes_of(cfg: Config, data: Data | None) -> int | None:
@@ -113,7 +106,26 @@ def num_classes_of(cfg: Config, data: Data | None) -> int | None:
     return data.num_classes if data is not None else None
 
 
-def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
+def check_model_config(cfg: Config) -> None:
+    """Before anything heavy: no hub downloads, and the pretrained file exists."""
+    from pathlib import Path
+
+    from torchkiln.models.backbones import HUB_HINT, hub_request
+
+    m = cfg.model
+    if isinstance(m.pretrained, bool):
+        if m.pretrained:
+            raise ConfigError(f"model.pretrained: true would download weights; {HUB_HINT}")
+    elif m.pretrained is not None and not Path(m.pretrained).is_file():
+        raise ConfigError(f"model.pretrained: {m.pretrained}: file not found (give a .safetensors, .pth"
+                          f" or torchkiln .ckpt file)")
+    key = hub_request(m.type, m.args)
+    if key is not None:
+        raise ConfigError(f"model.args.{key}: {m.type} would download pretrained weights; {HUB_HINT}")
+
+
+def build_model(cfg: Config, num_classes: int | None = None, pretrained: bool = True) -> nn.Module:
+    """The model, with `model.pretrained` loaded (unless `pretrained` is False)."""
     _register_builtins()
     args = dict(cfg.model.args)
     factory = MODELS.get(cfg.model.type, "model.type")
@@ -121,20 +133,42 @@ def build_model(cfg: Config, num_classes: int | None = None) -> nn.Module:
     if num_classes is not None and "num_classes" not in args:
         import inspect
 
-        if "num_classes" in inspect.signature(factory).parameters:
+        try:
+            takes = "num_classes" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
             extra["num_classes"] = num_classes
-    return build(cfg.model, MODELS, "model", **extra)
+    model = build(cfg.model, MODELS, "model", **extra)
+    if pretrained and isinstance(cfg.model.pretrained, str):
+        from torchkiln.models import find_head, load_pretrained
+
+        head = find_head(model, cfg.model.head, required=cfg.model.head is not None)
+        load_pretrained(model, cfg.model.pretrained, strict=cfg.model.strict, head=head,
+                        reset_head=cfg.model.reset_head)
+    return model
 
 
-def build_loss(cfg: Config, task) -> nn.Module:
-    from torchkiln.losses import WeightedSum
+def build_freezer(cfg: Config, model: nn.Module):
+    """A Freezer for `model.freeze` (in the state of the first epoch), or None."""
+    if cfg.model.freeze is None:
+        return None
+    from torchkiln.models import make_freezer
 
+    freezer = make_freezer(model, cfg.model.freeze, cfg.model.unfreeze_at_epoch, head=cfg.model.head)
+    freezer.set_epoch(0)
+    return freezer
+
+
+def build_loss(cfg: Config, task, labels=None, num_classes: int | None = None) -> nn.Module:
+    """The task makes the loss from the config's specs; `labels()` gives the training targets (for 'balanced')."""
     if cfg.loss is None:
-        return build(Component(type=task.default_loss), LOSSES, "loss")
-    if isinstance(cfg.loss, list):
-        losses = [build(Component(type=c.type, args=c.args), LOSSES, f"loss.{i}") for i, c in enumerate(cfg.loss)]
-        return WeightedSum(losses, [c.weight for c in cfg.loss])
-    return build(cfg.loss, LOSSES, "loss")
+        specs = None
+    elif isinstance(cfg.loss, list):
+        specs = [c.model_dump() for c in cfg.loss]
+    else:
+        specs = [{"type": cfg.loss.type, "args": cfg.loss.args}]
+    return task.make_loss(specs, labels, num_classes)
 
 
 def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
@@ -158,9 +192,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
         return False
 
     groups: dict[tuple, dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in model.named_parameters():  # frozen ones too: they get no gradient, so no update
         spec_idx = next((i for i, g in enumerate(o.groups) if fnmatch.fnmatchcase(name, g.params)), None)
         if spec_idx is not None:
             names_in_use.add(spec_idx)
@@ -190,10 +222,25 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    # Every parameter, frozen ones too: they get no gradient, so the optimizer skips them until
+    # unfrozen, and the optimizer's state has the same shape whatever the epoch (resume-safe).
     params: Any = param_groups(model, cfg) if (cfg.optimizer.groups or cfg.optimizer.no_decay) else \
-        [p for p in model.parameters() if p.requires_grad]
+        list(model.parameters())
     comp = Component(type=cfg.optimizer.type, args=cfg.optimizer.args)
     return build(comp, OPTIMIZERS, "optimizer", params=params)
+
+
+def _keep_lr_mults(args: dict[str, Any], optimizer: torch.optim.Optimizer, base_lr: float | None) -> None:
+    """OneCycleLR and CyclicLR set absolute LRs; scale a scalar max_lr/base_lr per param group so
+    that `optimizer.groups` lr_mult still holds under them."""
+    if not base_lr or len(optimizer.param_groups) < 2:
+        return
+    mults = [g["lr"] / base_lr for g in optimizer.param_groups]
+    if all(m == 1.0 for m in mults):
+        return
+    for key in ("max_lr", "base_lr"):
+        if isinstance(args.get(key), (int, float)):
+            args[key] = [args[key] * m for m in mults]
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epoch: int) -> tuple[Any, dict]:
@@ -204,7 +251,10 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_e
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.trainer.accumulate)
     args = dict(s.args)
     if s.type == "OneCycleLR" and "total_steps" not in args and "epochs" not in args:
-        args["total_steps"] = cfg.trainer.epochs * steps_per_epoch
+        per_epoch = 1 if s.interval == "epoch" else steps_per_epoch
+        args["total_steps"] = cfg.trainer.epochs * per_epoch
+    if s.type in ("OneCycleLR", "CyclicLR"):
+        _keep_lr_mults(args, optimizer, cfg.optimizer.args.get("lr"))
     scheduler = build(Component(type=s.type, args=args), SCHEDULERS, "scheduler", optimizer=optimizer)
     warmup = 0
     if s.warmup is not None:

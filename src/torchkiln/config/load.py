@@ -48,7 +48,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top, found {type(data).__name__}")
-    return data
+    from torchkiln.config.migrate import from_template, is_template
+
+    return from_template(data, str(path)) if is_template(data) else data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -119,9 +121,10 @@ def _explain(exc: ValidationError, source: str) -> ConfigError:
     if kind == "missing":
         return ConfigError(f"{source}: {path}: required key is missing")
     found = err.get("input")
-    shown = repr(found) if not isinstance(found, dict) else "a mapping"
     msg = err["msg"].removeprefix("Value error, ")
-    return ConfigError(f"{source}: {path}: {msg}; found {shown}")
+    if isinstance(found, dict):  # a check across several keys: the message says it all
+        return ConfigError(f"{source}: {path}: {msg}")
+    return ConfigError(f"{source}: {path}: {msg}; found {found!r}")
 
 
 def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:

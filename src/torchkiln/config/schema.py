@@ -18,8 +18,36 @@ class Component(_Strict):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class ModelConfig(Component):
+    """The model, and how to start it: local pretrained weights, a fresh head, frozen parts."""
+
+    pretrained: str | bool | None = Field(
+        None, description="weights file: .safetensors, a .pth/.pt state_dict, or a torchkiln checkpoint"
+    )
+    strict: bool = Field(True, description="refuse missing keys and shape mismatches outside the head")
+    head: str | None = Field(None, description="the classifier's module name; found automatically when not given")
+    reset_head: bool = Field(False, description="keep the new head even where the file's head has the same shape")
+    freeze: Literal["backbone"] | list[str] | None = Field(
+        None, description="'backbone' (all but the head) or glob patterns over parameter names"
+    )
+    unfreeze_at_epoch: int | None = Field(None, ge=1, description="make frozen parameters trainable from this epoch")
+
+    @model_validator(mode="after")
+    def _unfreeze_needs_freeze(self) -> ModelConfig:
+        if self.unfreeze_at_epoch is not None and self.freeze is None:
+            raise ValueError("unfreeze_at_epoch needs model.freeze")
+        return self
+
+
 class WeightedComponent(Component):
     weight: float = 1.0
+
+
+class TransformsConfig(_Strict):
+    """torchvision.transforms.v2 steps by name; `train` for the training split, `eval` for the rest."""
+
+    train: list[Component] = Field(default_factory=list)
+    eval: list[Component] = Field(default_factory=list)
 
 
 class DataConfig(_Strict):
@@ -38,11 +66,33 @@ class DataConfig(_Strict):
     pin_memory: bool = False
     persistent_workers: bool = False
     prefetch_factor: int | None = Field(None, ge=1)
+    transforms: TransformsConfig = Field(default_factory=TransformsConfig)
+    folds: int | None = Field(None, ge=2, description="k-fold cross-validation: the number of folds")
+    fold: int = Field(0, ge=0, description="which fold is the validation split (0..folds-1)")
+    sampler: Literal["default", "balanced"] = Field(
+        "default", description="balanced: draw training samples with weights 1/class count"
+    )
+    collate: Component | None = Field(None, description="a named collate function, e.g. pad_sequences")
+    fast_path: Literal["auto"] | bool = Field(
+        "auto", description="in-memory tensor datasets: batches by index slicing on the device (true, false, auto)"
+    )
+    on_error: Literal["raise", "skip"] = Field("raise", description="broken or missing files, unknown labels")
+    max_skipped: float = Field(0.01, ge=0.0, le=1.0, description="on_error: skip fails above this fraction")
+
+    @field_validator("collate", mode="before")
+    @classmethod
+    def _collate_name(cls, v: Any) -> Any:
+        return {"type": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _splits_fit(self) -> DataConfig:
         if self.val_split + self.test_split >= 1.0:
             raise ValueError("val_split + test_split must be below 1")
+        if self.folds is not None:
+            if self.fold >= self.folds:
+                raise ValueError(f"fold must be in 0..{self.folds - 1} (folds: {self.folds})")
+            if self.val_dataset is not None:
+                raise ValueError("folds and val_dataset exclude each other: the fold is the validation split")
         return self
 
 
@@ -88,7 +138,7 @@ class TrainerConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0.0)
     grad_clip_mode: Literal["norm", "value"] = "norm"
     accumulate: int = Field(1, ge=1)
-    monitor: str = "val/loss"
+    monitor: str | None = Field(None, description="default: the first metric listed (val/<name>), else val/loss")
     mode: Literal["min", "max"] | None = Field(None, description="default: min for losses, max otherwise")
     early_stop: int | None = Field(None, ge=1, description="patience: epochs without improvement")
     min_delta: float = Field(0.0, ge=0.0)
@@ -97,9 +147,18 @@ class TrainerConfig(_Strict):
     keep_last: int | None = Field(None, ge=1, description="numbered checkpoints kept (best, last always)")
     on_nonfinite: Literal["stop", "skip_batch"] = "stop"
     compile: bool = False
-    compile_options: dict[str, Any] = Field(default_factory=dict)
+    compile_options: dict[str, Any] = Field(default_factory=dict, description="passed to torch.compile")
+    cache_size_limit: int | None = Field(
+        None, ge=1, description="torch._dynamo.config.cache_size_limit (512 for models with many shapes)"
+    )
     channels_last: bool = False
     deterministic: bool = False
+    strategy: Literal["auto", "ddp", "dp"] = Field(
+        "auto", description="ddp: one process per device (kiln train --devices N or torchrun); dp:"
+        " nn.DataParallel in one process; auto: ddp when started as several processes")
+    sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
+    dist_timeout: float = Field(1800.0, gt=0.0, description="seconds a rank waits for the others before"
+                                " the run stops with an error (a dead or hung process)")
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -133,12 +192,12 @@ class Config(_Strict):
 
     name: str = "run"
     seed: int = 42
-    task: str = "classification"
+    task: str | Component = Field("classification", description="a name, or {type, args} for task options")
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
-    model: Component = Field(default_factory=lambda: Component(type="SmallCNN"))
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(type="SmallCNN"))
     loss: Component | list[WeightedComponent] | None = None
-    metrics: list[str | Component] = Field(default_factory=lambda: ["accuracy"])
+    metrics: list[str | Component] = Field(default_factory=list, description="default: the task's metrics")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig | None = None
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)

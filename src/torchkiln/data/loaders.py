@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -15,10 +16,16 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     `set_epoch(e)` picks the epoch's order and `skip(k)` drops its first k batches, which is how a
     mid-epoch resume sees exactly the remaining batches of the same order.
+
+    Under DDP rank r takes positions r, r + W, r + 2W, ... of the epoch's order, so global batch k
+    (the union of every rank's batch k) holds the same samples as batch k of one process with a
+    W times larger batch. `pad` (training) repeats the order's first samples until it divides by
+    W so that every rank has the same number of batches (as DistributedSampler does); evaluation
+    shards without padding, so each sample is counted exactly once.
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pad: bool = True):
         self.n = n
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -26,6 +33,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.pad = pad
         self.epoch = 0
         self.start = 0
 
@@ -36,13 +44,22 @@ class ResumableBatchSampler(Sampler[list[int]]):
     def skip(self, batches: int) -> None:
         self.start = batches
 
-    def _order(self) -> list[int]:
+    def _epoch_order(self) -> list[int]:
+        """The whole epoch's order, before padding and sharding."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+            return torch.randperm(self.n, generator=g).tolist()
+        return list(range(self.n))
+
+    def _order(self) -> list[int]:
+        order = self._epoch_order()
+        extra = self._padding()
+        if extra:
+            order = order + (order * (extra // max(1, self.n) + 1))[:extra]
         return order[self.rank :: self.world_size]
+
+    def _padding(self) -> int:
+        return (-self.n) % self.world_size if self.pad and self.world_size > 1 else 0
 
     def _all_batches(self) -> list[list[int]]:
         order = self._order()
@@ -55,13 +72,19 @@ class ResumableBatchSampler(Sampler[list[int]]):
         yield from self._all_batches()[self.start :]
 
     def __len__(self) -> int:
-        per_rank = (self.n - self.rank + self.world_size - 1) // self.world_size
+        total = self.n + self._padding()
+        per_rank = (total - self.rank + self.world_size - 1) // self.world_size
         full, rest = divmod(per_rank, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed NumPy and `random` in each worker from torch's per-worker seed."""
+    """Seed NumPy and `random` in each worker from torch's per-worker seed.
+
+    Workers ignore SIGINT: a Ctrl-C in a terminal reaches the whole process group, and the main
+    process alone decides how to stop (finish the step, checkpoint) and shuts the workers down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -80,10 +103,22 @@ def make_loader(
     persistent_workers: bool = False,
     prefetch_factor: int | None = None,
     collate_fn=None,
-) -> DataLoader:
-    sampler = ResumableBatchSampler(
-        len(dataset), batch_size, shuffle=shuffle and train, seed=seed, drop_last=drop_last and train
-    )
+    balanced_labels=None,
+    fast: bool = False,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader | FastLoader:
+    """A loader whose order is a function of (seed, epoch); `fast` slices in-memory tensors instead.
+
+    `balanced_labels` (the training samples' class labels) turns on class-balanced sampling.
+    `rank`/`world_size` shard the data for DDP: training padded to equal shards, evaluation not.
+    """
+    sampler = make_batch_sampler(len(dataset), batch_size, train=train, seed=seed, shuffle=shuffle,
+                                 drop_last=drop_last, balanced_labels=balanced_labels, rank=rank,
+                                 world_size=world_size)
+    if fast:
+        return FastLoader(dataset, sampler, device)
     extra = {}
     if num_workers > 0:
         extra["persistent_workers"] = persistent_workers
@@ -99,3 +134,88 @@ def make_loader(
         collate_fn=collate_fn,
         **extra,
     )
+
+
+class BalancedBatchSampler(ResumableBatchSampler):
+    """Batches drawn with replacement, each sample weighted 1 / (its class count).
+
+    The draw for an epoch comes from a generator seeded with `seed + epoch`, so like the plain
+    sampler it is a pure function of (seed, epoch) and `skip(k)` resumes mid-epoch. An epoch has
+    as many samples as the dataset (`num_samples` to change that).
+    """
+
+    def __init__(self, labels, batch_size: int, seed: int, drop_last: bool = False,
+                 num_samples: int | None = None, rank: int = 0, world_size: int = 1):
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        counts = torch.bincount(labels)
+        self.weights = (1.0 / counts.clamp(min=1).double())[labels]
+        n = num_samples if num_samples is not None else len(labels)
+        super().__init__(n, batch_size, shuffle=True, seed=seed, drop_last=drop_last, rank=rank,
+                         world_size=world_size)
+
+    def _epoch_order(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+
+
+def fast_source(dataset: Dataset) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
+    """(tensors, index map) when `dataset` is in-memory tensors, possibly under Subsets; else None."""
+    from torch.utils.data import Subset
+
+    index: torch.Tensor | None = None
+    ds = dataset
+    while isinstance(ds, Subset):
+        idx = torch.as_tensor(ds.indices, dtype=torch.int64)
+        index = idx if index is None else idx[index]
+        ds = ds.dataset
+    get = getattr(ds, "fast_tensors", None)
+    if get is None:
+        return None
+    return tuple(get()), index
+
+
+class FastLoader:
+    """Batches by index slicing of tensors already on the device: no __getitem__, no collate.
+
+    Yields exactly what a DataLoader over the same dataset and sampler yields (a list of
+    stacked tensors), in the same order; `batch_sampler` drives the order (set_epoch, skip).
+    """
+
+    def __init__(self, dataset: Dataset, batch_sampler: ResumableBatchSampler,
+                 device: torch.device | str = "cpu"):
+        source = fast_source(dataset)
+        if source is None:
+            raise ValueError("FastLoader needs a dataset with fast_tensors() (possibly under Subsets)")
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self.device = torch.device(device)
+        tensors, index = source
+        self.tensors = tuple(t.to(self.device) for t in tensors)
+        self.index = index.to(self.device) if index is not None else None
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        batches = list(self.batch_sampler)
+        if not batches:
+            return
+        flat = torch.as_tensor([i for b in batches for i in b], dtype=torch.int64).to(self.device)
+        if self.index is not None:
+            flat = self.index[flat]
+        start = 0
+        for b in batches:
+            idx = flat[start : start + len(b)]
+            start += len(b)
+            yield [t.index_select(0, idx) for t in self.tensors]
+
+
+def make_batch_sampler(n: int, batch_size: int, *, train: bool, seed: int, shuffle: bool = True,
+                       drop_last: bool = False, balanced_labels=None, rank: int = 0,
+                       world_size: int = 1) -> ResumableBatchSampler:
+    if balanced_labels is not None and train:
+        return BalancedBatchSampler(balanced_labels, batch_size, seed=seed, drop_last=drop_last,
+                                    rank=rank, world_size=world_size)
+    return ResumableBatchSampler(n, batch_size, shuffle=shuffle and train, seed=seed,
+                                 drop_last=drop_last and train, rank=rank, world_size=world_size,
+                                 pad=train)

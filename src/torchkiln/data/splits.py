@@ -9,12 +9,46 @@ from torchkiln.errors import DataError
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray | None:
-    """Class labels without decoding samples, when the dataset exposes them (`targets`)."""
+    """Class labels without decoding samples, when the dataset exposes them (`targets`).
+
+    Looks through Subsets (taking their indices) and wrappers that hold a `.dataset`.
+    """
+    if isinstance(dataset, Subset):
+        base = dataset_labels(dataset.dataset)
+        return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
     for attr in ("targets", "labels"):
         values = getattr(dataset, attr, None)
         if values is not None:
-            return np.asarray(values)
-    return None
+            values = np.asarray(values)
+            return values if values.ndim == 1 and values.dtype.kind in "iub" else None
+    inner = getattr(dataset, "dataset", None)
+    return dataset_labels(inner) if isinstance(inner, Dataset) else None
+
+
+def kfold_indices(n: int, folds: int, fold: int, seed: int, labels: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions in range(n) for fold `fold` of `folds`: seeded, stratified by labels.
+
+    The folds' validation parts are disjoint and together cover range(n).
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if not 0 <= fold < folds:
+        raise DataError(f"data.fold: {fold} is outside 0..{folds - 1}")
+    if n < folds:
+        raise DataError(f"data.folds: {folds} folds need at least {folds} samples; found {n}")
+    if labels is not None:
+        counts = np.bincount(labels)
+        if counts[counts > 0].min() < folds:
+            rare = int(np.flatnonzero((counts > 0) & (counts < folds))[0])
+            raise DataError(f"data.folds: class {rare} has {counts[rare]} samples, fewer than {folds} folds;"
+                            f" use fewer folds or data.stratify: false")
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        parts = list(splitter.split(np.zeros(n), labels))
+    else:
+        parts = list(KFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(n)))
+    train, val = parts[fold]
+    return np.sort(train), np.sort(val)
 
 
 def split_indices(
@@ -42,10 +76,18 @@ def split_indices(
 
 
 def split_dataset(
-    dataset: Dataset, val: float, test: float, seed: int, stratify: bool = True
+    dataset: Dataset, val: float, test: float, seed: int, stratify: bool = True,
+    folds: int | None = None, fold: int = 0,
 ) -> tuple[Subset, Subset | None, Subset | None]:
+    """Seeded train/val/test Subsets; with `folds`, the test part is held out first and fold
+    `fold` of the rest is the validation part (`val` is then unused)."""
     labels = dataset_labels(dataset) if stratify else None
-    train_idx, val_idx, test_idx = split_indices(len(dataset), [val, test], seed, labels)
+    if folds is not None:
+        rest, test_idx = split_indices(len(dataset), [test], seed, labels)
+        tr, va = kfold_indices(len(rest), folds, fold, seed, labels[rest] if labels is not None else None)
+        train_idx, val_idx = rest[tr], rest[va]
+    else:
+        train_idx, val_idx, test_idx = split_indices(len(dataset), [val, test], seed, labels)
     train = Subset(dataset, train_idx.tolist())
     return (
         train,

@@ -21,22 +21,61 @@ TMP_PREFIX = ".tmp-"
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write atomically: the final name never holds a partial file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            writer = _Writer(f)
+            torch.save(state, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        reason = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    except (OSError, RuntimeError) as exc:
+        _remove(tmp)
+        cause = exc if isinstance(exc, OSError) else (writer.error if "writer" in locals() else None)
+        if cause is None:
+            reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        elif cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason = f"disk full or file size limit reached: {cause.strerror}"
+        else:
+            reason = cause.strerror or str(cause)
         raise CheckpointError(
             f"{path}: could not write checkpoint ({reason}); the previous checkpoint is intact"
         ) from exc
+    except BaseException:
+        _remove(tmp)
+        raise
     return path
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+class _Writer:
+    """A file wrapper that remembers the OSError torch.save turns into a bare RuntimeError."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -64,27 +103,53 @@ def clean_stale_temps(directory: str | Path) -> list[Path]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with weights_only=True; never retry without it. Errors name the file."""
+    """Load with weights_only=True; never retry without it. Errors name the file, on one line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    problem = _file_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        first = text.strip().splitlines()[0] if text.strip() else ""
-        if "weights_only" in text or "Unsupported" in text or "GLOBAL" in text:
-            found = re.search(r"Unsupported (?:global|operand)[^.]*?(GLOBAL [\w.]+|\d+)", text)
-            what = f" ({found.group(0)})" if found else ""
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found or "weights_only" in str(exc).lower() and "global" in str(exc).lower():
+            what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"{path}: refused to load: it holds pickled objects beyond plain tensors and data,"
-                f" which could run code; nothing in it was executed{what}"
-            ) from exc
-        raise CheckpointError(f"{path}: not a readable checkpoint (corrupted or truncated): {first[:120]}") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupted): {first[:120]}") from exc
-    return state
+                f"{path}: refused to load: it holds pickled objects{what} beyond plain tensors and"
+                " data, which could run code; nothing in it was run. Use only checkpoints you trust"
+                " that torchkiln wrote"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupted): {_first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file can fail in any of torch's readers
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupted): {_first_line(exc)}") from None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why this file cannot be a torch.save archive, judged from its bytes (None if it may be)."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (a checkpoint write that never finished?)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()  # CRC of every record: torch.load itself does not check
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            return f"corrupted checkpoint ({_first_line(exc)})"
+        return f"corrupted checkpoint (record {bad} fails its checksum)" if bad else None
+    if head == b"PK\x03\x04":
+        return f"truncated checkpoint ({size} bytes; the end of the archive is missing)"
+    if head[:1] == b"\x80":
+        return None  # torch's legacy (pre-1.6) format: torch.load judges it
+    return f"not a PyTorch checkpoint (wrong file type; it starts with {head!r})"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:160] if text else type(exc).__name__)
 
 
 def model_weights(state: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:

@@ -56,6 +56,7 @@ class OptimizerStep:
         grad_clip: float | None = None,
         grad_clip_mode: str = "norm",
         accumulate: int = 1,
+        scaler_options: dict | None = None,
     ):
         device = torch.device(device)
         check_precision(precision, device)
@@ -68,8 +69,12 @@ class OptimizerStep:
         self.grad_clip = grad_clip
         self.grad_clip_mode = grad_clip_mode
         self.accumulate = max(1, int(accumulate))
-        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        # scaler_options go to torch.amp.GradScaler (init_scale, growth_interval, ...).
+        self.scaler = (
+            torch.amp.GradScaler(device.type, **(scaler_options or {})) if precision == "fp16" else None
+        )
         self.skipped = 0
+        self._scale: float | None = None  # the scale after the last update
 
     def params(self) -> Iterable[nn.Parameter]:
         for group in self.optimizer.param_groups:
@@ -86,9 +91,10 @@ class OptimizerStep:
             return model.no_sync()
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor, group_size: int = 1) -> None:
-        """Backward of loss / group_size so that a group of micro-batches averages like one batch."""
-        loss = loss / group_size if group_size > 1 else loss
+    def backward(self, loss: torch.Tensor, weight: float = 1.0) -> None:
+        """Backward of `loss * weight`; the weights of a group's micro-batches sum to 1 (their
+        share of the group's samples), so the group's gradient is that of one big batch."""
+        loss = loss * weight if weight != 1.0 else loss
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
@@ -111,11 +117,12 @@ class OptimizerStep:
         norm = self.clip(params, want_norm)
         stepped = True
         if self.scaler is not None:
-            before = self.scaler.get_scale()
+            before = self._scale if self._scale is not None else self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             # The scale only ever goes down when the step was skipped for inf/NaN gradients.
-            stepped = self.scaler.get_scale() >= before
+            self._scale = self.scaler.get_scale()  # one device sync per step, not two
+            stepped = self._scale >= before
         else:
             self.optimizer.step()
         if not stepped:
@@ -129,6 +136,7 @@ class OptimizerStep:
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+            self._scale = None
         self.skipped = int(state.get("skipped", 0))
 
 

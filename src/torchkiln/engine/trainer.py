@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from torchkiln import __version__
+from torchkiln.engine import distributed
 from torchkiln.engine.checkpoint import (
     FORMAT,
     clean_stale_temps,
@@ -64,7 +65,7 @@ def move_to(batch: Any, device: torch.device, channels_last: bool = False) -> An
 
 def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
     """Fix the loader's order (and its workers' seeds) for this epoch; drop its first `skip` batches."""
-    if not isinstance(loader, DataLoader):
+    if not isinstance(loader, DataLoader) and getattr(loader, "batch_sampler", None) is None:
         return
     sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
     for s in (sampler, getattr(sampler, "sampler", None)):
@@ -81,6 +82,24 @@ def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
     seed = getattr(sampler, "seed", None)
     if gen is not None and seed is not None:
         gen.manual_seed(seed + 1_000_003 * (epoch + 1))
+
+
+def epoch_batch_sizes(loader: Iterable, n_batches: int) -> list[int] | None:
+    """The sizes of the epoch's batches when the loader's batch sampler tells them ahead, so that
+    accumulation weighs micro-batches by samples (a short last batch counts for what it holds)."""
+    bs = getattr(loader, "batch_sampler", None)
+    size = getattr(bs, "batch_size", None)
+    if not isinstance(size, int) or size < 1:
+        return None
+    if hasattr(bs, "sampler") and hasattr(bs.sampler, "__len__"):
+        total = len(bs.sampler)
+    elif all(isinstance(getattr(bs, a, None), int) for a in ("n", "rank", "world_size")):
+        total = len(range(bs.rank, bs.n, bs.world_size))  # torchkiln's ResumableBatchSampler
+    else:
+        return None
+    full, rest = divmod(total, size)
+    sizes = [size] * full + ([rest] if rest and not getattr(bs, "drop_last", False) else [])
+    return sizes if len(sizes) == n_batches else None
 
 
 class Trainer:
@@ -120,14 +139,19 @@ class Trainer:
         on_nonfinite: str = "stop",
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
+        cache_size_limit: int | None = None,
+        scaler_options: dict[str, Any] | None = None,
         channels_last: bool = False,
+        strategy: str = "auto",
+        sync_batchnorm: bool = False,
         config: dict[str, Any] | None = None,
+        freezer: Any | None = None,
     ):
         self.model = model
         self.raw_model = model
         self.optimizer = optimizer
         self.task = task or ClassificationTask()
-        self.loss_fn = loss_fn if loss_fn is not None else getattr(nn, self.task.default_loss)()
+        self.loss_fn = loss_fn if loss_fn is not None else self.task.make_loss(None)
         self.scheduler = scheduler
         self.epochs = int(epochs)
         self.device = resolve_device(device)
@@ -149,7 +173,13 @@ class Trainer:
         self.on_nonfinite = on_nonfinite
         self.compile = compile
         self.compile_options = dict(compile_options or {})
+        self.cache_size_limit = cache_size_limit
+        self.compile_report: dict[str, Any] | None = None
+        self._dynamo_before: dict[str, Any] | None = None
+        self.strategy = strategy
+        self.sync_batchnorm = sync_batchnorm
         self.config = config
+        self.freezer = freezer  # models.freeze.Freezer: set_epoch(epoch) freezes/unfreezes for that epoch
         self.stepper = OptimizerStep(
             optimizer,
             device=self.device,
@@ -157,6 +187,7 @@ class Trainer:
             grad_clip=grad_clip,
             grad_clip_mode=grad_clip_mode,
             accumulate=accumulate,
+            scaler_options=scaler_options,
         )
         self.schedule = LRSchedule(
             optimizer,
@@ -201,7 +232,13 @@ class Trainer:
                 m.to(self.device)
         _move_optimizer_state(self.optimizer, self.device)
         if self.compile:
-            self.model = torch.compile(self.raw_model, **self.compile_options)
+            from torchkiln.engine.compile import compile_model, dynamo_stats
+
+            self._dynamo_before = dynamo_stats()
+            self.model = compile_model(self.raw_model, self.compile_options, self.cache_size_limit)
+        self.model = distributed.wrap_model(self.model, self.device, self.strategy, self.sync_batchnorm)
+        if not distributed.is_rank0():  # rank duties: only rank 0 logs and shows progress
+            self.loggers, self.progress = [], Progress(enabled=False)
         self._ready = True
 
     # ---------------------------------------------------------------------------------------
@@ -212,11 +249,14 @@ class Trainer:
         """Train for `epochs` (continuing from `resume`, a checkpoint path or its loaded dict)."""
         started = time.perf_counter()
         self._setup()
-        self.monitor = self.monitor or ("val/loss" if val_loader is not None else "train/loss")
+        if not self.monitor:
+            watched = self.val_metrics if val_loader is not None else self.train_metrics
+            names = list(watched.keys(keep_base=True)) if watched is not None else []
+            self.monitor = self.task.default_monitor(names, val_loader is not None)
         self.schedule.monitor = self.monitor
         self.mode = self.mode or self.task.monitor_mode(self.monitor)
         self._check_monitor(val_loader is not None)
-        if self.run_dir is not None:
+        if self.run_dir is not None and distributed.is_rank0():
             clean_stale_temps(self.ckpt_dir)
 
         resumed = resume is not None
@@ -227,6 +267,8 @@ class Trainer:
         else:
             self.loop = LoopState()
             self.initial_fingerprint = fingerprint(self.raw_model)
+        if self.freezer is not None:
+            self.freezer.set_epoch(self.loop.epoch)
         self._log_start()
         info = {"fingerprint": self.initial_fingerprint, "epochs": self.epochs, "monitor": self.monitor,
                 "mode": self.mode, "best": self.loop.best}
@@ -237,10 +279,14 @@ class Trainer:
         steps_per_epoch = math.ceil(len(train_loader) / self.stepper.accumulate)  # type: ignore[arg-type]
         try:
             for epoch in range(self.loop.epoch, self.epochs):
+                if self.loop.stopped_early:  # resumed from the checkpoint of an early stop
+                    break
                 record = self._train_epoch(epoch, train_loader, steps_per_epoch)
                 if val_loader is not None:
                     record.update(self._validate_and_show(epoch + 1, val_loader))
+                record = distributed.broadcast_object(record)  # every rank decides on rank 0's numbers
                 self._end_epoch(epoch, record)
+                self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
                 if self._stop_signal is not None:
                     raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
                 if self.loop.stopped_early:
@@ -249,6 +295,10 @@ class Trainer:
                     break
         finally:
             self._flush_steps()
+            if self._dynamo_before is not None:
+                from torchkiln.engine.compile import report_compilation
+
+                self.compile_report = report_compilation(self._dynamo_before)
             summary = self.summary(time.perf_counter() - started)
             for lg in self.loggers:
                 lg.finish(summary)
@@ -257,6 +307,10 @@ class Trainer:
     def _train_epoch(self, epoch: int, loader: Iterable, steps_per_epoch: int) -> dict[str, float]:
         model, loop, stepper, k = self.model, self.loop, self.stepper, self.stepper.accumulate
         model.train()
+        if self.freezer is not None and self.freezer.set_epoch(epoch):
+            trainable, frozen = self.freezer.counts()
+            log.info("epoch %d: %s; %d parameters trainable, %d frozen", epoch + 1,
+                     "froze" if self.freezer.frozen else "unfroze", trainable, frozen)
         n_batches = len(loader)  # type: ignore[arg-type]
         start = loop.batch_in_epoch
         set_loader_epoch(loader, epoch, skip=start)
@@ -265,10 +319,16 @@ class Trainer:
         self.device_stats.epoch_start()
         check_finite = stepper.scaler is None
 
+        sizes = epoch_batch_sizes(loader, n_batches)
+        group_used = False  # a group whose every micro-batch was skipped takes no optimizer step
         for i, batch in enumerate(loader, start=start):
             group_start = (i // k) * k
             group_size = min(k, n_batches - group_start)  # the epoch's last group may be shorter
             last_in_group = i - group_start == group_size - 1
+            if sizes is not None:  # each micro-batch's share of the group's samples
+                weight = sizes[i] / sum(sizes[group_start:group_start + group_size])
+            else:
+                weight = 1.0 / group_size
             batch = move_to(batch, self.device, self.channels_last)
             n = self.task.batch_size(batch)
 
@@ -285,7 +345,8 @@ class Trainer:
                         )
                     log.warning("skipped batch %d of epoch %d: non-finite loss %s", i + 1, epoch + 1, loss.item())
                 else:
-                    stepper.backward(loss, group_size)
+                    stepper.backward(loss, weight)
+                    group_used = True
                     loss_sum += loss.detach().float() * n
                     count += n
                     if self.train_metrics is not None:
@@ -294,18 +355,28 @@ class Trainer:
             loop.batch_in_epoch = i + 1
             self.progress.advance(1, n)
 
-            if last_in_group:
-                result = stepper.step(want_norm=True)
+            if last_in_group and group_used:
+                lrs = self.schedule.lrs()  # the learning rates this step uses
+                result = stepper.step(want_norm=self._logs_steps())
                 loop.global_step += 1
                 if result.stepped:
                     self.schedule.on_optimizer_step(epoch, i // k, steps_per_epoch)
-                self._record_step(loss.detach(), result.grad_norm)
+                else:
+                    log.info("step %d skipped by the fp16 GradScaler (inf/NaN gradients; scale now %g);"
+                             " the LR schedule did not advance (%d skipped so far)", loop.global_step,
+                             stepper.scaler.get_scale(), stepper.skipped)
+                self._record_step(loss.detach(), result.grad_norm, lrs)
+            elif last_in_group:
+                stepper.optimizer.zero_grad(set_to_none=True)
+            if last_in_group:
+                group_used = False
                 if i + 1 < n_batches:
                     self._maybe_checkpoint_mid_epoch(loss_sum, count)
 
         self._flush_steps()
         if count == 0:
             raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
+        loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {"train/loss": float(loss_sum / count)}
         if self.train_metrics is not None:
             record.update(_scalars(self.train_metrics.compute()))
@@ -316,6 +387,7 @@ class Trainer:
     def _maybe_checkpoint_mid_epoch(self, loss_sum: torch.Tensor, count: int) -> None:
         every = self.checkpoint_every_steps
         due = every is not None and self.loop.global_step % every == 0
+        self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
         if not due and self._stop_signal is None:
             return
         accum = {
@@ -324,6 +396,7 @@ class Trainer:
             "metrics": self.train_metrics.state_dict() if self.train_metrics is not None else None,
         }
         if self.run_dir is not None:
+            self._flush_logs()
             state = self.state_dict(epoch_accum=accum)
             if due:
                 self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
@@ -358,6 +431,7 @@ class Trainer:
         for lg in self.loggers:
             lg.log_epoch(epoch + 1, loop.global_step, record)
         if self.run_dir is not None:
+            self._flush_logs()
             state = self.state_dict()
             if improved:
                 self._save(state, "best.ckpt")
@@ -420,10 +494,11 @@ class Trainer:
         if metrics is not None:
             metrics.reset()
         loss_sum, count = torch.zeros((), device=self.device), 0
+        model = distributed.unwrap_ddp(self.model)  # ranks hold uneven shards: no collective here
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
-                outputs, targets = self.task.forward(self.model, batch)
+                outputs, targets = self.task.forward(model, batch)
                 if targets is not None:
                     n = self.task.batch_size(batch)
                     loss_sum += self.task.loss(self.loss_fn, outputs, targets).float() * n
@@ -432,6 +507,7 @@ class Trainer:
                 self.task.update_metrics(metrics, outputs, targets)
             if collector is not None:
                 collector.update(self.task.split_batch(batch)[0], outputs, targets)
+        loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {f"{prefix}/loss": float(loss_sum / count)} if count else {}
         if metrics is not None and count:
             computed = _scalars(metrics.compute())
@@ -455,23 +531,27 @@ class Trainer:
         self._setup()
         self.model.eval()
         outs = []
+        model = distributed.unwrap_ddp(self.model)
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
-                outputs, _ = self.task.forward(self.model, batch)
+                outputs, _ = self.task.forward(model, batch)
             outs.append(outputs.float().cpu())
         return torch.cat(outs) if outs else torch.empty(0)
 
     # ---------------------------------------------------------------------------------------
     # per-step logging (scalars leave the device once per log interval)
     # ---------------------------------------------------------------------------------------
-    def _record_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
-        if not self.loggers and not self.progress.interactive:
+    def _logs_steps(self) -> bool:
+        return bool(self.loggers) or self.progress.interactive
+
+    def _record_step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None, lrs: list[float]) -> None:
+        if not self._logs_steps():
             return
         row: dict[str, Any] = {"train/loss_step": loss.float()}
         if grad_norm is not None:
             row["train/grad_norm"] = grad_norm.float()
-        for i, lr in enumerate(self.schedule.lrs()):
+        for i, lr in enumerate(lrs):
             row[f"lr/group{i}"] = lr
         self._step_rows.append((self.loop.global_step, row))
         if self.loop.global_step % self.log_every_n_steps == 0:
@@ -492,11 +572,20 @@ class Trainer:
         for lg in self.loggers:
             lg.log_steps(rows)
 
+    def _flush_logs(self) -> None:
+        """Before a checkpoint: everything logged up to it is on disk, so a resume neither loses
+        nor repeats rows (loggers drop what was logged after the checkpoint it resumes from)."""
+        self._flush_steps()
+        for lg in self.loggers:
+            lg.flush()
+
     def _log_start(self) -> None:
         total = sum(p.numel() for p in self.raw_model.parameters())
         trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         log.info("device %s, precision %s, %d parameters (%d trainable, %d frozen)", self.device,
                  self.stepper.precision, total, trainable, total - trainable)
+        if self.freezer is not None:
+            log.info("frozen: %s", self.freezer.describe())
         log.info("initial-parameter fingerprint %s", self.initial_fingerprint)
 
     # ---------------------------------------------------------------------------------------
@@ -511,7 +600,11 @@ class Trainer:
         return str(self.ckpt_dir / name) if self.run_dir is not None else None
 
     def state_dict(self, epoch_accum: dict | None = None) -> dict[str, Any]:
-        """Everything a resume needs, as plain data (loadable with weights_only=True)."""
+        """Everything a resume needs, as plain data (loadable with weights_only=True).
+
+        Under DDP this is a collective (each rank's RNG and partial epoch sums go to `ranks`):
+        call it on every rank.
+        """
         return {
             "format": FORMAT,
             "version": 1,
@@ -524,6 +617,7 @@ class Trainer:
             "loop": self.loop.to_dict(),
             "epoch_accum": epoch_accum,
             "rng": rng_state(),
+            "ranks": distributed.gather_rank_states({"rng": rng_state(), "epoch_accum": epoch_accum}),
             "fingerprint": self.initial_fingerprint,
             "config": self.config,
         }
@@ -540,9 +634,10 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.stepper.load_state_dict(state["step"])
         self.loop = LoopState.from_dict(state["loop"])
-        self._epoch_accum = state.get("epoch_accum")
+        own = distributed.own_rank_state(state, mid_epoch=self.loop.batch_in_epoch > 0) or state
+        self._epoch_accum = own.get("epoch_accum")
         self.initial_fingerprint = state.get("fingerprint")
-        set_rng_state(state["rng"])
+        set_rng_state(own["rng"])
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
         weights = strip_prefixes(weights)
@@ -563,7 +658,13 @@ class Trainer:
         self.raw_model.load_state_dict(weights, strict=strict)
 
     def _save(self, state: dict[str, Any], name: str, numbered: bool = False) -> None:
-        save_checkpoint(state, self.ckpt_dir / name)
+        if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
+            distributed.barrier()
+            return
+        try:
+            save_checkpoint(state, self.ckpt_dir / name)
+        finally:
+            distributed.barrier()
         if numbered and self.keep_last:
             numbered_files = sorted(
                 (p for p in self.ckpt_dir.glob("*.ckpt") if re.match(r"(epoch|step)-\d+\.ckpt$", p.name)),
@@ -590,6 +691,7 @@ class Trainer:
             "best_epoch": loop.best_epoch,
             "stopped_early": loop.stopped_early,
             "skipped_steps": self.stepper.skipped,
+            "compile": self.compile_report,
             "final": loop.history[-1] if loop.history else {},
             "fingerprint": self.initial_fingerprint,
             "seconds": seconds,
@@ -597,7 +699,16 @@ class Trainer:
 
 
 def _scalars(computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    return {k: float(v) for k, v in computed.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    """Scalars as they are; vectors (per-class metrics) as `name/<i>`; matrices are left to reports."""
+    out: dict[str, float] = {}
+    for k, v in computed.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.numel() == 1:
+            out[k] = float(v)
+        elif v.dim() == 1:
+            out.update({f"{k}/{i}": x for i, x in enumerate(v.tolist())})
+    return out
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

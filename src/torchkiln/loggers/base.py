@@ -35,5 +35,8 @@ class Logger:
     def log_epoch(self, epoch: int, step: int, record: dict[str, float]) -> None:
         """`epoch` is 1-based; `record` holds train/..., val/..., lr..."""
 
+    def flush(self) -> None:
+        """Put everything logged so far on disk; called before each checkpoint is written."""
+
     def finish(self, summary: dict[str, Any]) -> None:
         """Called once at the end of fit (also after an early stop or a stop request)."""

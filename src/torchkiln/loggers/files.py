@@ -76,6 +76,10 @@ class JSONLLogger(Logger):
             self._file.write(json.dumps({"epoch": epoch, "step": step, **record}) + "\n")
             self._file.flush()
 
+    def flush(self):
+        if self._file:
+            self._file.flush()
+
     def finish(self, summary):
         if self._file:
             self._file.close()

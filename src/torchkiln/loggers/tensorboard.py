@@ -77,20 +77,27 @@ class TensorBoardLogger(Logger):
 
         fig = figures.misclassified_figure(sample, self.class_names, f"misclassified (epoch {epoch})")
         if fig is not None:
-            self.writer.add_image("val/misclassified", figures.to_array(fig), epoch, dataformats="HWC")
+            self.writer.add_image("val/misclassified", figures.to_array(fig), step, dataformats="HWC")
         fig = figures.confusion_figure(sample, self.class_names, f"confusion matrix (epoch {epoch})")
-        self.writer.add_image("val/confusion_matrix", figures.to_array(fig), epoch, dataformats="HWC")
+        self.writer.add_image("val/confusion_matrix", figures.to_array(fig), step, dataformats="HWC")
 
     def log_epoch(self, epoch, step, record):
+        # Against the global step, like the step scalars: purge_step on resume then drops exactly
+        # the rows logged after the checkpoint, epoch rows included. `epoch` is a scalar too.
+        self.writer.add_scalar("epoch", epoch, step)
         for k, v in record.items():
-            self.writer.add_scalar(k, v, epoch)
+            self.writer.add_scalar(k, v, step)
         if self.histograms and epoch % self.histograms == 0:
             for name, p in self.model.named_parameters():
-                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), epoch)
+                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
             for name, g in (self.taps.grads if self.taps else {}).items():
                 if g is not None:
-                    self.writer.add_histogram(f"grads/{name}", g.detach().float().cpu(), epoch)
+                    self.writer.add_histogram(f"grads/{name}", g.detach().float().cpu(), step)
         self.writer.flush()
+
+    def flush(self):
+        if self.writer is not None:
+            self.writer.flush()
 
     def finish(self, summary: dict[str, Any]):
         if self.writer is None:

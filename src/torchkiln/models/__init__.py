@@ -1,8 +1,13 @@
-"""Built-in models; `register_model` for project code."""
+"""Built-in models, `timm:`/`torchvision:` backbones, local pretrained weights, freezing."""
 
+from torchkiln.models import backbones  # noqa: F401  (registers the timm: and torchvision: types)
+from torchkiln.models.freeze import Freezer, make_freezer
+from torchkiln.models.heads import find_head
+from torchkiln.models.pretrained import LoadReport, load_pretrained, read_weights
 from torchkiln.models.small import MLP, SmallCNN
 from torchkiln.registry import MODELS
 
 register_model = MODELS.register
 
-__all__ = ["MLP", "SmallCNN", "register_model"]
+__all__ = ["MLP", "Freezer", "LoadReport", "SmallCNN", "find_head", "load_pretrained", "make_freezer",
+           "read_weights", "register_model"]

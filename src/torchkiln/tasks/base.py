@@ -1,7 +1,18 @@
-"""A task turns a batch into (outputs, targets), a loss, and metric updates. Subclass for your own."""
+"""A task turns a batch into (outputs, targets), a loss, and metric updates. Subclass for your own.
+
+Hooks a subclass may override, all with working defaults:
+  split_batch / forward / loss / update_metrics / predict   the step
+  build_metrics(specs, num_classes)                         metrics (keys are the logged names)
+  make_loss(specs, labels, num_classes)                     the loss module from config specs
+  num_outputs(num_classes)                                  the model's output width
+  default_monitor(metric_names, has_val)                    what `trainer.monitor` is when unset
+  report_views(outputs, targets, class_names)               per-class tables for `kiln test`
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,12 +21,26 @@ from torch import nn
 from torchkiln.registry import TASKS
 
 
+@dataclass
+class ReportView:
+    """Predictions and targets of one classification view (a head, the combined class, ...)."""
+
+    name: str
+    kind: str  # "multiclass" (class indices) or "multilabel" (0/1 per label)
+    preds: torch.Tensor
+    targets: torch.Tensor
+    num_classes: int
+    class_names: list[str] | None = None
+
+
 class Task:
-    """Supervised default: a batch is (inputs, targets); outputs = model(inputs)."""
+    """Supervised default: a batch is (inputs, targets) or {input, target}; outputs = model(inputs)."""
 
     name = "task"
     default_loss = "MSELoss"
     default_metrics: tuple[str, ...] = ()
+    metric_kind = "regression"
+    lower_is_better = frozenset({"loss", "mae", "mse", "rmse", "hamming_loss"})
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         if isinstance(batch, dict):
@@ -23,17 +48,17 @@ class Task:
         inputs, targets = batch[0], batch[1] if len(batch) > 1 else None
         return inputs, targets
 
-    def forward(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, model: nn.Module, batch: Any) -> tuple[Any, Any]:
         inputs, targets = self.split_batch(batch)
         return model(inputs), targets
 
-    def loss(self, loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, loss_fn: nn.Module, outputs: Any, targets: Any) -> torch.Tensor:
         return loss_fn(outputs, targets)
 
-    def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    def update_metrics(self, metrics: Any, outputs: Any, targets: Any) -> None:
         metrics.update(outputs.detach().float(), targets)
 
-    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+    def predict(self, outputs: Any) -> Any:
         return outputs
 
     def batch_size(self, batch: Any) -> int:
@@ -42,9 +67,49 @@ class Task:
             inputs = next(iter(inputs.values())) if isinstance(inputs, dict) else inputs[0]
         return int(inputs.shape[0])
 
+    # -- building --------------------------------------------------------------------------
+    def build_metrics(self, specs: list[Any], num_classes: int | None):
+        from torchmetrics import MetricCollection
+
+        from torchkiln.metrics import metric_dict
+
+        metrics = metric_dict(list(specs) or list(self.default_metrics), num_classes, kind=self.metric_kind,
+                              threshold=getattr(self, "threshold", 0.5))
+        self.metric_order = list(metrics)  # as listed; the collection sorts its keys
+        return MetricCollection(metrics, compute_groups=False)
+
+    def make_loss(self, specs: list[dict[str, Any]] | None, labels: Callable[[], torch.Tensor] | None = None,
+                  num_classes: int | None = None) -> nn.Module:
+        """specs: [{type, args, weight}] from the config, or None for the task's default loss."""
+        from torchkiln.losses import from_specs
+
+        return from_specs(specs or [{"type": self.default_loss}], "loss", labels, num_classes)
+
+    def num_outputs(self, num_classes: int | None) -> int | None:
+        return num_classes
+
+    # -- monitoring ------------------------------------------------------------------------
+    def default_monitor(self, metric_names: list[str], has_val: bool) -> str:
+        """The first scalar metric listed (on val when there is one), else the loss."""
+        from torchkiln.metrics import is_scalar_name
+
+        split = "val" if has_val else "train"
+        for name in self._monitor_order(metric_names):
+            if is_scalar_name(name):
+                return f"{split}/{name}"
+        return f"{split}/loss"
+
+    def _monitor_order(self, metric_names: list[str]) -> list[str]:
+        order = getattr(self, "metric_order", [])
+        return sorted(metric_names, key=lambda n: order.index(n) if n in order else len(order))
+
     def monitor_mode(self, monitor: str) -> str:
-        low = monitor.rsplit("/", 1)[-1]
-        return "min" if "loss" in low or low in {"mae", "mse", "rmse"} else "max"
+        last = monitor.rsplit("/", 1)[-1].split("@", 1)[0]
+        return "min" if "loss" in last or last in self.lower_is_better else "max"
+
+    # -- reports ---------------------------------------------------------------------------
+    def report_views(self, outputs: Any, targets: Any, class_names: list[str] | None = None) -> list[ReportView]:
+        return []
 
 
 @TASKS.register(name="classification")
@@ -53,22 +118,43 @@ class ClassificationTask(Task):
 
     name = "classification"
     default_loss = "CrossEntropyLoss"
-    default_metrics = ("accuracy",)
+    default_metrics = ("accuracy", "f1_macro")
+    metric_kind = "multiclass"
+
+    def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        # Probabilities, not logits: torchmetrics decides per batch whether to softmax otherwise.
+        metrics.update(outputs.detach().float().softmax(dim=1), targets)
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1)
 
+    def report_views(self, outputs: torch.Tensor, targets: torch.Tensor,
+                     class_names: list[str] | None = None) -> list[ReportView]:
+        return [ReportView("", "multiclass", self.predict(outputs), targets.long(), int(outputs.shape[1]), class_names)]
+
 
 @TASKS.register(name="regression")
 class RegressionTask(Task):
-    """One or more real targets; outputs are (N,) or (N, T)."""
+    """One or more real targets; outputs are (N,) or (N, T). `targets` is T (the model's width)."""
 
     name = "regression"
     default_loss = "MSELoss"
-    default_metrics = ("mae",)
+    default_metrics = ("rmse", "mae", "r2")
+    metric_kind = "regression"
+
+    def __init__(self, targets: int = 1):
+        if int(targets) < 1:
+            raise ValueError(f"targets must be at least 1; found {targets}")
+        self.targets = int(targets)
+
+    def num_outputs(self, num_classes: int | None) -> int | None:
+        return self.targets
 
     def loss(self, loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return loss_fn(outputs.reshape(targets.shape).float(), targets.float())
 
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         metrics.update(outputs.detach().float().reshape(targets.shape), targets.float())
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.squeeze(1) if outputs.dim() == 2 and outputs.shape[1] == 1 else outputs

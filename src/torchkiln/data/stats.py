@@ -1,0 +1,132 @@
+"""`kiln data stats`: class counts and imbalance, image sizes, per-channel mean/std, a class histogram."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from torchkiln.data.splits import dataset_labels
+
+
+def _raw(dataset: Dataset) -> Dataset:
+    """The training split without its transform wrapper (statistics describe the stored data)."""
+    from torchkiln.data.transforms import Transformed
+
+    return dataset.dataset if isinstance(dataset, Transformed) else dataset
+
+
+def compute_stats(dataset: Dataset, class_names: list[str] | None, max_images: int = 2000,
+                  seed: int = 0) -> dict[str, Any]:
+    """Statistics of `dataset` (the training split); pixels from at most `max_images` samples."""
+    out: dict[str, Any] = {"samples": len(dataset)}  # type: ignore[arg-type]
+    labels = dataset_labels(dataset)
+    matrix = _label_matrix(dataset)
+    if labels is not None or matrix is not None:
+        counts = np.bincount(labels, minlength=len(class_names or [])) if labels is not None \
+            else matrix.sum(axis=0).astype(np.int64)
+        names = list(class_names) if class_names and len(class_names) == len(counts) \
+            else [str(i) for i in range(len(counts))]
+        out["class_counts"] = {n: int(c) for n, c in zip(names, counts)}
+        out["imbalance_ratio"] = float(counts.max() / counts.min()) if counts.min() > 0 else float("inf")
+        out["classes_without_samples"] = [n for n, c in zip(names, counts) if c == 0]
+    n = len(dataset)  # type: ignore[arg-type]
+    picks = np.random.default_rng(seed).permutation(n)[: min(n, max_images)]
+    sizes: Counter = Counter()
+    total = sq = None
+    pixels = 0
+    for i in sorted(picks.tolist()):
+        sample = dataset[i]
+        x = sample["input"] if isinstance(sample, dict) else sample[0] if isinstance(sample, (tuple, list)) else sample
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            continue
+        x = x.unsqueeze(0) if x.dim() == 2 else x
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        sizes[(int(x.shape[-2]), int(x.shape[-1]))] += 1
+        flat = x.reshape(x.shape[0], -1).double()
+        if total is not None and flat.shape[0] != total.shape[0]:
+            continue
+        total = flat.sum(1) if total is None else total + flat.sum(1)
+        sq = (flat**2).sum(1) if sq is None else sq + (flat**2).sum(1)
+        pixels += flat.shape[1]
+    if sizes:
+        hs = [h for (h, _), c in sizes.items() for _ in range(c)]
+        ws = [w for (_, w), c in sizes.items() for _ in range(c)]
+        out["images_measured"] = sum(sizes.values())
+        out["image_sizes"] = {"most_common": [f"{h}x{w} ({c})" for (h, w), c in sizes.most_common(5)],
+                              "min_hw": [min(hs), min(ws)], "max_hw": [max(hs), max(ws)]}
+        mean = total / pixels
+        std = (sq / pixels - mean**2).clamp(min=0).sqrt()
+        out["mean"] = [round(float(v), 4) for v in mean]
+        out["std"] = [round(float(v), 4) for v in std]
+    return out
+
+
+def _label_matrix(dataset: Dataset) -> np.ndarray | None:
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        base = _label_matrix(dataset.dataset)
+        return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
+    return getattr(dataset, "label_matrix", None)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    lines = [f"training samples   {stats['samples']}"]
+    if "class_counts" in stats:
+        width = max(len(k) for k in stats["class_counts"])
+        lines.append("class counts")
+        for name, c in stats["class_counts"].items():
+            lines.append(f"  {name:<{width}}  {c}")
+        lines.append(f"imbalance ratio    {stats['imbalance_ratio']:.2f} (largest / smallest class)")
+    else:
+        lines.append("class counts       (no single-label or multi-label classes)")
+    if "image_sizes" in stats:
+        s = stats["image_sizes"]
+        lines.append(f"image sizes (HxW)  {', '.join(s['most_common'])}; min {s['min_hw'][0]}x{s['min_hw'][1]},"
+                     f" max {s['max_hw'][0]}x{s['max_hw'][1]} (over {stats['images_measured']} images)")
+        lines.append(f"mean               {stats['mean']}")
+        lines.append(f"std                {stats['std']}")
+        lines.append(f"  Normalize: {{type: Normalize, args: {{mean: {stats['mean']}, std: {stats['std']}}}}}")
+    return "\n".join(lines)
+
+
+def save_histogram(stats: dict[str, Any], path: Path) -> Path | None:
+    if "class_counts" not in stats:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, counts = list(stats["class_counts"]), list(stats["class_counts"].values())
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.4 * len(names) + 2), 3.5))
+    ax.bar(range(len(names)), counts, color="#4C72B0")
+    ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 10 else 0, ha="right" if len(names) > 10 else "center")
+    ax.set_ylabel("samples")
+    ax.set_title(f"class counts (imbalance ratio {stats['imbalance_ratio']:.2f})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def data_stats(cfg: Any, out_dir: Path | None = None, max_images: int = 2000) -> tuple[dict[str, Any], Path]:
+    """Statistics of the configured training split; writes stats.json and class_histogram.png."""
+    from torchkiln.config.build import build_data, check_components
+
+    check_components(cfg)
+    data = build_data(cfg)
+    stats = compute_stats(_raw(data.train), data.class_names if isinstance(data.class_names, list) else None,
+                          max_images=max_images, seed=cfg.seed)
+    out_dir = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / cfg.name / "data_stats"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
+    save_histogram(stats, out_dir / "class_histogram.png")
+    return stats, out_dir

@@ -1,0 +1,316 @@
+"""Process group, rank duties, model wrapping, metric/loss sync, and the `--devices N` launcher.
+
+One process per device (DDP) is the main path: `kiln train --devices N` starts N workers through
+torch.distributed's elastic launcher (what `torchrun` runs), and `torchrun ... -m torchkiln train`
+starts them from outside; either way each worker reads RANK / WORLD_SIZE / LOCAL_RANK from its
+environment. Every helper here is a no-op in a single process, so the Trainer calls them always.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+from torch import distributed as dist
+from torch import nn
+
+from torchkiln.errors import CheckpointError, ConfigError, TrainingError
+
+log = logging.getLogger("torchkiln")
+RUN_DIR_ENV = "KILN_RUN_DIR"  # set by `kiln train --devices N` so a restarted worker finds its run
+
+
+# ------------------------------------------------------------------------------------------
+# ranks
+# ------------------------------------------------------------------------------------------
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def restart_count() -> int:
+    """How often the elastic agent has restarted this worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+# ------------------------------------------------------------------------------------------
+# process group
+# ------------------------------------------------------------------------------------------
+def init_from_env(device: str = "auto", timeout_s: float = 1800.0) -> bool:
+    """Join the process group torchrun (or `kiln train --devices N`) describes in the environment.
+
+    Backend NCCL when this rank trains on CUDA, Gloo otherwise. Returns True when distributed.
+    A collective that waits longer than `timeout_s` (a peer died or hangs) raises instead of hanging.
+    """
+    if env_world_size() <= 1:
+        return False
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    on_cuda = str(device) != "cpu" and not str(device).startswith("mps") and torch.cuda.is_available()
+    if on_cuda:
+        torch.cuda.set_device(local_rank() % torch.cuda.device_count())
+    backend = "nccl" if on_cuda else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        # The elastic agent's store outlives a restart; without a per-attempt prefix a restarted
+        # rank can read the dead attempt's Gloo/NCCL addresses and fail to connect.
+        agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timeout)
+        store = dist.PrefixStore(f"torchkiln/attempt_{restart_count()}", agent)
+        dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                world_size=env_world_size(), timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    quiet_other_ranks()
+    log.info("process group: %s, %d processes (this is rank %d)", backend, world_size(), rank())
+    return True
+
+
+def rank_device(device: str) -> str:
+    """Under DDP each rank owns the GPU of its local rank; `cuda` or `auto` mean that one."""
+    if not is_distributed() or dist.get_backend() != "nccl":
+        return device
+    if device not in ("auto", "cuda") and not device.startswith("cuda"):
+        return device
+    if device.startswith("cuda:") and world_size() > 1:
+        log.warning("trainer.device %s ignored under DDP: rank %d uses cuda:%d", device, rank(),
+                    torch.cuda.current_device())
+    return f"cuda:{torch.cuda.current_device()}"
+
+
+def destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "_kiln_ranked", False):
+            record.msg = f"[rank {os.environ.get('RANK', rank())}] {record.msg}"
+            record._kiln_ranked = True  # type: ignore[attr-defined]
+        return True
+
+
+def quiet_other_ranks() -> None:
+    """Ranks other than 0 log warnings and errors only, prefixed with their rank."""
+    if int(os.environ.get("RANK", rank())) == 0:
+        return
+    log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _RankFilter) for f in log.filters):
+        log.addFilter(_RankFilter())
+
+
+_COMM_FAILURE = re.compile(r"gloo|nccl|connection|timed out|timeout|peer|socket|broken pipe", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def collective_errors():
+    """A collective that fails because a peer died or timed out becomes one line naming this rank."""
+    try:
+        yield
+    except (dist.DistError, RuntimeError) as exc:
+        text = str(exc).strip()
+        if not is_distributed() or not _COMM_FAILURE.search(text):
+            raise
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise TrainingError(
+            f"rank {rank()} of {world_size()}: lost contact with another process, which probably died"
+            f" or hung (its own error names it) ({first}); resume from the last checkpoint with --resume"
+        ) from exc
+
+
+# ------------------------------------------------------------------------------------------
+# objects and reductions (no-ops in one process)
+# ------------------------------------------------------------------------------------------
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def sum_over_ranks(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """(sum, count) added over ranks: a loss averaged over every sample of every rank."""
+    if not is_distributed():
+        return total, count
+    packed = torch.stack([total.detach().double().reshape(()), torch.tensor(float(count), device=total.device,
+                                                                            dtype=torch.float64)])
+    dist.all_reduce(packed)
+    return packed[0].to(total.dtype), int(round(packed[1].item()))
+
+
+def any_rank(signum: int | None, device: torch.device) -> int | None:
+    """A stop request (signal number) seen by any rank, so every rank stops at the same step."""
+    if not is_distributed():
+        return signum
+    flag = torch.tensor([signum or 0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None
+
+
+# ------------------------------------------------------------------------------------------
+# the model
+# ------------------------------------------------------------------------------------------
+def check_fingerprints(fp: str) -> None:
+    """Every rank must build the same initial parameters (same seed, same config)."""
+    prints = gather_objects(fp)
+    if len(set(prints)) > 1:
+        groups: dict[str, list[int]] = {}
+        for r, p in enumerate(prints):
+            groups.setdefault(p, []).append(r)
+        parts = "; ".join(f"ranks {', '.join(map(str, rs))}: {p}" for p, rs in groups.items())
+        raise TrainingError(
+            f"the ranks built different initial parameters ({parts}); every rank must use the same"
+            f" seed and config (do not seed with the rank before building the model)"
+        )
+
+
+def wrap_model(model: nn.Module, device: torch.device, strategy: str = "auto",
+               sync_batchnorm: bool = False) -> nn.Module:
+    """DDP (one process per device), DataParallel (one process, several GPUs), or the model as is."""
+    if strategy not in ("auto", "ddp", "dp"):
+        raise ConfigError(f"trainer.strategy: expected auto, ddp or dp; found {strategy!r}")
+    if strategy == "dp":
+        if is_distributed():
+            raise ConfigError("trainer.strategy: dp runs in one process; under torchrun or --devices use ddp")
+        n = torch.cuda.device_count() if device.type == "cuda" else 0
+        if n < 2:
+            log.warning("trainer.strategy dp: fewer than 2 GPUs visible; training on %s without DataParallel",
+                        device)
+            return model
+        log.info("DataParallel over %d GPUs; DDP (kiln train --devices %d) is faster", n, n)
+        return nn.DataParallel(model)
+    if not is_distributed():
+        if strategy == "ddp":
+            log.info("trainer.strategy ddp in a single process: nothing to distribute"
+                     " (start several with kiln train --devices N or torchrun)")
+        return model
+    if sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from torchkiln.repro import fingerprint
+
+    check_fingerprints(fingerprint(model))
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The model without DDP, for evaluation: ranks see uneven shards, so no collective may run."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------------------
+# per-rank checkpoint state: RNG and the epoch's partial accumulators
+# ------------------------------------------------------------------------------------------
+def gather_rank_states(own: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's own state (RNG, partial epoch sums), gathered for rank 0 to write; None in one process."""
+    if not is_distributed():
+        return None
+    return gather_objects(_to_cpu(own))
+
+
+def own_rank_state(state: dict[str, Any], mid_epoch: bool) -> dict[str, Any] | None:
+    """This rank's entry of a checkpoint's per-rank states, or None to use the checkpoint's own (rank 0's)."""
+    ranks = state.get("ranks")
+    saved = len(ranks) if ranks else 1
+    if saved != world_size():
+        if mid_epoch:
+            raise CheckpointError(
+                f"this mid-epoch checkpoint was written by {saved} process(es) and is resumed with"
+                f" {world_size()}; the epoch's data shards differ, so resume with {saved} process(es)"
+                f" or from an end-of-epoch checkpoint"
+            )
+        if is_rank0():
+            log.warning("resuming a %d-process checkpoint with %d process(es): RNG streams restart per rank",
+                        saved, world_size())
+        return None
+    return ranks[rank()] if ranks else None
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------
+# `kiln train --devices N`: the elastic launcher, as torchrun uses it
+# ------------------------------------------------------------------------------------------
+def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: str | None = None) -> int:
+    """Start `nprocs` workers running `python -m torchkiln WORKER_ARGS` on this machine; wait for them.
+
+    A worker that dies makes the agent stop the others; the error names the first rank that failed.
+    With `max_restarts`, the group restarts and resumes from the run's last checkpoint.
+    """
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if run_dir is not None:
+        os.environ[RUN_DIR_ENV] = run_dir
+    # As torchrun does: N processes each running all cores' threads would oversubscribe the CPU.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
+        monitor_interval=0.1, start_method="spawn",
+    )
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    try:
+        elastic_launch(config, sys.executable)("-m", "torchkiln", *worker_args)
+    except ChildFailedError as exc:
+        failed, failure = exc.get_first_failure()
+        how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        resume = f"; resume with: kiln train --resume {run_dir} --devices {nprocs}" if run_dir else ""
+        raise TrainingError(
+            f"worker rank {failed} (pid {failure.pid}) {how}; the other workers were stopped"
+            f"{' after ' + str(max_restarts) + ' restart(s)' if max_restarts else ''}{resume}"
+        ) from None
+    return 0

@@ -1,0 +1,95 @@
+"""`kiln export`: a run's weights as safetensors (or a plain state_dict) plus the model's config.
+
+The files need neither torchkiln nor pickle to read: `safetensors.torch.load_file` gives the
+state_dict, and `model.json` says which model (type and arguments) it belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torchkiln.errors import CheckpointError, ConfigError
+
+FORMATS = ("safetensors", "pt")
+
+
+def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "best",
+           out_dir: str | Path | None = None) -> list[Path]:
+    """Write model.safetensors (or model.pt) and model.json into `out_dir` (default RUN_DIR/export)."""
+    import torch
+
+    from torchkiln import __version__
+    from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, strip_prefixes
+    from torchkiln.run import CHECKPOINTS
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}; found {fmt!r}")
+    run_dir = Path(run_dir)
+    if checkpoint in ("best", "last"):
+        ckpt = run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
+        if checkpoint == "best" and not ckpt.is_file() and (run_dir / CHECKPOINTS / "last.ckpt").is_file():
+            raise CheckpointError(f"{ckpt}: not found (no epoch finished with a monitored value yet);"
+                                  " use --checkpoint last")
+    else:
+        ckpt = Path(checkpoint)
+    if not ckpt.is_file() and not (run_dir / CHECKPOINTS).is_dir():
+        raise CheckpointError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
+    state = load_checkpoint(ckpt)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt}: not a torchkiln checkpoint")
+    weights = {k: v.detach().cpu().contiguous() for k, v in strip_prefixes(state["model"]).items()}
+    config: dict[str, Any] = state.get("config") or {}
+    loop = state.get("loop") or {}
+    info = {
+        "model": config.get("model"),
+        "task": config.get("task"),
+        "source_checkpoint": str(ckpt),
+        "epoch": loop.get("epoch"),
+        "global_step": loop.get("global_step"),
+        "monitor": (config.get("trainer") or {}).get("monitor"),
+        "best": loop.get("best"),
+        "torchkiln": __version__,
+        "torch": str(torch.__version__),
+        "format": fmt,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in weights.items()},
+    }
+    out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        weights_path = out / "model.safetensors"
+        meta = {"format": "pt", "torchkiln": __version__, "model_type": str((config.get("model") or {}).get("type"))}
+        _atomic(weights_path, lambda p: save_file(_unshare(weights), str(p), metadata=meta))
+    else:
+        weights_path = out / "model.pt"
+        _atomic(weights_path, lambda p: torch.save(weights, p))
+    config_path = out / "model.json"
+    _atomic(config_path, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
+    return [weights_path, config_path]
+
+
+def _unshare(weights: dict[str, Any]) -> dict[str, Any]:
+    """safetensors refuses tensors that share memory (tied weights): give each its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in weights.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def _atomic(path: Path, write) -> None:
+    import os
+
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: could not write ({exc.strerror or exc})") from exc

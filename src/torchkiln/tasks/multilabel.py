@@ -1,0 +1,40 @@
+"""Multi-label classification: L independent yes/no labels, sigmoid and a threshold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchkiln.registry import TASKS
+from torchkiln.tasks.base import ReportView, Task
+
+
+@TASKS.register(name="multilabel")
+class MultiLabelTask(Task):
+    """Outputs are logits (N, L); targets are 0/1 (N, L). A label is predicted when sigmoid >= threshold."""
+
+    name = "multilabel"
+    default_loss = "BCEWithLogitsLoss"
+    default_metrics = ("f1_macro", "exact_match", "accuracy")
+    metric_kind = "multilabel"
+
+    def __init__(self, threshold: float = 0.5):
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be between 0 and 1; found {threshold}")
+        self.threshold = float(threshold)
+
+    def loss(self, loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return loss_fn(outputs, targets.to(outputs.dtype))
+
+    def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        metrics.update(outputs.detach().float().sigmoid(), targets.long())
+
+    def predict(self, outputs: torch.Tensor) -> torch.Tensor:
+        return (outputs.float().sigmoid() >= self.threshold).long()
+
+    def report_views(self, outputs: torch.Tensor, targets: torch.Tensor,
+                     class_names: list[str] | None = None) -> list[ReportView]:
+        return [ReportView("", "multilabel", self.predict(outputs), targets.long(), int(outputs.shape[1]),
+                           class_names)]

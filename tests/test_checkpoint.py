@@ -1,0 +1,436 @@
+"""Checkpoints: whole on disk, safe to load, exact to resume; stop signals, faults and export.
+
+Faults are real: `kill -9` of a training subprocess (kiln_faults.FaultyCNN kills its own process
+at a chosen forward pass), a kill while a checkpoint is half written, SIGTERM/SIGINT, a file-size
+limit. The reference is the same config trained once without interruption.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, kiln, small_config, write_config
+from torchkiln import __version__
+from torchkiln.engine.checkpoint import load_checkpoint, save_checkpoint
+from torchkiln.errors import CheckpointError
+
+# One thread per process: the same numbers either way, and parallel test runs do not thrash.
+FAULT_ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+EPOCHS, BATCHES = 2, 20  # digits train split (1257 samples) in batches of 64
+
+
+def cnn_config(root: Path, num_workers: int = 0, **trainer) -> dict:
+    """SmallCNN with dropout and BatchNorm (so every RNG and buffer matters), shuffled batches."""
+    return small_config(
+        root,
+        data={"num_workers": num_workers},
+        model={"type": "kiln_faults:FaultyCNN", "args": {"num_classes": 10, "width": 8, "dropout": 0.3}},
+        trainer={"epochs": EPOCHS, "monitor": "val/accuracy", "checkpoint_every_steps": 4, **trainer},
+        logging={"progress": False, "plots": False, "every_n_steps": 3},
+    )
+
+
+def run_dirs(root: Path, name: str = "t") -> list[Path]:
+    return sorted(p for p in (root / "runs" / name).iterdir() if p.is_dir())
+
+
+def kiln_faulty(*args, env=None, **kw):
+    return kiln(*args, env={**FAULT_ENV, **(env or {})}, **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every resumed run must match bit for bit."""
+    root = tmp_path_factory.mktemp("reference")
+    kiln_faulty("train", "-c", str(write_config(root, cnn_config(root))), check=True)
+    (run,) = run_dirs(root)
+    return run
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory):
+    """A finished one-epoch MLP run with mid-epoch checkpoints, keep_last 2."""
+    root = tmp_path_factory.mktemp("mlp")
+    cfg = small_config(root, trainer={"epochs": 1, "checkpoint_every_steps": 5, "keep_last": 2},
+                       logging={"progress": False, "plots": False})
+    kiln("train", "-c", str(write_config(root, cfg)), check=True)
+    (run,) = run_dirs(root)
+    return run
+
+
+def copy_run(run: Path, root: Path) -> Path:
+    """A copy of `run` under root/runs/<name>/, with a config that points auto-resume there."""
+    dest = root / "runs" / run.parent.name / run.name
+    shutil.copytree(run, dest)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["output_dir"] = str(root / "runs")
+    write_config(root, cfg)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------
+# what the checkpoint holds
+# ------------------------------------------------------------------------------------------
+def test_checkpoint_holds_complete_plain_state(mlp_run):
+    state = torch.load(mlp_run / "checkpoints" / "last.ckpt", weights_only=True)  # plain data only
+    assert state["torchkiln"] == __version__ and state["torch"] == str(torch.__version__)
+    assert state["config"] == yaml.safe_load((mlp_run / "config.yaml").read_text())
+    json.dumps(state["config"])  # the resolved config is plain data, not pickled objects
+    assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
+    assert state["loop"]["epoch"] == 1 and state["loop"]["global_step"] == BATCHES
+    assert len(state["loop"]["history"]) == 1 and state["loop"]["best"] is not None
+    assert state["optimizer"]["state"], "optimizer moments are saved"
+    for key in ("schedule", "step", "model", "fingerprint"):
+        assert key in state
+    # keep_last 2 bounds the numbered checkpoints; best and last are always kept
+    names = sorted(p.name for p in (mlp_run / "checkpoints").iterdir())
+    assert names == ["best.ckpt", "last.ckpt", "step-000010.ckpt", "step-000015.ckpt"]
+    mid = load_checkpoint(mlp_run / "checkpoints" / "step-000015.ckpt")
+    assert mid["loop"]["batch_in_epoch"] == 15 and mid["epoch_accum"]["count"] > 0
+
+
+# ------------------------------------------------------------------------------------------
+# exact resume after kill -9
+# ------------------------------------------------------------------------------------------
+def assert_same_run(run: Path, ref: Path) -> None:
+    """Same final weights (bitwise), optimizer state, history, and the same logged rows."""
+    a = load_checkpoint(ref / "checkpoints" / "last.ckpt")
+    b = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"weights differ: {k}"
+    for i, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, b["optimizer"]["state"][i][k]), f"optimizer state differs: {i}.{k}"
+    assert a["loop"]["history"] == b["loop"]["history"]
+    assert a["loop"]["global_step"] == b["loop"]["global_step"] == EPOCHS * BATCHES
+
+    def csv_rows(run_dir):
+        lines = (run_dir / "metrics.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        keep = [i for i, h in enumerate(header) if not h.startswith("time/")]
+        return [[line.split(",")[i] for i in keep] for line in lines]
+
+    assert csv_rows(run) == csv_rows(ref)
+
+    def jsonl(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    got, want = jsonl(run), jsonl(ref)
+    steps = [r["step"] for r in got if "epoch" not in r]
+    assert steps == list(range(1, EPOCHS * BATCHES + 1)), "step rows duplicated or missing"
+    assert [r["epoch"] for r in got if "epoch" in r] == list(range(1, EPOCHS + 1))
+    assert sorted(got, key=json.dumps) == sorted(want, key=json.dumps)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(run_dir, tag):
+        acc = EventAccumulator(str(run_dir / "tensorboard"))
+        acc.Reload()
+        return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+    for tag in ("train/loss_step", "val/accuracy", "train/loss"):
+        assert scalars(run, tag) == scalars(ref, tag), f"TensorBoard {tag} differs"
+    assert [s for s, _ in scalars(run, "train/loss_step")] == list(range(1, EPOCHS * BATCHES + 1))
+
+
+def resumes(stderr: str) -> list[tuple[int, int, int]]:
+    return [tuple(map(int, m)) for m in
+            re.findall(r"resumed at epoch (\d+), step (\d+) \(batch (\d+) of the epoch\)", stderr)]
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_kill9_at_random_steps_then_resume_is_bitwise_exact(tmp_path, reference, num_workers):
+    seed = int(os.environ.get("KILN_TEST_SEED", "1234")) + num_workers
+    rng = random.Random(seed)
+    # The first kill comes right after epoch 1 ends (first forward of epoch 2), the next two at
+    # random steps inside epoch 2 (two resumes inside one epoch); then the run goes to its end.
+    kills = [BATCHES + 1, rng.randint(6, 9), rng.randint(5, 8)]
+    cfg = write_config(tmp_path, cnn_config(tmp_path, num_workers=num_workers))
+    seen = []
+    for i, kill_at in enumerate(kills + [0]):
+        args = ["train", "-c", str(cfg)] + (["--resume", "auto"] if i else [])
+        proc = kiln_faulty(*args, env={"KILN_FAULT_KILL_AT": str(kill_at)})
+        assert proc.returncode == (-signal.SIGKILL if kill_at else 0), (kills, seed, proc.stderr[-2000:])
+        seen += resumes(proc.stderr)
+    (run,) = run_dirs(tmp_path)
+    assert len(seen) == len(kills), seen
+    assert seen[0] == (2, BATCHES, 0), "the first resume starts at an epoch end"
+    assert seen[1][0] == seen[2][0] == 2 and seen[1][2] > 0 and seen[2][2] > seen[1][2], seen
+    assert_same_run(run, reference), (kills, seed)
+
+
+def test_kill_while_writing_a_checkpoint(tmp_path, reference):
+    cfg = write_config(tmp_path, cnn_config(tmp_path))
+    ready = tmp_path / "stalled"
+    # torch.save #4 is last.ckpt at step 8 (after step-000004, last, step-000008): it hangs halfway.
+    env = {**os.environ, **FAULT_ENV, "KILN_FAULT_STALL_SAVE": "4", "KILN_FAULT_STALL_READY": str(ready)}
+    proc = subprocess.Popen([sys.executable, "-m", "kiln_faults", "train", "-c", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+            time.sleep(0.02)
+        proc.kill()
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    (run,) = run_dirs(tmp_path)
+    ckpts = run / "checkpoints"
+    stale = [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name for p in stale] == [f".tmp-last.ckpt.{proc.pid}"] and stale[0].stat().st_size > 0
+    assert load_checkpoint(ckpts / "last.ckpt")["loop"]["global_step"] == 4  # the previous one, whole
+    done = kiln_faulty("train", "-c", str(cfg), "--resume", "auto", check=True)
+    assert resumes(done.stderr)[0][1] == 8  # step-000008.ckpt was complete: the newest valid one
+    assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir()), "stale temp file not cleaned"
+    assert_same_run(run, reference)
+
+
+# ------------------------------------------------------------------------------------------
+# stop signals
+# ------------------------------------------------------------------------------------------
+def start_training(cfg: Path, ready: Path, sleep: str, ready_at: int = 1, **popen) -> subprocess.Popen:
+    env = {**os.environ, **FAULT_ENV, "KILN_FAULT_SLEEP": sleep, "KILN_FAULT_READY": str(ready),
+           "KILN_FAULT_READY_AT": str(ready_at)}
+    return subprocess.Popen([sys.executable, "-m", "torchkiln", "train", "-c", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "training never got going"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("sig, code, num_workers", [
+    (signal.SIGTERM, 143, 0),
+    pytest.param(signal.SIGINT, 130, 2, marks=pytest.mark.slow),
+])
+def test_signal_checkpoints_and_resume_continues(tmp_path, reference, sig, code, num_workers):
+    cfg_dict = cnn_config(tmp_path, num_workers=num_workers, checkpoint_every_steps=None)
+    cfg = write_config(tmp_path, cfg_dict)
+    ready = tmp_path / "ready"
+    # SIGINT goes to the whole process group, as Ctrl-C in a terminal does (workers included).
+    proc = start_training(cfg, ready, sleep="0.05", ready_at=BATCHES + 7, start_new_session=True)
+    try:
+        wait_for(ready, proc)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err[-2000:]
+    (run,) = run_dirs(tmp_path)
+    assert f"Resume with: kiln train --resume {run}" in err
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    step, batch = state["loop"]["global_step"], state["loop"]["batch_in_epoch"]
+    assert step >= BATCHES + 7 and batch == step - BATCHES, err  # stopped mid-epoch, after its step
+    done = kiln_faulty("train", "--resume", str(run), check=True)
+    assert resumes(done.stderr) == [(2, step, batch)]
+    ref = load_checkpoint(reference / "checkpoints" / "last.ckpt")
+    got = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])
+    assert ref["loop"]["history"] == got["loop"]["history"]
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    cfg = write_config(tmp_path, cnn_config(tmp_path))
+    ready = tmp_path / "ready"
+    proc = start_training(cfg, ready, sleep="60")  # each training step takes a minute
+    try:
+        wait_for(ready, proc)
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stderr:  # wait until the first Ctrl-C was heard
+            if "received SIGINT" in line:
+                break
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=50)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 30, "the second Ctrl-C did not stop the run at once"
+    assert "interrupted" in err
+
+
+# ------------------------------------------------------------------------------------------
+# safe loading and clear errors
+# ------------------------------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def one_line_error(proc, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_pickle_payload_is_refused_and_never_runs(tmp_path, mlp_run):
+    run = copy_run(mlp_run, tmp_path)
+    marker = tmp_path / "MARKER"
+    evil = run / "checkpoints" / "zz-evil.ckpt"
+    state = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    state["payload"] = _Payload(marker)
+    torch.save(state, evil)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(evil)
+    proc = kiln("train", "--resume", str(evil))
+    one_line_error(proc, str(evil), "refused to load")
+    proc = kiln("test", str(run), "--checkpoint", str(evil))
+    one_line_error(proc, str(evil), "refused to load")
+    # --resume auto: the payload is the newest file; it is skipped (and said so), never run
+    proc = kiln("train", "-c", str(tmp_path / "cfg.yaml"), "--resume", "auto", "trainer.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipping unusable checkpoint: {evil}: refused" in proc.stderr
+    assert not marker.exists(), "unpickling ran code from the checkpoint"
+
+
+def test_damaged_or_foreign_checkpoints_give_one_clear_line(tmp_path, mlp_run):
+    run = copy_run(mlp_run, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    wrong = tmp_path / "notes.ckpt"
+    wrong.write_text("not a checkpoint\n")
+    flipped = bytearray(data)
+    flipped[len(data) // 2: len(data) // 2 + 16] = bytes(16)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(bytes(flipped))
+    plain = tmp_path / "weights.ckpt"
+    torch.save(load_checkpoint(last)["model"], plain)
+
+    for path, what in [(truncated, "truncated"), (wrong, "wrong file type"), (corrupt, "corrupted"),
+                       (plain, "not a torchkiln training checkpoint")]:
+        with pytest.raises(CheckpointError, match=what) as info:
+            from torchkiln.run import find_checkpoint
+
+            find_checkpoint(str(path))
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    one_line_error(kiln("train", "--resume", str(truncated)), str(truncated), "truncated")
+    one_line_error(kiln("train", "--resume", str(wrong)), str(wrong), "wrong file type")
+
+    config_before = (run / "config.yaml").read_text()
+    proc = kiln("train", "--resume", str(run), "model.args.hidden=[16]")
+    one_line_error(proc, str(last), "does not fit this model", "features.1.weight")
+    assert (run / "config.yaml").read_text() == config_before, "a failed resume changed config.yaml"
+
+
+def test_auto_resume_falls_back_past_a_truncated_newest_checkpoint(tmp_path, mlp_run):
+    run = copy_run(mlp_run, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    proc = kiln("train", "-c", str(tmp_path / "cfg.yaml"), "--resume", "auto", "trainer.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipping unusable checkpoint: {last}: truncated" in proc.stderr
+    assert "falling back to" in proc.stderr
+    assert load_checkpoint(last)["loop"]["epoch"] == 2  # rewritten whole by the resumed run
+
+
+def test_auto_resume_without_any_run_starts_fresh(tmp_path):
+    cfg = small_config(tmp_path, trainer={"epochs": 1}, logging={"progress": False, "plots": False})
+    proc = kiln("train", "-c", str(write_config(tmp_path, cfg)), "--resume", "auto", check=True)
+    assert "no checkpoint of 't'" in proc.stderr and "starting a new run" in proc.stderr
+    assert len(run_dirs(tmp_path)) == 1
+
+
+# ------------------------------------------------------------------------------------------
+# disk full, atomic writes
+# ------------------------------------------------------------------------------------------
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, mlp_run):
+    run = copy_run(mlp_run, tmp_path)
+    ckpts = run / "checkpoints"
+    before = {p.name: sha(p) for p in ckpts.iterdir()}
+    limit = (ckpts / "last.ckpt").stat().st_size // 2
+
+    def small_files_only():  # every file this process writes is capped: a checkpoint cannot fit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torchkiln", "train", "--resume", str(run),
+                           "trainer.epochs=2"], env=env, capture_output=True, text=True, timeout=120,
+                          preexec_fn=small_files_only)
+    line = one_line_error(proc, "could not write checkpoint", "the previous checkpoint is intact")
+    assert "file size limit" in line or "disk full" in line
+    assert {p.name: sha(p) for p in ckpts.iterdir()} == before, "a checkpoint changed or a temp file stayed"
+    assert load_checkpoint(ckpts / "last.ckpt")["loop"]["epoch"] == 1
+
+
+def test_failed_write_leaves_the_final_name_untouched(tmp_path):
+    path = tmp_path / "last.ckpt"
+    save_checkpoint({"a": torch.ones(3)}, path)
+    before = sha(path)
+    with pytest.raises(CheckpointError, match="could not write checkpoint"):
+        save_checkpoint({"a": torch.ones(3)}, path / "nested.ckpt")  # its folder is a file
+    with pytest.raises(Exception):  # noqa: B017 - pickling fails midway: no partial file, no temp
+        save_checkpoint({"a": torch.ones(3), "f": lambda: 0}, path)
+    assert sha(path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+# ------------------------------------------------------------------------------------------
+# export
+# ------------------------------------------------------------------------------------------
+def test_export_safetensors_loads_without_torchkiln(tmp_path, reference):
+    from safetensors.torch import load_file
+
+    from torchkiln.models.small import SmallCNN
+
+    out = tmp_path / "export"
+    proc = kiln_faulty("export", str(reference), "--format", "safetensors", "--out", str(out), check=True)
+    assert proc.stdout.split() == [str(out / "model.safetensors"), str(out / "model.json")]
+    info = json.loads((out / "model.json").read_text())
+    assert info["model"]["type"] == "kiln_faults:FaultyCNN" and info["source_checkpoint"].endswith("best.ckpt")
+
+    fresh = SmallCNN(**info["model"]["args"])
+    fresh.load_state_dict(load_file(out / "model.safetensors"), strict=True)
+    trained = SmallCNN(**info["model"]["args"])
+    trained.load_state_dict(load_checkpoint(reference / "checkpoints" / "best.ckpt")["model"])
+    x = torch.rand(16, 1, 8, 8)
+    fresh.eval()
+    trained.eval()
+    assert torch.equal(fresh(x), trained(x))
+
+    script = ("import sys, json; sys.modules['torchkiln'] = None\n"
+              "from safetensors.torch import load_file\n"
+              f"w = load_file({str(out / 'model.safetensors')!r})\n"
+              f"info = json.load(open({str(out / 'model.json')!r}))\n"
+              "assert sorted(w) == sorted(info['tensors']), 'keys'\n"
+              "print(len(w))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == len(fresh.state_dict())

@@ -1,0 +1,220 @@
+"""DDP on CPU (Gloo, 2 processes): same results as one process, rank-0 duties, resume, failures."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import ROOT, kiln, small_config, write_config
+from torchkiln import Trainer
+from torchkiln.config.load import resolve
+from torchkiln.data.loaders import ResumableBatchSampler
+from torchkiln.engine.checkpoint import load_checkpoint
+from torchkiln.run import train
+
+PER_PROCESS_BATCH = 32
+
+
+def _config(tmp_path: Path, name: str, batch: int, **trainer) -> dict:
+    # SGD: its update is linear in the gradient, so float rounding (a mean over 64 samples versus
+    # the mean of two means over 32) stays near 1e-7 instead of being amplified as Adam does.
+    return small_config(
+        tmp_path, name=name,
+        data={"batch_size": batch, "shuffle": False, "drop_last": True},
+        optimizer={"type": "SGD", "args": {"lr": 0.1, "momentum": 0.9}},
+        trainer={"epochs": 2, "monitor": "val/accuracy", "checkpoint_every_steps": 13, **trainer},
+    )
+
+
+def _rows(run_dir: Path) -> list[dict[str, float]]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: float(v) for k, v in r.items() if not k.startswith("time/")} for r in csv.DictReader(f)]
+
+
+def _only_run(root: Path) -> Path:
+    runs = list(root.iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+# ------------------------------------------------------------------------------------------
+# the sampler (fast)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_global_batch_k_holds_the_samples_of_one_process_batch_k(shuffle):
+    n, b, world = 101, 4, 2
+    single = list(ResumableBatchSampler(n, b * world, shuffle=shuffle, seed=3, drop_last=True))
+    ranks = [ResumableBatchSampler(n, b, shuffle=shuffle, seed=3, drop_last=True, rank=r, world_size=world)
+             for r in range(world)]
+    per_rank = [list(s) for s in ranks]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(ranks[0]) == len(ranks[1])  # no rank waits
+    for k, batch in enumerate(single):
+        assert sorted(per_rank[0][k] + per_rank[1][k]) == sorted(batch)
+    # Without drop_last the odd sample count is padded so both ranks still take equal steps.
+    padded = [list(ResumableBatchSampler(n, b, shuffle=shuffle, seed=3, rank=r, world_size=world))
+              for r in range(world)]
+    assert [len(p) for p in padded] == [13, 13]
+    assert sorted({i for p in padded for batch in p for i in batch}) == list(range(n))
+
+
+def test_evaluation_shards_cover_every_sample_exactly_once():
+    n, world = 101, 2
+    shards = [ResumableBatchSampler(n, 8, shuffle=False, seed=0, rank=r, world_size=world, pad=False)
+              for r in range(world)]
+    seen = [i for s in shards for batch in s for i in batch]
+    assert sorted(seen) == list(range(n))  # no duplicate counted, none missing
+    assert [len(list(s)) for s in shards] == [len(s) for s in shards] == [7, 7]
+
+
+def test_dp_without_several_gpus_trains_plainly_with_a_warning(caplog):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 3))
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False,
+                      strategy="dp", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="torchkiln"):
+        trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16))
+    assert trainer.model is model
+    assert "fewer than 2 GPUs" in caplog.text
+
+
+def test_devices_with_dp_strategy_is_refused_before_launch(tmp_path, cli):
+    cfg = write_config(tmp_path, small_config(tmp_path, trainer={"strategy": "dp"}))
+    code, _, err = cli("train", "-c", str(cfg), "--devices", "2")
+    assert code == 2 and "trainer.strategy" in err and "--devices" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# two real processes
+# ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = write_config(tmp, _config(tmp, "two", PER_PROCESS_BATCH))
+    proc = kiln("train", "-c", str(cfg), "--devices", "2", cwd=tmp, timeout=240, check=True)
+    return tmp, _only_run(tmp / "runs" / "two"), proc
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_double_batch(two_process_run, tmp_path):
+    _, two_dir, _ = two_process_run
+    one_dir, _ = train(resolve(_config(tmp_path, "one", 2 * PER_PROCESS_BATCH), "test"), progress=False)
+    one_rows, two_rows = _rows(one_dir), _rows(two_dir)
+    assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows]  # same steps per epoch
+    for a, b in zip(one_rows, two_rows):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), key
+    one = load_checkpoint(one_dir / "checkpoints" / "last.ckpt")["model"]
+    two = load_checkpoint(two_dir / "checkpoints" / "last.ckpt")["model"]
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_only_rank0_writes_one_run_directory(two_process_run):
+    tmp, run_dir, proc = two_process_run
+    files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    assert [f for f in files if not f.startswith("tensorboard/")] == [
+        "checkpoints/best.ckpt", "checkpoints/last.ckpt", "checkpoints/step-000013.ckpt",
+        "checkpoints/step-000026.ckpt", "config.yaml", "metrics.csv", "metrics.jsonl", "plots/curves.png",
+        "summary.json", "train.log",
+    ]
+    assert len(list((run_dir / "tensorboard").iterdir())) == 1
+    log_text = (run_dir / "train.log").read_text()
+    assert "global batch size 64 = 32 per process x 2 process(es)" in log_text
+    assert log_text.count("epoch 2/2") == 1
+    # Rank 1 logs warnings and errors only: its info lines never reach the console.
+    assert proc.stderr.count("initial-parameter fingerprint") == 1 and "[rank 1]" not in proc.stderr
+    # Each rank's RNG and partial epoch sums travel in the one checkpoint rank 0 writes.
+    assert len(load_checkpoint(run_dir / "checkpoints" / "step-000013.ckpt")["ranks"]) == 2
+
+
+@pytest.mark.slow
+def test_resume_two_processes_mid_epoch_matches_uninterrupted(two_process_run, tmp_path):
+    _, run_dir, _ = two_process_run
+    copy = tmp_path / "copy" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    ckpt = copy / "checkpoints" / "step-000026.ckpt"  # epoch 2, batch 7 of 19
+    assert load_checkpoint(ckpt)["loop"]["batch_in_epoch"] == 7
+    kiln("train", "--resume", str(ckpt), "--devices", "2", "-q", cwd=tmp_path, timeout=240, check=True)
+    full = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    resumed = load_checkpoint(copy / "checkpoints" / "last.ckpt")
+    assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
+    # Epoch 2's train loss and metrics include both ranks' partial sums from before the stop.
+    assert resumed["loop"]["history"] == full["loop"]["history"]
+    assert _rows(copy) == _rows(run_dir)
+
+
+def _rank_pid(parent: int, rank: int, old: int | None = None, wait: float = 240) -> int:
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in env and int(child) != old:
+                    return int(child)
+        time.sleep(0.2)
+    raise AssertionError(f"no worker of rank {rank} found")
+
+
+def _wait_for_new_checkpoint(runs: Path, after_ns: int, proc: subprocess.Popen, wait: float = 240) -> None:
+    deadline = time.monotonic() + wait
+    while not [p for p in runs.glob("*/checkpoints/step-*.ckpt") if p.stat().st_mtime_ns > after_ns]:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no checkpoint was written: " + _drain(proc)
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the worker through /proc")
+def test_killed_worker_restarts_then_stops_the_run_with_an_error(tmp_path):
+    cfg = write_config(tmp_path, _config(tmp_path, "kill", PER_PROCESS_BATCH, epochs=30, dist_timeout=30))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "torchkiln", "train", "-c", str(cfg), "--devices", "2",
+                             "--max-restarts", "1"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        runs = tmp_path / "runs" / "kill"
+        _wait_for_new_checkpoint(runs, 0, proc)
+        first = _rank_pid(proc.pid, 1)
+        os.kill(first, signal.SIGKILL)
+        # --max-restarts 1: the group restarts and resumes from the last checkpoint ...
+        second = _rank_pid(proc.pid, 1, old=first)
+        restarted_at = time.time_ns()
+        _wait_for_new_checkpoint(runs, restarted_at, proc)
+        # ... and a second death, with no restart left, ends the run with an error naming the rank.
+        os.kill(second, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0
+    assert re.search(r"resumed at epoch \d+, step (13|26|39)\b", err), err[-3000:]
+    last_line = [ln for ln in err.splitlines() if ln.startswith("error: worker")][-1]
+    assert "worker rank 1" in last_line and "SIGKILL" in last_line and "after 1 restart(s)" in last_line
+    assert len(list(runs.iterdir())) == 1  # the restart continued the same run directory
+
+
+def _drain(proc: subprocess.Popen) -> str:
+    proc.kill()
+    return proc.communicate()[1][-3000:]

@@ -1,0 +1,197 @@
+"""Every metric equals scikit-learn's over all samples of an epoch fed in uneven batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from torchkiln.errors import ConfigError
+from torchkiln.metrics import build_metrics
+from torchkiln.tasks import ClassificationTask, MultiLabelTask, RankingTask, RegressionTask
+
+SIZES = [1, 7, 33, 2, 64, 5, 18]  # uneven: a mean of batch means would differ
+
+
+def batches(n: int):
+    start = 0
+    for size in SIZES * 10:
+        if start >= n:
+            return
+        yield slice(start, min(start + size, n))
+        start += size
+
+
+def epoch(task, specs, outputs, targets, num_classes=None):
+    """Feed every batch through the task's metric update, as the Trainer does; compute once."""
+    metrics = task.build_metrics(specs, num_classes)
+    for sl in batches(len(outputs)):
+        tg = tuple(t[sl] for t in targets) if isinstance(targets, tuple) else targets[sl]
+        task.update_metrics(metrics, outputs[sl], tg)
+    return {k: v.numpy() for k, v in metrics.compute().items()}
+
+
+def softmax(x):
+    return torch.as_tensor(x).softmax(1).numpy()
+
+
+@pytest.fixture
+def multiclass():
+    g = torch.Generator().manual_seed(0)
+    n, c = 150, 5
+    y = torch.randint(0, c, (n,), generator=g)
+    logits = torch.randn(n, c, generator=g) + 1.5 * torch.nn.functional.one_hot(y, c)
+    return logits, y
+
+
+def test_multiclass_metrics_equal_sklearn(multiclass):
+    logits, y = multiclass
+    specs = ["accuracy", "balanced_accuracy", "top2_accuracy", "accuracy@3", "auroc", "average_precision",
+             "confusion_matrix"] + [f"{m}_{a}" for m in ("precision", "recall", "f1")
+                                    for a in ("macro", "micro", "weighted", "per_class")]
+    got = epoch(ClassificationTask(), specs, logits, y, 5)
+    yt, pred, prob = y.numpy(), logits.argmax(1).numpy(), softmax(logits)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(yt, pred), abs=1e-6)
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(yt, pred), abs=1e-6)
+    assert got["top2_accuracy"] == pytest.approx(skm.top_k_accuracy_score(yt, prob, k=2), abs=1e-6)
+    assert got["accuracy@3"] == pytest.approx(skm.top_k_accuracy_score(yt, prob, k=3), abs=1e-6)
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(yt, prob, multi_class="ovr"), abs=1e-5)
+    ap = np.mean([skm.average_precision_score(yt == k, prob[:, k]) for k in range(5)])
+    assert got["average_precision"] == pytest.approx(ap, abs=1e-5)
+    np.testing.assert_array_equal(got["confusion_matrix"], skm.confusion_matrix(yt, pred))
+    for avg in ("macro", "micro", "weighted", None):
+        p, r, f, _ = skm.precision_recall_fscore_support(yt, pred, average=avg, zero_division=0)
+        key = avg or "per_class"
+        np.testing.assert_allclose(got[f"precision_{key}"], p, atol=1e-6)
+        np.testing.assert_allclose(got[f"recall_{key}"], r, atol=1e-6)
+        np.testing.assert_allclose(got[f"f1_{key}"], f, atol=1e-6)
+
+
+def test_class_absent_from_the_epoch_matches_sklearn_defaults():
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (60,), generator=g)  # class 3 never occurs, nor is it predicted
+    logits = torch.randn(60, 4, generator=g)
+    logits[:, 3] = -10
+    got = epoch(ClassificationTask(), ["f1_macro", "precision_macro", "recall_weighted", "accuracy"], logits, y, 4)
+    yt, pred = y.numpy(), logits.argmax(1).numpy()
+    p, r, f, _ = skm.precision_recall_fscore_support(yt, pred, average="macro", zero_division=0)
+    assert got["f1_macro"] == pytest.approx(f, abs=1e-6)
+    assert got["precision_macro"] == pytest.approx(p, abs=1e-6)
+    assert got["recall_weighted"] == pytest.approx(skm.recall_score(yt, pred, average="weighted"), abs=1e-6)
+
+
+def test_single_sample_and_ties():
+    task = ClassificationTask()
+    got = epoch(task, ["accuracy", "f1_macro"], torch.tensor([[0.1, 2.0, 0.3]]), torch.tensor([1]), 3)
+    assert got["accuracy"] == 1.0 and got["f1_macro"] == 1.0
+    # Tied scores: a binary-like AUROC with ties equals sklearn's (ties count one half).
+    g = torch.Generator().manual_seed(2)
+    y = torch.randint(0, 2, (80,), generator=g)
+    score = torch.randint(0, 3, (80,), generator=g).float()  # many ties
+    logits = torch.stack([-score, score], 1) / 2
+    got = epoch(task, ["auroc"], logits, y, 2)
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(y.numpy(), softmax(logits)[:, 1]), abs=1e-6)
+
+
+def test_multilabel_metrics_equal_sklearn():
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 2, (120, 4), generator=g).float()
+    logits = torch.randn(120, 4, generator=g) + 1.2 * (2 * y - 1)
+    specs = ["exact_match", "accuracy", "hamming_loss", "f1_macro", "f1_micro", "precision_weighted",
+             "recall_per_class", "auroc", "average_precision"]
+    task = MultiLabelTask(threshold=0.4)
+    got = epoch(task, specs, logits, y, 4)
+    yt, prob = y.numpy().astype(int), logits.sigmoid().numpy()
+    pred = (prob >= 0.4).astype(int)
+    assert got["exact_match"] == pytest.approx(skm.accuracy_score(yt, pred), abs=1e-6)
+    assert got["accuracy"] == pytest.approx(1 - skm.hamming_loss(yt, pred), abs=1e-6)
+    assert got["hamming_loss"] == pytest.approx(skm.hamming_loss(yt, pred), abs=1e-6)
+    assert got["f1_macro"] == pytest.approx(skm.f1_score(yt, pred, average="macro"), abs=1e-6)
+    assert got["f1_micro"] == pytest.approx(skm.f1_score(yt, pred, average="micro"), abs=1e-6)
+    assert got["precision_weighted"] == pytest.approx(skm.precision_score(yt, pred, average="weighted"), abs=1e-6)
+    np.testing.assert_allclose(got["recall_per_class"], skm.recall_score(yt, pred, average=None), atol=1e-6)
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(yt, prob, average="macro"), abs=1e-5)
+    assert got["average_precision"] == pytest.approx(skm.average_precision_score(yt, prob, average="macro"), abs=1e-5)
+
+
+@pytest.mark.parametrize("outputs", [1, 3])
+def test_regression_metrics_equal_sklearn(outputs):
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(130, outputs, generator=g) * 3
+    pred = y + torch.randn(130, outputs, generator=g)
+    if outputs == 1:
+        y = y.squeeze(1)
+    got = epoch(RegressionTask(targets=outputs), ["mae", "mse", "rmse", "r2"], pred, y)
+    yt, yp = y.numpy(), pred.numpy().reshape(y.shape)
+    assert got["mae"] == pytest.approx(skm.mean_absolute_error(yt, yp), rel=1e-5)
+    assert got["mse"] == pytest.approx(skm.mean_squared_error(yt, yp), rel=1e-5)
+    assert got["rmse"] == pytest.approx(np.sqrt(skm.mean_squared_error(yt, yp)), rel=1e-5)
+    assert got["r2"] == pytest.approx(skm.r2_score(yt, yp), rel=1e-5)
+
+
+def _ranking_data(seed: int, ties: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    groups, rel, scores = [], [], []
+    for q in range(25):
+        k = int(torch.randint(1, 9, (1,), generator=g))  # uneven query sizes, one-item queries too
+        r = torch.randint(0, 3, (k,), generator=g).float()
+        if q % 6 == 5:
+            r.zero_()  # a query with no relevant item
+        s = torch.randn(k, generator=g) * 2 - 1  # negative scores too
+        if ties:
+            s = torch.randint(0, 3, (k,), generator=g).float()
+        groups.append(torch.full((k,), q))
+        rel.append(r)
+        scores.append(s + r * 0.8)
+    groups, rel, scores = torch.cat(groups), torch.cat(rel), torch.cat(scores)
+    perm = torch.randperm(len(groups), generator=g)  # queries spread across batches
+    return scores[perm], rel[perm], groups[perm]
+
+
+def _per_query(scores, rel, groups):
+    for q in torch.unique(groups):
+        m = groups == q
+        yield scores[m].numpy().astype(np.float64), rel[m].numpy()
+
+
+def _mrr(s, r):
+    order = np.argsort(-s, kind="stable")
+    hits = np.nonzero(r[order] > 0)[0]
+    return 1.0 / (hits[0] + 1) if len(hits) else 0.0
+
+
+def _hit(s, r, k):
+    return float((r[np.argsort(-s, kind="stable")[:k]] > 0).any())
+
+
+def _ndcg(s, r, k=None):
+    if len(s) == 1:  # sklearn refuses one-document queries: NDCG is 1 if relevant, else 0
+        return float(r[0] > 0)
+    return skm.ndcg_score(r[None], s[None], k=k) if r.sum() > 0 else 0.0
+
+
+def test_ranking_metrics_grouped_by_query():
+    scores, rel, groups = _ranking_data(5)
+    got = epoch(RankingTask(), ["ndcg", "ndcg@3", "map", "mrr", "hit_rate@2"], scores, (rel, groups))
+    queries = list(_per_query(scores, rel, groups))
+    assert got["ndcg"] == pytest.approx(np.mean([_ndcg(s, r) for s, r in queries]), abs=1e-5)
+    assert got["ndcg@3"] == pytest.approx(np.mean([_ndcg(s, r, 3) for s, r in queries]), abs=1e-5)
+    ap = [skm.average_precision_score(r > 0, s) if (r > 0).any() else 0.0 for s, r in queries]
+    assert got["map"] == pytest.approx(np.mean(ap), abs=1e-5)
+    assert got["mrr"] == pytest.approx(np.mean([_mrr(s, r) for s, r in queries]), abs=1e-5)
+    assert got["hit_rate@2"] == pytest.approx(np.mean([_hit(s, r, 2) for s, r in queries]), abs=1e-5)
+
+
+def test_ndcg_with_tied_scores_equals_sklearn():
+    scores, rel, groups = _ranking_data(6, ties=True)
+    got = epoch(RankingTask(), ["ndcg"], scores, (rel, groups))
+    expected = np.mean([_ndcg(s, r) for s, r in _per_query(scores, rel, groups)])
+    assert got["ndcg"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_metric_for_the_wrong_task_kind_is_a_config_error():
+    with pytest.raises(ConfigError, match="'mae' does not apply to a multiclass task"):
+        build_metrics(["mae"], 10)
+    with pytest.raises(ConfigError, match="positive integer"):
+        build_metrics(["ndcg@x"], None, kind="ranking")
