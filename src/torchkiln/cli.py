@@ -122,11 +122,13 @@ def _restart_target(args: argparse.Namespace, run) -> str | None:
 
     target = os.environ.get(distributed.RUN_DIR_ENV) or "auto"
     try:
-        ckpt = run.find_checkpoint(target, load_config(args.config, args.overrides))
+        found = run.find_checkpoint(target, load_config(args.config, args.overrides))
     except CheckpointError:
         return args.resume
-    log.info("restart %d: resuming from %s", distributed.restart_count(), ckpt)
-    return str(ckpt)
+    if found is None:  # the group died before its first checkpoint: start again
+        return args.resume
+    log.info("restart %d: resuming from %s", distributed.restart_count(), found[0])
+    return str(found[0])
 
 
 def main(argv: list[str] | None = None) -> int:
