@@ -130,9 +130,16 @@ def test_only_rank0_writes_one_run_directory(two_process_run):
     files = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     assert [f for f in files if not f.startswith("tensorboard/")] == [
         "checkpoints/best.ckpt", "checkpoints/last.ckpt", "checkpoints/step-000013.ckpt",
-        "checkpoints/step-000026.ckpt", "config.yaml", "metrics.csv", "metrics.jsonl", "plots/curves.png",
+        "checkpoints/step-000026.ckpt", "config.yaml", "metrics.csv", "metrics.jsonl",
+        "plots/confusion_matrix.png", "plots/curves.png", "plots/per_class.csv", "plots/per_class_f1.png",
         "summary.json", "train.log",
     ]
+    # The per-class table covers every validation sample: rank 0 gathered both ranks' shards.
+    import csv
+
+    with open(run_dir / "plots" / "per_class.csv", newline="") as f:
+        support = sum(int(r["support"]) for r in csv.DictReader(f))
+    assert support == 360
     assert len(list((run_dir / "tensorboard").iterdir())) == 1
     log_text = (run_dir / "train.log").read_text()
     assert "global batch size 64 = 32 per process x 2 process(es)" in log_text

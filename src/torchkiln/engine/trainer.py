@@ -34,7 +34,7 @@ from torchkiln.errors import CheckpointError, ConfigError, TrainingError
 from torchkiln.loggers.base import Logger
 from torchkiln.loggers.device import DeviceStats
 from torchkiln.loggers.progress import Progress
-from torchkiln.loggers.validation import ValidationCollector
+from torchkiln.loggers.validation import ValidationCollector, merge_samples
 from torchkiln.repro import fingerprint, rng_state, set_rng_state
 from torchkiln.tasks.base import ClassificationTask, Task
 
@@ -478,10 +478,16 @@ class Trainer:
     def _validate_and_show(self, epoch: int, loader: Iterable) -> dict[str, float]:
         """Validation; loggers that ask to see its outputs this epoch get them (and only then)."""
         wanting = [lg for lg in self.loggers if getattr(lg, "wants_validation", None) and lg.wants_validation(epoch)]
-        collector = ValidationCollector(max(getattr(lg, "max_images", 0) for lg in wanting)) if wanting else None
+        # Under DDP only rank 0 has loggers, but every rank holds a shard of the validation set:
+        # all ranks collect when rank 0 asks, and rank 0 gets the union.
+        max_images = distributed.broadcast_object(
+            max(getattr(lg, "max_images", 0) for lg in wanting) if wanting else None)
+        collector = ValidationCollector(max_images) if max_images is not None else None
         record = self._evaluate(loader, self.val_metrics, "val", collector)
         sample = collector.result() if collector is not None else None
-        if sample is not None:
+        if collector is not None and distributed.is_distributed():
+            sample = merge_samples(distributed.gather_objects(sample), max_images)
+        if sample is not None and wanting:
             for lg in wanting:
                 lg.log_validation(epoch, self.loop.global_step, sample)
         return record

@@ -94,3 +94,21 @@ class ValidationCollector:
             sample.image_preds = torch.cat(self._image_preds).long()
             sample.image_targets = torch.cat(self._image_targets).long()
         return sample
+
+
+def merge_samples(samples: list[ValidationSample | None], max_images: int) -> ValidationSample | None:
+    """One sample from several ranks' shards (predictions concatenated, images up to max_images)."""
+    parts = [s for s in samples if s is not None]
+    if not parts:
+        return None
+    merged = ValidationSample(
+        preds=torch.cat([s.preds for s in parts]),
+        targets=torch.cat([s.targets for s in parts]),
+        num_classes=parts[0].num_classes,
+    )
+    with_images = [s for s in parts if s.images is not None]
+    if with_images and max_images > 0:
+        merged.images = torch.cat([s.images for s in with_images])[:max_images]
+        merged.image_preds = torch.cat([s.image_preds for s in with_images])[:max_images]
+        merged.image_targets = torch.cat([s.image_targets for s in with_images])[:max_images]
+    return merged
