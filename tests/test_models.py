@@ -286,8 +286,8 @@ def test_unfreeze_at_epoch_with_lr_mult_and_resume(tmp_path, caplog):
 
     # Resuming from the end of epoch 1 gives bitwise the same weights as the run that never stopped.
     shutil.copy(ckpts / "epoch-002.ckpt", tmp_path / "uninterrupted.ckpt")
-    resumed_cfg, ckpt = run.resume_config(str(ckpts / "epoch-001.ckpt"), None, [])
-    run.train(resumed_cfg, resume=ckpt, progress=False)
+    resumed_cfg, ckpt, state = run.resume_config(str(ckpts / "epoch-001.ckpt"), None, [])
+    run.train(resumed_cfg, resume=ckpt, state=state, progress=False)
     again, straight = _weights(ckpts / "last.ckpt"), _weights(tmp_path / "uninterrupted.ckpt")
     assert all(torch.equal(again[k], straight[k]) for k in straight)
 

@@ -78,13 +78,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Console(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (not the one at creation)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _console(quiet: bool) -> None:
-    if any(getattr(h, "_kiln_console", False) for h in log.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    handler._kiln_console = True  # type: ignore[attr-defined]
-    log.addHandler(handler)
+    handler = next((h for h in log.handlers if isinstance(h, _Console)), None)
+    if handler is None:
+        handler = _Console()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     handler.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torchkiln.errors import ConfigError
-from torchkiln.registry import LOSSES
+from torchkiln.registry import LOSSES, construct
 
 TENSOR_ARGS = ("weight", "pos_weight", "alpha")
 
@@ -221,12 +221,7 @@ def make_loss(type_: str, args: dict[str, Any] | None = None, where: str = "loss
     """One loss from its registered name (or import path) and config arguments."""
     factory = LOSSES.get(type_, f"{where}.type")
     kwargs = resolve_args(dict(args or {}), f"{where}.args", labels, num_classes)
-    try:
-        return factory(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: could not build {type_}: {exc}") from exc
+    return construct(factory, kwargs, where, type_)
 
 
 def from_specs(specs: list[dict[str, Any]], where: str = "loss", labels: Callable[[], torch.Tensor] | None = None,

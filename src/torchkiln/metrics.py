@@ -16,7 +16,7 @@ from typing import Any
 from torchmetrics import Metric, MetricCollection
 
 from torchkiln.errors import ConfigError
-from torchkiln.registry import METRICS, check_args
+from torchkiln.registry import METRICS, check_args, construct
 
 KINDS = ("multiclass", "multilabel", "regression", "ranking")
 _TABLE: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
@@ -53,10 +53,7 @@ def _register(name: str, **kinds: tuple[str, dict[str, Any]]) -> None:
             if "top_k" not in params:
                 raise ConfigError(f"metrics: '{name}' has no top_k (no '@k' form)")
             kw["top_k"] = top_k
-        try:
-            return cls(**kw)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"metrics: could not build '{name}' for a {kind} task: {exc}") from exc
+        return construct(cls, kw, "metrics", f"'{name}' for a {kind} task")
 
     factory.__name__ = name
     METRICS.register(factory, name=name)

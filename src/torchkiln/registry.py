@@ -83,6 +83,17 @@ def import_path(path: str, where: str = "type") -> Any:
     return obj
 
 
+def construct(factory: Callable, kwargs: dict[str, Any], where: str, what: str) -> Any:
+    """Call a factory with config arguments: the one place where a TypeError or ValueError it
+    raises becomes a ConfigError naming the config key (`where`) and the thing built (`what`)."""
+    try:
+        return factory(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: could not build {what}: {exc}") from exc
+
+
 def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterable[str] = ()) -> None:
     """Refuse arguments the factory does not accept, naming the closest valid one."""
     try:

@@ -12,7 +12,15 @@ from torch import nn
 
 from torchkiln.config.schema import Component, Config
 from torchkiln.errors import ConfigError, did_you_mean
-from torchkiln.registry import DATASETS, LOSSES, MODELS, OPTIMIZERS, SCHEDULERS, check_args
+from torchkiln.registry import (
+    DATASETS,
+    LOSSES,
+    MODELS,
+    OPTIMIZERS,
+    SCHEDULERS,
+    check_args,
+    construct,
+)
 
 
 def _register_builtins() -> None:
@@ -69,12 +77,7 @@ def _components(cfg: Config):
 
 def build(comp: Component, registry, where: str, **extra: Any) -> Any:
     factory = registry.get(comp.type, f"{where}.type")
-    try:
-        return factory(**extra, **comp.args)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: could not build {comp.type}: {exc}") from exc
+    return construct(factory, {**extra, **comp.args}, where, comp.type)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from torchkiln.errors import ConfigError, did_you_mean
-from torchkiln.registry import check_args, import_path
+from torchkiln.registry import check_args, construct, import_path
 
 
 def _is_transform(obj: Any) -> bool:
@@ -82,10 +82,7 @@ def build_transform(step: Any, where: str) -> Callable:
     factory = resolve_transform(name, f"{where}.type")
     check_args(factory, args, f"{where}.args")
     kwargs = {k: _convert(k, v, f"{where}.args") for k, v in args.items()}
-    try:
-        return factory(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: could not build {name}: {exc}") from exc
+    return construct(factory, kwargs, where, name)
 
 
 def build_pipeline(steps: list[Any], where: str, to_float: bool = False) -> Callable | None:

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from torchkiln.errors import ConfigError
-from torchkiln.registry import TASKS, check_args
+from torchkiln.registry import TASKS, check_args, construct
 
 
 def build_task(spec: Any, where: str = "task"):
@@ -22,12 +21,7 @@ def build_task(spec: Any, where: str = "task"):
         name, args = spec.type, dict(spec.args)
     factory = TASKS.get(name, where)
     check_args(factory, args, f"{where}.args")
-    try:
-        return factory(**args)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: could not build task '{name}': {exc}") from exc
+    return construct(factory, args, where, f"task '{name}'")
 
 
 def dataset_targets(dataset: Dataset) -> torch.Tensor:
