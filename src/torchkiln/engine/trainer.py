@@ -27,6 +27,7 @@ from torchkiln.engine.checkpoint import (
     save_checkpoint,
     strip_prefixes,
 )
+from torchkiln.engine.metric_buffer import MetricBuffer
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.state import LoopState, StopRequested
 from torchkiln.engine.step import OptimizerStep, is_finite
@@ -197,6 +198,7 @@ class Trainer:
         )
         self.val_metrics = self._clone_metrics(metrics, "val/")
         self.train_metrics = self._clone_metrics(metrics, "train/") if train_metrics else None
+        self._train_buffer = MetricBuffer(self.task, self.train_metrics)
         self.loop = LoopState()
         self.initial_fingerprint: str | None = None
         self._stop_signal: int | None = None
@@ -311,6 +313,7 @@ class Trainer:
         start = loop.batch_in_epoch
         set_loader_epoch(loader, epoch, skip=start)
         loss_sum, count = self._restore_epoch_accum()
+        self._train_buffer = MetricBuffer(self.task, self.train_metrics)
         self.progress.epoch_start(epoch + 1, self.epochs, n_batches, done=start)
         check_finite = stepper.scaler is None
 
@@ -344,9 +347,7 @@ class Trainer:
                     group_used = True
                     loss_sum += loss.detach().float() * n
                     count += n
-                    if self.train_metrics is not None:
-                        with torch.no_grad():
-                            self.task.update_metrics(self.train_metrics, outputs, targets)
+                    self._train_buffer.add(outputs, targets)
             loop.batch_in_epoch = i + 1
             self.progress.advance(1, n)
 
@@ -373,6 +374,7 @@ class Trainer:
             raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
         loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {"train/loss": float(loss_sum / count)}
+        self._train_buffer.flush()
         if self.train_metrics is not None:
             record.update(_scalars(self.train_metrics.compute()))
             self.train_metrics.reset()
@@ -385,6 +387,7 @@ class Trainer:
         self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
         if not due and self._stop_signal is None:
             return
+        self._train_buffer.flush()
         accum = {
             "loss_sum": loss_sum.detach().cpu(),
             "count": count,
@@ -476,6 +479,7 @@ class Trainer:
             metrics.reset()
         loss_sum, count = torch.zeros((), device=self.device), 0
         model = distributed.unwrap_ddp(self.model)  # ranks hold uneven shards: no collective here
+        buffer = MetricBuffer(self.task, metrics)
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
@@ -484,8 +488,9 @@ class Trainer:
                     n = self.task.batch_size(batch)
                     loss_sum += self.task.loss(self.loss_fn, outputs, targets).float() * n
                     count += n
-            if metrics is not None and targets is not None:
-                self.task.update_metrics(metrics, outputs, targets)
+            if targets is not None:
+                buffer.add(outputs, targets)
+        buffer.flush()
         loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {f"{prefix}/loss": float(loss_sum / count)} if count else {}
         if metrics is not None and count:
