@@ -396,9 +396,10 @@ class Trainer:
         if self.run_dir is not None:
             self._flush_logs()
             state = self.state_dict(epoch_accum=accum)
+            written = None
             if due:
-                self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
-            self._save(state, "last.ckpt")
+                written = self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
+            self._save(state, "last.ckpt", copy_of=written)
         if self._stop_signal is not None:
             self._flush_steps()
             raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
@@ -429,11 +430,12 @@ class Trainer:
         if self.run_dir is not None:
             self._flush_logs()
             state = self.state_dict()
+            written = None  # serialize once: the epoch's other files copy the first one's bytes
             if improved:
-                self._save(state, "best.ckpt")
+                written = self._save(state, "best.ckpt")
             if self.save_period and (epoch + 1) % self.save_period == 0:
-                self._save(state, f"epoch-{epoch + 1:03d}.ckpt", numbered=True)
-            self._save(state, "last.ckpt")
+                written = self._save(state, f"epoch-{epoch + 1:03d}.ckpt", numbered=True, copy_of=written)
+            self._save(state, "last.ckpt", copy_of=written)
 
     def _update_best(self, record: dict[str, float]) -> bool:
         loop, value = self.loop, record.get(self.monitor)
@@ -640,12 +642,14 @@ class Trainer:
             raise CheckpointError(f"checkpoint does not fit this model ({'; '.join(parts)})")
         self.raw_model.load_state_dict(weights, strict=strict)
 
-    def _save(self, state: dict[str, Any], name: str, numbered: bool = False) -> None:
+    def _save(self, state: dict[str, Any], name: str, numbered: bool = False,
+              copy_of: Path | None = None) -> Path | None:
+        """Write `name` (rank 0); `copy_of`, a file just written from `state`, is copied instead."""
         if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
             distributed.barrier()
-            return
+            return None
         try:
-            save_checkpoint(state, self.ckpt_dir / name)
+            path = save_checkpoint(state, self.ckpt_dir / name, copy_of=copy_of)
         finally:
             distributed.barrier()
         if numbered and self.keep_last:
@@ -655,6 +659,7 @@ class Trainer:
             )
             for old in numbered_files[: -self.keep_last]:
                 old.unlink(missing_ok=True)
+        return path if path.is_file() else None
 
     # ---------------------------------------------------------------------------------------
     # stopping
