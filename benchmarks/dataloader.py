@@ -9,6 +9,7 @@ warm-up epoch and reports the median per-batch time. Runs in well under 2 minute
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -58,6 +59,16 @@ def time_loader(loader, device: torch.device, epochs: int) -> float:
     return statistics.median(per_batch)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,9 +97,10 @@ def main() -> None:
             print(f"{name}: DataLoader workers={workers} {s * 1e6:.1f} us/batch", flush=True)
         print(f"{name}: fast path {fast_s * 1e6:.1f} us/batch", flush=True)
     lines = [
-        f"# DataLoader path vs fast in-memory path (batch {args.batch_size}, device {device})",
+        f"# DataLoader path vs fast in-memory path (batch {args.batch_size}, device {device},"
+        f" {time.strftime('%Y-%m-%d')})",
         "",
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {cpu_model()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads; median of {args.epochs} epochs after a warm-up epoch.",
         "",
         "| data set | path | num_workers | per batch (us) | x fast path |",

@@ -45,11 +45,20 @@ class FaultyCNN(SmallCNN):
 
 
 def _stall_on_save(n: int, ready: str) -> None:
-    """Make the n-th torch.save write half its bytes, say so in `ready`, then hang (to be killed)."""
+    """Make the n-th checkpoint write (a torch.save, or the copy of a checkpoint just saved from
+    the same state) write half its bytes, say so in `ready`, then hang (to be killed)."""
     import io
+    import shutil
 
-    real_save = torch.save
+    real_save, real_copy = torch.save, shutil.copyfile
     calls = [0]
+
+    def stall(data: bytes, f) -> None:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        Path(ready).write_text(getattr(getattr(f, "f", f), "name", ""))
+        while True:
+            time.sleep(1)
 
     def save(obj, f, *args, **kwargs):
         calls[0] += 1
@@ -57,14 +66,16 @@ def _stall_on_save(n: int, ready: str) -> None:
             return real_save(obj, f, *args, **kwargs)
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
-        data = buf.getvalue()
-        f.write(data[: len(data) // 2])
-        f.flush()
-        Path(ready).write_text(getattr(getattr(f, "f", f), "name", ""))
-        while True:
-            time.sleep(1)
+        stall(buf.getvalue(), f)
 
-    torch.save = save
+    def copyfile(src, dst, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] != n:
+            return real_copy(src, dst, *args, **kwargs)
+        with open(dst, "wb") as f:
+            stall(Path(src).read_bytes(), f)
+
+    torch.save, shutil.copyfile = save, copyfile
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def test_kill9_at_random_steps_then_resume_is_bitwise_exact(tmp_path, reference,
 def test_kill_while_writing_a_checkpoint(tmp_path, reference):
     cfg = write_config(tmp_path, cnn_config(tmp_path))
     ready = tmp_path / "stalled"
-    # torch.save #4 is last.ckpt at step 8 (after step-000004, last, step-000008): it hangs halfway.
+    # Checkpoint write #4 is last.ckpt at step 8 (after step-000004, last, step-000008): it hangs halfway.
     env = {**os.environ, **FAULT_ENV, "KILN_FAULT_STALL_SAVE": "4", "KILN_FAULT_STALL_READY": str(ready)}
     proc = subprocess.Popen([sys.executable, "-m", "kiln_faults", "train", "-c", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

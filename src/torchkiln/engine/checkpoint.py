@@ -6,6 +6,7 @@ import errno
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,26 @@ FORMAT = "torchkiln-checkpoint"
 TMP_PREFIX = ".tmp-"
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write atomically: the final name never holds a partial file."""
+def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path | None = None) -> Path:
+    """Write atomically: the final name never holds a partial file.
+
+    `copy_of`: a checkpoint just written from this same `state`; its bytes are copied instead of
+    serializing `state` again (best.ckpt and last.ckpt of one epoch: one torch.save, not two).
+    """
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            writer = _Writer(f)
-            torch.save(state, writer)
-            f.flush()
-            os.fsync(f.fileno())
+        if copy_of is not None:
+            shutil.copyfile(copy_of, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        else:
+            with open(tmp, "wb") as f:
+                writer = _Writer(f)
+                torch.save(state, writer)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as exc:

@@ -27,6 +27,7 @@ from torchkiln.engine.checkpoint import (
     save_checkpoint,
     strip_prefixes,
 )
+from torchkiln.engine.metric_buffer import MetricBuffer
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.state import LoopState, StopRequested
 from torchkiln.engine.step import OptimizerStep, is_finite
@@ -200,6 +201,7 @@ class Trainer:
         )
         self.val_metrics = self._clone_metrics(metrics, "val/")
         self.train_metrics = self._clone_metrics(metrics, "train/") if train_metrics else None
+        self._train_buffer = MetricBuffer(self.task, self.train_metrics)
         self.loop = LoopState()
         self.initial_fingerprint: str | None = None
         self._stop_signal: int | None = None
@@ -315,6 +317,7 @@ class Trainer:
         start = loop.batch_in_epoch
         set_loader_epoch(loader, epoch, skip=start)
         loss_sum, count = self._restore_epoch_accum()
+        self._train_buffer = MetricBuffer(self.task, self.train_metrics)
         self.progress.epoch_start(epoch + 1, self.epochs, n_batches, done=start)
         self.device_stats.epoch_start()
         check_finite = stepper.scaler is None
@@ -349,9 +352,7 @@ class Trainer:
                     group_used = True
                     loss_sum += loss.detach().float() * n
                     count += n
-                    if self.train_metrics is not None:
-                        with torch.no_grad():
-                            self.task.update_metrics(self.train_metrics, outputs, targets)
+                    self._train_buffer.add(outputs, targets)
             loop.batch_in_epoch = i + 1
             self.progress.advance(1, n)
 
@@ -378,6 +379,7 @@ class Trainer:
             raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
         loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {"train/loss": float(loss_sum / count)}
+        self._train_buffer.flush()
         if self.train_metrics is not None:
             record.update(_scalars(self.train_metrics.compute()))
             self.train_metrics.reset()
@@ -390,6 +392,7 @@ class Trainer:
         self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
         if not due and self._stop_signal is None:
             return
+        self._train_buffer.flush()
         accum = {
             "loss_sum": loss_sum.detach().cpu(),
             "count": count,
@@ -398,9 +401,10 @@ class Trainer:
         if self.run_dir is not None:
             self._flush_logs()
             state = self.state_dict(epoch_accum=accum)
+            written = None
             if due:
-                self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
-            self._save(state, "last.ckpt")
+                written = self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
+            self._save(state, "last.ckpt", copy_of=written)
         if self._stop_signal is not None:
             self._flush_steps()
             raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
@@ -433,11 +437,12 @@ class Trainer:
         if self.run_dir is not None:
             self._flush_logs()
             state = self.state_dict()
+            written = None  # serialize once: the epoch's other files copy the first one's bytes
             if improved:
-                self._save(state, "best.ckpt")
+                written = self._save(state, "best.ckpt")
             if self.save_period and (epoch + 1) % self.save_period == 0:
-                self._save(state, f"epoch-{epoch + 1:03d}.ckpt", numbered=True)
-            self._save(state, "last.ckpt")
+                written = self._save(state, f"epoch-{epoch + 1:03d}.ckpt", numbered=True, copy_of=written)
+            self._save(state, "last.ckpt", copy_of=written)
 
     def _update_best(self, record: dict[str, float]) -> bool:
         loop, value = self.loop, record.get(self.monitor)
@@ -501,6 +506,7 @@ class Trainer:
             metrics.reset()
         loss_sum, count = torch.zeros((), device=self.device), 0
         model = distributed.unwrap_ddp(self.model)  # ranks hold uneven shards: no collective here
+        buffer = MetricBuffer(self.task, metrics)
         for batch in loader:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
@@ -509,10 +515,11 @@ class Trainer:
                     n = self.task.batch_size(batch)
                     loss_sum += self.task.loss(self.loss_fn, outputs, targets).float() * n
                     count += n
-            if metrics is not None and targets is not None:
-                self.task.update_metrics(metrics, outputs, targets)
+            if targets is not None:
+                buffer.add(outputs, targets)
             if collector is not None:
                 collector.update(self.task.split_batch(batch)[0], outputs, targets)
+        buffer.flush()
         loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
         record = {f"{prefix}/loss": float(loss_sum / count)} if count else {}
         if metrics is not None and count:
@@ -663,12 +670,14 @@ class Trainer:
             raise CheckpointError(f"checkpoint does not fit this model ({'; '.join(parts)})")
         self.raw_model.load_state_dict(weights, strict=strict)
 
-    def _save(self, state: dict[str, Any], name: str, numbered: bool = False) -> None:
+    def _save(self, state: dict[str, Any], name: str, numbered: bool = False,
+              copy_of: Path | None = None) -> Path | None:
+        """Write `name` (rank 0); `copy_of`, a file just written from `state`, is copied instead."""
         if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
             distributed.barrier()
-            return
+            return None
         try:
-            save_checkpoint(state, self.ckpt_dir / name)
+            path = save_checkpoint(state, self.ckpt_dir / name, copy_of=copy_of)
         finally:
             distributed.barrier()
         if numbered and self.keep_last:
@@ -678,6 +687,7 @@ class Trainer:
             )
             for old in numbered_files[: -self.keep_last]:
                 old.unlink(missing_ok=True)
+        return path if path.is_file() else None
 
     # ---------------------------------------------------------------------------------------
     # stopping

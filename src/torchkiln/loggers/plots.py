@@ -49,7 +49,11 @@ def plot_curves(history: list[dict[str, float]], path: str | Path, monitor: str 
         ax.legend()
     for ax in flat[panels:]:
         ax.axis("off")
-    fig.tight_layout()
+    # Fixed margins in inches, not fig.tight_layout(): that draws the figure once more only to
+    # measure it, a third of the plot's time (~60 of ~200 ms at the end of every run).
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=0.6 / w, right=1 - 0.15 / w, bottom=0.5 / h, top=1 - 0.35 / h, wspace=0.3,
+                        hspace=0.75 / (h / rows - 0.85))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

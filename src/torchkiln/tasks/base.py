@@ -40,6 +40,9 @@ class Task:
     default_loss = "MSELoss"
     default_metrics: tuple[str, ...] = ()
     metric_kind = "regression"
+    # True when one metric update over k batches concatenated equals k updates (per-sample
+    # metrics): the trainer then updates once per few batches (engine/metric_buffer.py).
+    concat_metric_updates = False
     lower_is_better = frozenset({"loss", "mae", "mse", "rmse", "hamming_loss"})
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
@@ -120,6 +123,7 @@ class ClassificationTask(Task):
     default_loss = "CrossEntropyLoss"
     default_metrics = ("accuracy", "f1_macro")
     metric_kind = "multiclass"
+    concat_metric_updates = True
 
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         # Probabilities, not logits: torchmetrics decides per batch whether to softmax otherwise.
@@ -141,6 +145,7 @@ class RegressionTask(Task):
     default_loss = "MSELoss"
     default_metrics = ("rmse", "mae", "r2")
     metric_kind = "regression"
+    concat_metric_updates = True
 
     def __init__(self, targets: int = 1):
         if int(targets) < 1:

@@ -19,6 +19,7 @@ class MultiLabelTask(Task):
     default_loss = "BCEWithLogitsLoss"
     default_metrics = ("f1_macro", "exact_match", "accuracy")
     metric_kind = "multilabel"
+    concat_metric_updates = True
 
     def __init__(self, threshold: float = 0.5):
         if not 0.0 < threshold < 1.0:

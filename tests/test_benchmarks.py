@@ -1,0 +1,107 @@
+"""The benchmark scripts run (tiny settings) and their side-by-side checks hold; no timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_overhead_script_runs_every_variant_and_losses_agree(tmp_path):
+    overhead = load_script("overhead")
+    out = tmp_path / "overhead.md"
+    variants = [n for n in overhead.VARIANTS if importlib.util.find_spec("lightning") or "lightning" not in n]
+    code = overhead.main(["--epochs", "2", "--repeats", "1", "--no-warmup", "--variants", ",".join(variants),
+                          "--out", str(out)])
+    assert code == 0  # 1 when torchkiln's final losses differ from the hand loop's
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert len(rows) == len(variants)
+    assert sum("1.00x" in r for r in rows) >= 2  # each hand loop is its own reference
+    # Every variant saw the same batches and dropout masks: one set of final losses.
+    assert len({tuple(r.split("|")[-4:-1]) for r in rows}) == 1
+
+
+def test_overhead_hand_loop_and_torchkiln_match_on_both_data_paths(tmp_path):
+    overhead = load_script("overhead")
+    setup = overhead.make_setup(2, tmp_path, [])
+    rows = {}
+    for name in ("hand-slicing", "torchkiln-off", "hand-dataloader"):
+        timing, result = overhead.run_variant(name, setup)
+        assert len(timing.starts) == 2 and timing.total > 0
+        rows[name] = overhead.Row(name, [timing], result)
+    assert overhead.check_agreement(rows, rtol=1e-5) == []
+    # Bitwise the same losses (accuracy: torchkiln's is a float32 from torchmetrics).
+    assert rows["hand-slicing"].result[:2] == rows["hand-dataloader"].result[:2] == rows["torchkiln-off"].result[:2]
+    # The check fails when the numbers differ.
+    rows["torchkiln-off"].result = (rows["torchkiln-off"].result[0] * 1.01, *rows["torchkiln-off"].result[1:])
+    assert overhead.check_agreement(rows, rtol=1e-5)
+
+
+def test_epoch_order_is_torchkilns_sampler_order():
+    from torchkiln.data.loaders import ResumableBatchSampler
+
+    overhead = load_script("overhead")
+    mine, theirs = overhead.EpochOrder(100, 16, seed=3), ResumableBatchSampler(100, 16, shuffle=True, seed=3)
+    for epoch in range(3):
+        theirs.set_epoch(epoch)
+        assert list(mine) == list(theirs)
+
+
+def test_time_to_accuracy_script(tmp_path):
+    tta = load_script("time_to_accuracy")
+    cfg = tmp_path / "mlp.yaml"
+    cfg.write_text((ROOT / "configs" / "digits-mlp.yaml").read_text())
+    out = tmp_path / "tta.md"
+    assert tta.main(["--target", "0.5", "--seeds", "1", "--configs", str(cfg), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| 1/1 |" in text and "Fastest:" in text
+    # An unreachable target is reported as such, not as a time.
+    assert tta.main(["--target", "1.01", "--seeds", "1", "--configs", str(cfg), "--out", str(out)]) == 0
+    assert "| 0/1 |" in out.read_text()
+
+
+def test_metric_buffer_gives_the_per_batch_metrics():
+    from torchkiln.engine.metric_buffer import MetricBuffer
+    from torchkiln.tasks.base import ClassificationTask
+
+    task = ClassificationTask()
+    one, buffered = (task.build_metrics(["accuracy", "f1_macro", "balanced_accuracy"], 5) for _ in range(2))
+    buf = MetricBuffer(task, buffered, batches=4)
+    g = torch.Generator().manual_seed(0)
+    for size in (8, 8, 3, 8, 8, 8, 1):  # flushes after 4 batches, holds the last 3
+        out, y = torch.randn(size, 5, generator=g), torch.randint(0, 5, (size,), generator=g)
+        task.update_metrics(one, out, y)
+        buf.add(out, y)
+    assert buf._outputs  # batches are held until flushed
+    buf.flush()
+    a, b = one.compute(), buffered.compute()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metric_buffer_updates_at_once_for_tasks_without_concat():
+    from torchkiln.engine.metric_buffer import MetricBuffer
+    from torchkiln.tasks.base import ClassificationTask
+
+    class PerBatch(ClassificationTask):
+        concat_metric_updates = False
+
+    task = PerBatch()
+    metrics = task.build_metrics(["accuracy"], 3)
+    buf = MetricBuffer(task, metrics)
+    buf.add(torch.tensor([[5.0, 0, 0]]), torch.tensor([0]))
+    assert not buf._outputs and float(metrics.compute()["accuracy"]) == 1.0
