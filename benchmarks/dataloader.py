@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torchkiln.data.collate import DefaultCollate
 from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader
 from torchkiln.engine.trainer import move_to, set_loader_epoch
+from torchkiln.repro import cpu_model
 
 
 class Synthetic(Dataset):
@@ -57,16 +57,6 @@ def time_loader(loader, device: torch.device, epochs: int) -> float:
         if epoch:
             per_batch.append((time.perf_counter() - start) / max(n, 1))
     return statistics.median(per_batch)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

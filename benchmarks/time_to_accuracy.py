@@ -13,10 +13,8 @@ config's epochs, and the fastest config.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -97,13 +95,9 @@ def configs(paths: list[str] | None) -> list[Path]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    from torchkiln.repro import cpu_model
+
+    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:

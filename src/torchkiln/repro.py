@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,3 +70,14 @@ def _to_tuple(obj):
     if isinstance(obj, list):
         return tuple(_to_tuple(o) for o in obj)
     return obj
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark tables): /proc/cpuinfo, else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
