@@ -355,3 +355,27 @@ def test_group_pattern_matching_nothing_is_a_config_error(tmp_path):
                                                     "groups": [{"params": "haed.*", "lr_mult": 10}]}), "test")
     with pytest.raises(ConfigError, match=r"optimizer.groups.0.params: pattern 'haed.\*' matches no parameter"):
         build_optimizer(cfg, MLP(num_classes=10, hidden=[16]))
+
+
+def test_deferred_nan_check_names_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch):
+    """The accelerator path (no sync per step), forced on the CPU: the NaN of step 30 is found at
+    the step-32 checkpoint, which is then not written; the message names step 30."""
+    from torchkiln.config.load import resolve
+    from torchkiln.errors import TrainingError
+    from torchkiln.run import build_trainer
+
+    (tmp_path / "nanloss_deferred.py").write_text(NAN_LOSS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = small_config(tmp_path, loss={"type": "nanloss_deferred:NaNAt", "args": {"at": 30}},
+                       trainer={"epochs": 2, "monitor": "val/accuracy", "checkpoint_every_steps": 32},
+                       logging={"plots": False, "every_n_steps": 100})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    trainer, loaders = build_trainer(resolve(cfg, "test"), run_dir, progress=False)
+    trainer.defer_finite_check = True
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 2, step 30 \(batch 10\)"):
+        trainer.fit(loaders["train"], loaders["val"])
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["best.ckpt", "last.ckpt"]  # no step-000032.ckpt
+    last = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert last["loop"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in last["model"].values())

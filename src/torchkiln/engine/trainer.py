@@ -206,6 +206,11 @@ class Trainer:
         self.initial_fingerprint: str | None = None
         self._stop_signal: int | None = None
         self._step_rows: list[tuple[int, dict[str, Any]]] = []
+        # On an accelerator the non-finite-loss check of `on_nonfinite: stop` is deferred: the
+        # losses are kept on the device and checked with one sync per log interval and before
+        # anything is saved or validated, instead of a sync every step (None: defer off the CPU).
+        self.defer_finite_check: bool | None = None
+        self._pending_losses: list[tuple[int, int, int, torch.Tensor]] = []
         self._ready = False
 
     # ---------------------------------------------------------------------------------------
@@ -321,6 +326,8 @@ class Trainer:
         self.progress.epoch_start(epoch + 1, self.epochs, n_batches, done=start)
         self.device_stats.epoch_start()
         check_finite = stepper.scaler is None
+        defer = self.defer_finite_check if self.defer_finite_check is not None else self.device.type != "cpu"
+        defer = defer and check_finite and self.on_nonfinite == "stop"
 
         sizes = epoch_batch_sizes(loader, n_batches)
         group_used = False  # a group whose every micro-batch was skipped takes no optimizer step
@@ -339,13 +346,11 @@ class Trainer:
                 with stepper.autocast():
                     outputs, targets = self.task.forward(model, batch)
                     loss = self.task.loss(self.loss_fn, outputs, targets)
-                if check_finite and not torch.isfinite(loss.detach()).item():
+                if defer:
+                    self._pending_losses.append((epoch, loop.global_step + 1, i, loss.detach()))
+                if check_finite and not defer and not torch.isfinite(loss.detach()).item():
                     if self.on_nonfinite == "stop":
-                        raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {loop.global_step + 1}"
-                            f" (batch {i + 1}); the run stopped and its saved checkpoints are intact"
-                            f" (set trainer.on_nonfinite: skip_batch to skip such batches)"
-                        )
+                        raise _nonfinite_error(loss.item(), epoch, loop.global_step + 1, i)
                     log.warning("skipped batch %d of epoch %d: non-finite loss %s", i + 1, epoch + 1, loss.item())
                 else:
                     stepper.backward(loss, weight)
@@ -367,6 +372,8 @@ class Trainer:
                              " the LR schedule did not advance (%d skipped so far)", loop.global_step,
                              stepper.scaler.get_scale(), stepper.skipped)
                 self._record_step(loss.detach(), result.grad_norm, lrs)
+                if loop.global_step % self.log_every_n_steps == 0:
+                    self._check_pending_losses()
             elif last_in_group:
                 stepper.optimizer.zero_grad(set_to_none=True)
             if last_in_group:
@@ -375,6 +382,7 @@ class Trainer:
                     self._maybe_checkpoint_mid_epoch(loss_sum, count)
 
         self._flush_steps()
+        self._check_pending_losses()  # before anything of this epoch is validated, logged or saved
         if count == 0:
             raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
         loss_sum, count = distributed.sum_over_ranks(loss_sum, count)
@@ -570,6 +578,19 @@ class Trainer:
         if self.loop.global_step % self.log_every_n_steps == 0:
             self._flush_steps()
 
+    def _check_pending_losses(self) -> None:
+        """The deferred non-finite-loss check: one device sync for every loss kept since the last."""
+        if not self._pending_losses:
+            return
+        pending, self._pending_losses = self._pending_losses, []
+        values = torch.stack([v.float() for *_, v in pending])
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return
+        j = int((~finite).nonzero()[0])
+        epoch, step, batch, _ = pending[j]
+        raise _nonfinite_error(values[j].item(), epoch, step, batch)
+
     def _flush_steps(self) -> None:
         if not self._step_rows:
             return
@@ -673,6 +694,7 @@ class Trainer:
     def _save(self, state: dict[str, Any], name: str, numbered: bool = False,
               copy_of: Path | None = None) -> Path | None:
         """Write `name` (rank 0); `copy_of`, a file just written from `state`, is copied instead."""
+        self._check_pending_losses()  # weights after a non-finite loss are never saved
         if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
             distributed.barrier()
             return None
@@ -712,6 +734,13 @@ class Trainer:
             "fingerprint": self.initial_fingerprint,
             "seconds": seconds,
         }
+
+
+def _nonfinite_error(value: float, epoch: int, step: int, batch: int) -> TrainingError:
+    return TrainingError(
+        f"non-finite loss ({value}) at epoch {epoch + 1}, step {step} (batch {batch + 1}); the run stopped"
+        f" and its saved checkpoints are intact (set trainer.on_nonfinite: skip_batch to skip such batches)"
+    )
 
 
 def _scalars(computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
