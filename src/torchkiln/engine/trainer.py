@@ -210,6 +210,7 @@ class Trainer:
         # losses are kept on the device and checked with one sync per log interval and before
         # anything is saved or validated, instead of a sync every step (None: defer off the CPU).
         self.defer_finite_check: bool | None = None
+        self._loaded_state: dict[str, Any] | None = None  # the state dict load_state_dict last applied
         self._pending_losses: list[tuple[int, int, int, torch.Tensor]] = []
         self._ready = False
 
@@ -267,8 +268,9 @@ class Trainer:
             clean_stale_temps(self.ckpt_dir)
 
         resumed = resume is not None
-        if resumed:
+        if resumed and resume is not self._loaded_state:  # run.train loads (and checks) it first
             self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume, self.device))
+        if resumed:
             log.info("resumed at epoch %d, step %d (batch %d of the epoch)", self.loop.epoch + 1,
                      self.loop.global_step, self.loop.batch_in_epoch)
         else:
@@ -672,6 +674,7 @@ class Trainer:
         self._epoch_accum = own.get("epoch_accum")
         self.initial_fingerprint = state.get("fingerprint")
         set_rng_state(own["rng"])
+        self._loaded_state = state
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
         weights = strip_prefixes(weights)
