@@ -89,7 +89,7 @@ def main() -> None:
 
 
 def figures_cost(loader) -> None:
-    from torchkiln.loggers import figures
+    from torchkiln.loggers import images
     from torchkiln.loggers.validation import ValidationCollector
 
     collector = ValidationCollector(max_images=16)
@@ -97,8 +97,8 @@ def figures_cost(loader) -> None:
         collector.update(x, torch.randn(len(y), 10), y)
     sample = collector.result()
     start = time.perf_counter()
-    figures.to_array(figures.confusion_figure(sample))
-    figures.to_array(figures.misclassified_figure(sample))
+    images.confusion_image(sample)
+    images.misclassified_image(sample)
     print(f"validation figures (once per epoch): {time.perf_counter() - start:.3f} s")
 
 

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -196,3 +197,42 @@ def test_wandb_missing_names_the_extra(tmp_path, cli, monkeypatch):
     code, _, err = cli("train", "-q", "-c", str(write_config(tmp_path, cfg)))
     assert code == 2 and "torchkiln[wandb]" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_logged_pictures_show_the_sample():
+    """The per-epoch pictures (PIL, not matplotlib): every confusion cell has the colour of its
+    row fraction, and each misclassified tile shows its input, scaled up pixel for pixel."""
+    from torchkiln.loggers import images
+    from torchkiln.loggers.validation import ValidationSample
+
+    targets = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    preds = torch.tensor([0, 0, 0, 1, 1, 1, 0])
+    inputs = torch.zeros(2, 1, 8, 8)
+    inputs[0, 0, ::2, ::2] = 1.0  # a dot pattern
+    inputs[1, 0, :, :4] = 5.0  # left half lit (unnormalized values are min-max scaled)
+    sample = ValidationSample(preds, targets, 3, inputs, torch.tensor([1, 0]), torch.tensor([0, 2]))
+
+    matrix = images.confusion_image(sample, None, "cm")
+    assert matrix.dtype == np.uint8 and matrix.ndim == 3 and matrix.shape[2] == 3
+    fractions = np.array([[3 / 4, 1 / 4, 0], [0, 1, 0], [1, 0, 0]])
+    colours = images.blues(fractions)
+    # Find the grid: the top-left cell's colour, then sample each cell near its corner (the counts
+    # are written in the middle).
+    ys, xs = np.nonzero((matrix == colours[0, 0]).all(axis=2))
+    top, left = ys.min(), xs.min()
+    cell = int(np.clip(640 // 3, 4, 40))
+    for i in range(3):
+        for j in range(3):
+            assert tuple(matrix[top + i * cell + 2, left + j * cell + 2]) == tuple(colours[i, j]), (i, j)
+    assert tuple(images.blues(np.array(0.0))) == (247, 251, 255)
+    assert tuple(images.blues(np.array(1.0))) == (8, 48, 107)
+
+    grid = images.misclassified_image(sample, ["zero", "one", "two"], "wrong", side=80)
+    assert grid.shape[1] > 2 * 80
+    tile = grid[..., 0] if grid.ndim == 3 else grid
+    # Tile 0: 10x nearest-neighbour copy of the dot pattern, somewhere below its caption.
+    expected = np.kron((inputs[0, 0].numpy() * 255).astype(np.uint8), np.ones((10, 10), np.uint8))
+    found = [(y, x) for y in range(tile.shape[0] - 79) for x in range(0, 40)
+             if (tile[y:y + 80, x:x + 80] == expected).all()]
+    assert found, "the first tile is not the input scaled up"
+    assert images.misclassified_image(ValidationSample(preds, targets, 3)) is None

@@ -1,12 +1,13 @@
-"""Figures drawn from a ValidationSample, shared by TensorBoard, W&B and plots/ (matplotlib, Agg)."""
+"""The PNGs of plots/, drawn once at the end of a run with matplotlib (Agg). The pictures logged every
+epoch to TensorBoard and W&B are drawn by images.py, far cheaper."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from torchkiln.loggers.images import class_label
 from torchkiln.loggers.validation import ValidationSample
 
 
@@ -19,10 +20,6 @@ def pyplot():
     return plt
 
 
-def class_label(index: int, class_names: list[str] | None) -> str:
-    if class_names and 0 <= index < len(class_names):
-        return str(class_names[index])
-    return str(index)
 
 
 def per_class(sample: ValidationSample) -> dict[str, np.ndarray]:
@@ -34,14 +31,6 @@ def per_class(sample: ValidationSample) -> dict[str, np.ndarray]:
         recall = np.nan_to_num(tp / true)
         f1 = np.nan_to_num(2 * tp / (true + predicted))
     return {"support": true.astype(int), "precision": precision, "recall": recall, "f1": f1}
-
-
-def to_array(fig) -> np.ndarray:
-    """An (H, W, 3) uint8 RGB rendering of a figure, which is then closed."""
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    pyplot().close(fig)
-    return image
 
 
 def save(fig, path: str | Path) -> Path:
@@ -95,35 +84,3 @@ def per_class_f1_figure(sample: ValidationSample, class_names: list[str] | None 
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
-
-
-def misclassified_figure(sample: ValidationSample, class_names: list[str] | None = None, title: str = ""):
-    """A grid of misclassified inputs, each titled with its true and predicted class; None if none."""
-    if sample.images is None or not len(sample.images):
-        return None
-    plt = pyplot()
-    images = sample.images
-    n = len(images)
-    cols = min(8, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows + 0.4), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for k in range(n):
-        ax = axes.ravel()[k]
-        img = _displayable(images[k])
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-        t = class_label(int(sample.image_targets[k]), class_names)
-        p = class_label(int(sample.image_preds[k]), class_names)
-        ax.set_title(f"true {t}\npred {p}", fontsize=8, color="tab:red")
-    fig.suptitle(title or "misclassified validation samples", fontsize=10)
-    fig.tight_layout()
-    return fig
-
-
-def _displayable(image: torch.Tensor) -> np.ndarray:
-    """Min-max scaled to [0, 1] (inputs are often normalized); (H, W) or (H, W, 3)."""
-    x = image.float()
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
-    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()

@@ -81,13 +81,13 @@ class TensorBoardLogger(Logger):
         return True
 
     def log_validation(self, epoch, step, sample):
-        from torchkiln.loggers import figures
+        from torchkiln.loggers import images
 
-        fig = figures.misclassified_figure(sample, self.class_names, f"misclassified (epoch {epoch})")
-        if fig is not None:
-            self.writer.add_image("val/misclassified", figures.to_array(fig), step, dataformats="HWC")
-        fig = figures.confusion_figure(sample, self.class_names, f"confusion matrix (epoch {epoch})")
-        self.writer.add_image("val/confusion_matrix", figures.to_array(fig), step, dataformats="HWC")
+        grid = images.misclassified_image(sample, self.class_names, f"misclassified (epoch {epoch})")
+        if grid is not None:
+            self.writer.add_image("val/misclassified", grid, step, dataformats="HWC")
+        matrix = images.confusion_image(sample, self.class_names, f"confusion matrix (epoch {epoch})")
+        self.writer.add_image("val/confusion_matrix", matrix, step, dataformats="HWC")
 
     def log_epoch(self, epoch, step, record):
         # Against the global step, like the step scalars: purge_step on resume then drops exactly

@@ -74,14 +74,14 @@ class WandbLogger(Logger):
     def log_validation(self, epoch, step, sample):
         import wandb
 
-        from torchkiln.loggers import figures
+        from torchkiln.loggers import images as draw
 
         images = {}
-        fig = figures.misclassified_figure(sample, self.class_names, f"misclassified (epoch {epoch})")
-        if fig is not None:
-            images["val/misclassified"] = wandb.Image(figures.to_array(fig))
-        fig = figures.confusion_figure(sample, self.class_names, f"confusion matrix (epoch {epoch})")
-        images["val/confusion_matrix"] = wandb.Image(figures.to_array(fig))
+        grid = draw.misclassified_image(sample, self.class_names, f"misclassified (epoch {epoch})")
+        if grid is not None:
+            images["val/misclassified"] = wandb.Image(grid)
+        matrix = draw.confusion_image(sample, self.class_names, f"confusion matrix (epoch {epoch})")
+        images["val/confusion_matrix"] = wandb.Image(matrix)
         self.run.log({**images, "epoch": epoch})
 
     def log_epoch(self, epoch, step, record):
