@@ -45,37 +45,35 @@ class FaultyCNN(SmallCNN):
 
 
 def _stall_on_save(n: int, ready: str) -> None:
-    """Make the n-th checkpoint write (a torch.save, or the copy of a checkpoint just saved from
-    the same state) write half its bytes, say so in `ready`, then hang (to be killed)."""
-    import io
-    import shutil
+    """Make the n-th checkpoint write (a new file's bytes, or the second name given to a file
+    just written from the same state) stall halfway, say so in `ready`, then hang (to be killed):
+    a new file gets half its bytes, a second name is made but never renamed into place."""
+    from torchkiln.engine import checkpoint
 
-    real_save, real_copy = torch.save, shutil.copyfile
+    real_write, real_link = checkpoint._write_file, checkpoint._link_or_copy
     calls = [0]
 
-    def stall(data: bytes, f) -> None:
-        f.write(data[: len(data) // 2])
-        f.flush()
-        Path(ready).write_text(getattr(getattr(f, "f", f), "name", ""))
+    def hang(path) -> None:
+        Path(ready).write_text(str(path))
         while True:
             time.sleep(1)
 
-    def save(obj, f, *args, **kwargs):
+    def write_file(path, data) -> None:
         calls[0] += 1
         if calls[0] != n:
-            return real_save(obj, f, *args, **kwargs)
-        buf = io.BytesIO()
-        real_save(obj, buf, *args, **kwargs)
-        stall(buf.getvalue(), f)
+            return real_write(path, data)
+        with open(path, "xb") as f:
+            f.write(bytes(data)[: len(data) // 2])
+            f.flush()
+        hang(path)
 
-    def copyfile(src, dst, *args, **kwargs):
+    def link_or_copy(source, path) -> None:
         calls[0] += 1
-        if calls[0] != n:
-            return real_copy(src, dst, *args, **kwargs)
-        with open(dst, "wb") as f:
-            stall(Path(src).read_bytes(), f)
+        real_link(source, path)
+        if calls[0] == n:
+            hang(path)
 
-    torch.save, shutil.copyfile = save, copyfile
+    checkpoint._write_file, checkpoint._link_or_copy = write_file, link_or_copy
 
 
 if __name__ == "__main__":

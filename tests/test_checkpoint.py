@@ -176,11 +176,18 @@ def test_kill9_at_random_steps_then_resume_is_bitwise_exact(tmp_path, reference,
     assert_same_run(run, reference), (kills, seed)
 
 
-def test_kill_while_writing_a_checkpoint(tmp_path, reference):
+@pytest.mark.parametrize("stalled, stale, resumed_at", [
+    # Write #3 is step-000008.ckpt's bytes (after step-000004 and last, a second name of it): cut
+    # halfway, so the newest whole checkpoint is step 4's.
+    (3, "step-000008.ckpt", 4),
+    # Write #4 is last.ckpt at step 8, a second name of step-000008.ckpt, made but never renamed
+    # into place: last.ckpt still holds step 4, and step-000008.ckpt is whole.
+    pytest.param(4, "last.ckpt", 8, marks=pytest.mark.slow),
+])
+def test_kill_while_writing_a_checkpoint(tmp_path, reference, stalled, stale, resumed_at):
     cfg = write_config(tmp_path, cnn_config(tmp_path))
     ready = tmp_path / "stalled"
-    # Checkpoint write #4 is last.ckpt at step 8 (after step-000004, last, step-000008): it hangs halfway.
-    env = {**os.environ, **FAULT_ENV, "KILN_FAULT_STALL_SAVE": "4", "KILN_FAULT_STALL_READY": str(ready)}
+    env = {**os.environ, **FAULT_ENV, "KILN_FAULT_STALL_SAVE": str(stalled), "KILN_FAULT_STALL_READY": str(ready)}
     proc = subprocess.Popen([sys.executable, "-m", "kiln_faults", "train", "-c", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -194,11 +201,11 @@ def test_kill_while_writing_a_checkpoint(tmp_path, reference):
         proc.stderr.close()
     (run,) = run_dirs(tmp_path)
     ckpts = run / "checkpoints"
-    stale = [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
-    assert [p.name for p in stale] == [f".tmp-last.ckpt.{proc.pid}"] and stale[0].stat().st_size > 0
+    temps = [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
+    assert [p.name for p in temps] == [f".tmp-{stale}.{proc.pid}"] and temps[0].stat().st_size > 0
     assert load_checkpoint(ckpts / "last.ckpt")["loop"]["global_step"] == 4  # the previous one, whole
     done = kiln_faulty("train", "-c", str(cfg), "--resume", "auto", check=True)
-    assert resumes(done.stderr)[0][1] == 8  # step-000008.ckpt was complete: the newest valid one
+    assert resumes(done.stderr)[0][1] == resumed_at  # the newest whole checkpoint
     assert not any(p.name.startswith(".tmp-") for p in ckpts.iterdir()), "stale temp file not cleaned"
     assert_same_run(run, reference)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import pickle
 import re
@@ -22,34 +23,29 @@ TMP_PREFIX = ".tmp-"
 def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path | None = None) -> Path:
     """Write atomically: the final name never holds a partial file.
 
-    `copy_of`: a checkpoint just written from this same `state`; its bytes are copied instead of
-    serializing `state` again (best.ckpt and last.ckpt of one epoch: one torch.save, not two).
+    `copy_of`: a checkpoint just written from this same `state`; it is hard-linked under the new
+    name (copied where the filesystem has no hard links) instead of serializing `state` again:
+    best.ckpt and last.ckpt of one epoch cost one torch.save and one write, not two.
     """
     path = Path(path)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
         if copy_of is not None:
-            shutil.copyfile(copy_of, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            _link_or_copy(Path(copy_of), tmp)
         else:
-            with open(tmp, "wb") as f:
-                writer = _Writer(f)
-                torch.save(state, writer)
-                f.flush()
-                os.fsync(f.fileno())
+            buffer = io.BytesIO()  # serialized in memory, written in one call: half the time of
+            torch.save(state, buffer)  # torch.save's record-by-record writes to the file
+            _write_file(tmp, buffer.getbuffer())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
         _remove(tmp)
-        cause = exc if isinstance(exc, OSError) else (writer.error if "writer" in locals() else None)
-        if cause is None:
-            reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        elif cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            reason = f"disk full or file size limit reached: {cause.strerror}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            reason = f"disk full or file size limit reached: {exc.strerror}"
         else:
-            reason = cause.strerror or str(cause)
+            reason = exc.strerror or str(exc)
         raise CheckpointError(
             f"{path}: could not write checkpoint ({reason}); the previous checkpoint is intact"
         ) from exc
@@ -59,33 +55,29 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path
     return path
 
 
+def _write_file(path: Path, data: memoryview | bytes) -> None:
+    """Write and fsync `data` as the new file `path`."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _link_or_copy(source: Path, path: Path) -> None:
+    """`path` as a second name of `source` (whose data is already on disk), else a synced copy."""
+    try:
+        os.link(source, path)
+    except OSError:
+        shutil.copyfile(source, path)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+
+
 def _remove(path: Path) -> None:
     try:
         path.unlink(missing_ok=True)
     except OSError:
         pass
-
-
-class _Writer:
-    """A file wrapper that remembers the OSError torch.save turns into a bare RuntimeError."""
-
-    def __init__(self, f):
-        self.f = f
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        try:
-            self.f.flush()
-        except OSError as exc:
-            self.error = exc
-            raise
 
 
 def _fsync_dir(directory: Path) -> None:
