@@ -236,3 +236,30 @@ def test_logged_pictures_show_the_sample():
              if (tile[y:y + 80, x:x + 80] == expected).all()]
     assert found, "the first tile is not the input scaled up"
     assert images.misclassified_image(ValidationSample(preds, targets, 3)) is None
+
+
+def test_picture_cadence(monkeypatch):
+    """Validation pictures: every N epochs, or (auto) as often as keeps them under 1% of the time."""
+    from torchkiln.loggers import base
+
+    clock = [0.0]
+    monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
+
+    def drawn(cadence: base.PictureCadence, epochs: int, epoch_s: float, draw_s: float) -> list[int]:
+        cadence.start(epochs)
+        out = []
+        for epoch in range(1, epochs + 1):
+            clock[0] += epoch_s
+            if cadence.due(epoch):
+                with cadence.timed():
+                    clock[0] += draw_s
+                out.append(epoch)
+        return out
+
+    assert drawn(base.PictureCadence(3), 10, 1.0, 0.05) == [1, 3, 6, 9, 10]
+    assert drawn(base.PictureCadence(1), 4, 1.0, 0.05) == [1, 2, 3, 4]
+    # 1 s epochs, 50 ms pictures: each drawing needs 5 s of run behind it (1%).
+    auto = drawn(base.PictureCadence(None), 30, 1.0, 0.05)
+    assert auto == [1, 10, 15, 20, 25, 30]
+    # Long epochs: the pictures are cheap next to them, drawn every epoch.
+    assert drawn(base.PictureCadence(None), 5, 60.0, 0.05) == [1, 2, 3, 4, 5]

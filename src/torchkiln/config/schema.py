@@ -145,6 +145,10 @@ class TrainerConfig(_Strict):
     save_period: int | None = Field(None, ge=1, description="also keep epoch-NNN.ckpt every N epochs")
     checkpoint_every_steps: int | None = Field(None, ge=1)
     keep_last: int | None = Field(None, ge=1, description="numbered checkpoints kept (best, last always)")
+    async_checkpoints: bool = Field(
+        True, description="write checkpoint files from a background thread (serialized at once; whole"
+        " files only ever appear under their names; waited for before the run ends or stops)"
+    )
     on_nonfinite: Literal["stop", "skip_batch"] = "stop"
     compile: bool = False
     compile_options: dict[str, Any] = Field(default_factory=dict, description="passed to torch.compile")
@@ -184,7 +188,19 @@ class LoggingConfig(_Strict):
     progress: bool = True
     histograms: int | None = Field(None, ge=1, description="TensorBoard weight/gradient histograms every N epochs")
     images: int = Field(16, ge=0, description="misclassified validation images drawn per epoch (0: none)")
+    images_every: int | str = Field(
+        "auto",
+        description="epochs between the validation pictures sent to TensorBoard/W&B (misclassified grid,"
+        " confusion matrix); auto: as often as keeps them under 1% of the run's time (first and last epoch always)",
+    )
     wandb: WandbConfig | None = Field(None, description="log to Weights & Biases (extra: torchkiln[wandb])")
+
+    @field_validator("images_every")
+    @classmethod
+    def _epochs_or_auto(cls, v: int | str) -> int | str:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError("expected auto or a number of epochs >= 1")
 
 
 class Config(_Strict):

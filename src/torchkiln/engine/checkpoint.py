@@ -28,16 +28,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path
     best.ckpt and last.ckpt of one epoch cost one torch.save and one write, not two.
     """
     path = Path(path)
+    if copy_of is not None:
+        _write_checkpoint(None, path, Path(copy_of))
+    else:
+        buffer = io.BytesIO()  # serialized in memory, written in one call: half the time of
+        torch.save(state, buffer)  # torch.save's record-by-record writes to the file
+        _write_checkpoint(buffer.getbuffer(), path, None)
+    return path
+
+
+def _write_checkpoint(data: memoryview | None, path: Path, copy_of: Path | None) -> None:
+    """`data` (or a second name of `copy_of`) under a temp name, synced, then renamed to `path`."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
         if copy_of is not None:
-            _link_or_copy(Path(copy_of), tmp)
+            _link_or_copy(copy_of, tmp)
         else:
-            buffer = io.BytesIO()  # serialized in memory, written in one call: half the time of
-            torch.save(state, buffer)  # torch.save's record-by-record writes to the file
-            _write_file(tmp, buffer.getbuffer())
+            _write_file(tmp, data)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -52,7 +61,74 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path
     except BaseException:
         _remove(tmp)
         raise
-    return path
+
+
+class CheckpointWriter:
+    """Writes checkpoints in the order given, from one background thread (or inline).
+
+    `save` serializes the state at once, on the caller's thread, so training may change it the
+    moment `save` returns; the writing (bytes, fsync, rename, second names) happens behind, in
+    order. A file is whole once it has its final name, whichever thread wrote it. At most one
+    checkpoint's bytes wait at a time: a `save` of new bytes first waits for what came before.
+    `wait` returns once everything handed over is on disk, and raises the first failure (a
+    CheckpointError naming the file); after a failure nothing further is written.
+    """
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._pool = None
+        self._pending: list[Any] = []
+        self._failure: BaseException | None = None
+
+    def save(self, state: dict[str, Any], path: str | Path, copy_of: str | Path | None = None) -> Path:
+        path = Path(path)
+        if copy_of is None:
+            self.wait()
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            self._submit(_write_checkpoint, buffer.getbuffer(), path, None)
+        else:
+            self._submit(_write_checkpoint, None, path, Path(copy_of))
+        return path
+
+    def run(self, fn, *args) -> None:
+        """Run `fn(*args)` after everything handed over so far (e.g. pruning old files)."""
+        self._submit(fn, *args)
+
+    def _submit(self, fn, *args) -> None:
+        if self._failure is not None:
+            self.wait()
+        if not self.background:
+            fn(*args)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkiln-checkpoint")
+        self._pending.append(self._pool.submit(self._guarded, fn, *args))
+
+    def _guarded(self, fn, *args) -> None:
+        if self._failure is None:
+            try:
+                fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by wait()
+                self._failure = exc
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
 
 def _write_file(path: Path, data: memoryview | bytes) -> None:

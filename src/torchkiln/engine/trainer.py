@@ -22,9 +22,9 @@ from torchkiln import __version__
 from torchkiln.engine import distributed
 from torchkiln.engine.checkpoint import (
     FORMAT,
+    CheckpointWriter,
     clean_stale_temps,
     load_checkpoint,
-    save_checkpoint,
     strip_prefixes,
 )
 from torchkiln.engine.metric_buffer import MetricBuffer
@@ -134,6 +134,7 @@ class Trainer:
         save_period: int | None = None,
         checkpoint_every_steps: int | None = None,
         keep_last: int | None = None,
+        async_checkpoints: bool = True,
         loggers: Iterable[Logger] = (),
         progress: bool = True,
         log_every_n_steps: int = 10,
@@ -165,6 +166,8 @@ class Trainer:
         self.save_period = save_period
         self.checkpoint_every_steps = checkpoint_every_steps
         self.keep_last = keep_last
+        # Checkpoints are serialized on this thread and written (fsync, rename) behind it, in order.
+        self.checkpoints = CheckpointWriter(background=async_checkpoints)
         self.loggers = list(loggers)
         self.progress = Progress(enabled=progress)
         self.device_stats = DeviceStats(self.device)
@@ -297,12 +300,21 @@ class Trainer:
                 self._end_epoch(epoch, record)
                 self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
                 if self._stop_signal is not None:
+                    self.checkpoints.wait()
                     raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
                 if self.loop.stopped_early:
                     log.info("early stop: %s did not improve for %d epochs (best %.6g at epoch %s)",
                              self.monitor, self.early_stop, self.loop.best, self.loop.best_epoch)
                     break
+        except BaseException:
+            self._wait_for_checkpoints(quiet=True)  # the error in flight is the one to report
+            raise
         finally:
+            failure = None
+            try:
+                self._wait_for_checkpoints()
+            except CheckpointError as exc:
+                failure = exc
             self._flush_steps()
             if self._dynamo_before is not None:
                 from torchkiln.engine.compile import report_compilation
@@ -311,6 +323,8 @@ class Trainer:
             summary = self.summary(time.perf_counter() - started)
             for lg in self.loggers:
                 lg.finish(summary)
+        if failure is not None:
+            raise failure
         return summary
 
     def _train_epoch(self, epoch: int, loader: Iterable, steps_per_epoch: int) -> dict[str, float]:
@@ -417,6 +431,7 @@ class Trainer:
             self._save(state, "last.ckpt", copy_of=written)
         if self._stop_signal is not None:
             self._flush_steps()
+            self.checkpoints.wait()
             raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
 
     def _restore_epoch_accum(self) -> tuple[torch.Tensor, int]:
@@ -696,23 +711,29 @@ class Trainer:
 
     def _save(self, state: dict[str, Any], name: str, numbered: bool = False,
               copy_of: Path | None = None) -> Path | None:
-        """Write `name` (rank 0); `copy_of`, a file just written from `state`, is copied instead."""
+        """Hand `name` to the checkpoint writer (rank 0); `copy_of`, a file handed over just
+        before from the same `state`, gets a second name instead of a second serialization."""
         self._check_pending_losses()  # weights after a non-finite loss are never saved
         if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
             distributed.barrier()
             return None
         try:
-            path = save_checkpoint(state, self.ckpt_dir / name, copy_of=copy_of)
+            path = self.checkpoints.save(state, self.ckpt_dir / name, copy_of=copy_of)
         finally:
             distributed.barrier()
         if numbered and self.keep_last:
-            numbered_files = sorted(
-                (p for p in self.ckpt_dir.glob("*.ckpt") if re.match(r"(epoch|step)-\d+\.ckpt$", p.name)),
-                key=lambda p: p.stat().st_mtime_ns,
-            )
-            for old in numbered_files[: -self.keep_last]:
-                old.unlink(missing_ok=True)
-        return path if path.is_file() else None
+            self.checkpoints.run(_prune_numbered, self.ckpt_dir, self.keep_last)
+        return path
+
+    def _wait_for_checkpoints(self, quiet: bool = False) -> None:
+        """Every checkpoint handed over is on disk; a failed write raises here (or, with `quiet`,
+        while another error is already on its way out, is logged)."""
+        try:
+            self.checkpoints.wait()
+        except CheckpointError as exc:
+            if not quiet:
+                raise
+            log.error("%s", exc)
 
     # ---------------------------------------------------------------------------------------
     # stopping
@@ -757,6 +778,14 @@ def _scalars(computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
         elif v.dim() == 1:
             out.update({f"{k}/{i}": x for i, x in enumerate(v.tolist())})
     return out
+
+
+def _prune_numbered(directory: Path, keep: int) -> None:
+    """Keep the newest `keep` numbered checkpoints (epoch-NNN.ckpt, step-NNNNNN.ckpt)."""
+    numbered = sorted((p for p in directory.glob("*.ckpt") if re.match(r"(epoch|step)-\d+\.ckpt$", p.name)),
+                      key=lambda p: p.stat().st_mtime_ns)
+    for old in numbered[:-keep]:
+        old.unlink(missing_ok=True)
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,3 +43,39 @@ class Logger:
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Called once at the end of fit (also after an early stop or a stop request)."""
+
+
+class PictureCadence:
+    """Which epochs get validation pictures (they cost a few ms to draw and encode, which on a
+    0.1 s epoch is several percent): every `every` epochs, or with `every=None` ("auto") as often
+    as keeps their cost within `budget` of the time since the run (or resume) started. The first
+    and the last epoch always get them."""
+
+    def __init__(self, every: int | None = None, budget: float = 0.01):
+        self.every = every
+        self.budget = budget
+        self.last_epoch: int | None = None
+        self.started = time.perf_counter()
+        self.spent = 0.0
+        self.cost = 0.0  # the latest drawing's seconds: the next one is expected to cost as much
+        self.drawn = 0
+
+    def start(self, last_epoch: int | None) -> None:
+        self.last_epoch, self.started, self.spent, self.cost, self.drawn = last_epoch, time.perf_counter(), 0.0, 0.0, 0
+
+    def due(self, epoch: int) -> bool:
+        if self.drawn == 0 or (self.last_epoch is not None and epoch >= self.last_epoch):
+            return True
+        if self.every is not None:
+            return epoch % self.every == 0
+        return self.spent + self.cost <= self.budget * (time.perf_counter() - self.started)
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.cost = time.perf_counter() - start
+            self.spent += self.cost
+            self.drawn += 1

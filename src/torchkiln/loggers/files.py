@@ -18,33 +18,57 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 class CSVLogger(Logger):
-    """One row per epoch. On resume, rows from the resumed epoch on are dropped, then appended."""
+    """One row per epoch. On resume, rows from the resumed epoch on are dropped, then appended.
+
+    A row is appended to the open file; the file is rewritten whole only when a row brings a
+    column the header lacks (so the cost per epoch does not grow with the epochs).
+    """
 
     def __init__(self, run_dir: str | Path, filename: str = "metrics.csv"):
         self.path = Path(run_dir) / filename
         self.rows: list[dict[str, Any]] = []
+        self.columns: list[str] = []
+        self._file = None
+        self._writer: csv.DictWriter | None = None
 
     def start(self, info, resume_epoch=None, resume_step=0):
         if resume_epoch is not None:
             self.rows = [r for r in read_csv_rows(self.path) if int(r["epoch"]) < resume_epoch]
         else:
             self.rows = []
-        self._write()
+        self._rewrite()
 
     def log_epoch(self, epoch, step, record):
-        self.rows.append({"epoch": epoch, "step": step, **record})
-        self._write()
+        row = {"epoch": epoch, "step": step, **record}
+        self.rows.append(row)
+        if self._writer is None or any(k not in self.columns for k in row):
+            self._rewrite()
+        else:
+            self._writer.writerow(row)
+            self._file.flush()
 
-    def _write(self) -> None:
+    def _rewrite(self) -> None:
+        self._close()
         columns: list[str] = []
         for row in self.rows:
             columns += [k for k in row if k not in columns]
+        self.columns = columns or ["epoch", "step"]
         tmp = self.path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns or ["epoch", "step"])
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             writer.writerows(self.rows)
         tmp.replace(self.path)
+        self._file = open(self.path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
+
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._file, self._writer = None, None
+
+    def finish(self, summary):
+        self._close()
 
 
 class JSONLLogger(Logger):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from torchkiln.errors import ConfigError
-from torchkiln.loggers.base import Logger
+from torchkiln.loggers.base import Logger, PictureCadence
 
 RUN_ID_FILE = "wandb-run-id"
 
@@ -31,7 +31,7 @@ class WandbLogger(Logger):
     def __init__(self, run_dir: str | Path, *, project: str = "torchkiln", mode: str | None = None,
                  entity: str | None = None, name: str | None = None, tags: list[str] | None = None,
                  config: dict[str, Any] | None = None, images: int = 16,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, images_every: int | None = None):
         require_wandb()
         self.run_dir = Path(run_dir)
         self.init_args = {"project": project, "entity": entity, "tags": tags or None,
@@ -39,6 +39,7 @@ class WandbLogger(Logger):
         self.mode = mode
         self.config = config
         self.max_images = images
+        self.pictures = PictureCadence(images_every)
         self.class_names = class_names
         self.run = None
 
@@ -56,6 +57,7 @@ class WandbLogger(Logger):
             resume="allow" if run_id else None,
         )
         id_file.write_text(self.run.id)
+        self.pictures.start(info.get("epochs"))
         # Epoch records are plotted against the epoch; step rows against the optimizer step.
         self.run.define_metric("epoch")
         for prefix in ("train/*", "val/*", "time/*", "memory/*", "gpu/*"):
@@ -69,9 +71,13 @@ class WandbLogger(Logger):
             self.run.log({**vals, "trainer/global_step": step})
 
     def wants_validation(self, epoch):
-        return True
+        return self.pictures.due(epoch)
 
     def log_validation(self, epoch, step, sample):
+        with self.pictures.timed():
+            self._pictures(epoch, sample)
+
+    def _pictures(self, epoch, sample):
         import wandb
 
         from torchkiln.loggers import images as draw
