@@ -134,7 +134,7 @@ class Trainer:
         save_period: int | None = None,
         checkpoint_every_steps: int | None = None,
         keep_last: int | None = None,
-        async_checkpoints: bool = True,
+        async_checkpoints: bool | None = None,
         loggers: Iterable[Logger] = (),
         progress: bool = True,
         log_every_n_steps: int = 10,
@@ -166,8 +166,12 @@ class Trainer:
         self.save_period = save_period
         self.checkpoint_every_steps = checkpoint_every_steps
         self.keep_last = keep_last
-        # Checkpoints are serialized on this thread and written (fsync, rename) behind it, in order.
-        self.checkpoints = CheckpointWriter(background=async_checkpoints)
+        # Checkpoints are serialized on this thread and written (fsync, rename) behind it, in
+        # order. By default only off the CPU: training on the CPU keeps every core busy, and there
+        # a writer thread slows the steps it overlaps more than it saves (measured: 10.2 vs 8.3 ms
+        # per epoch of the default run on 2 cores); beside a GPU the cores are mostly idle.
+        background = async_checkpoints if async_checkpoints is not None else self.device.type != "cpu"
+        self.checkpoints = CheckpointWriter(background=background)
         self.loggers = list(loggers)
         self.progress = Progress(enabled=progress)
         self.device_stats = DeviceStats(self.device)
@@ -656,6 +660,7 @@ class Trainer:
         Under DDP this is a collective (each rank's RNG and partial epoch sums go to `ranks`):
         call it on every rank.
         """
+        rng = rng_state()
         return {
             "format": FORMAT,
             "version": 1,
@@ -667,8 +672,8 @@ class Trainer:
             "step": self.stepper.state_dict(),
             "loop": self.loop.to_dict(),
             "epoch_accum": epoch_accum,
-            "rng": rng_state(),
-            "ranks": distributed.gather_rank_states({"rng": rng_state(), "epoch_accum": epoch_accum}),
+            "rng": rng,
+            "ranks": distributed.gather_rank_states({"rng": rng, "epoch_accum": epoch_accum}),
             "fingerprint": self.initial_fingerprint,
             "config": self.config,
         }
