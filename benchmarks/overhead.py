@@ -296,6 +296,12 @@ class Timing:
         return statistics.median(gaps) if gaps else self.total
 
     @property
+    def fastest(self) -> float:
+        """The run's fastest epoch: interference from the rest of the machine only ever adds time."""
+        gaps = [b - a for a, b in zip(self.starts, self.starts[1:])]
+        return min(gaps) if gaps else self.total
+
+    @property
     def fixed(self) -> float:
         return self.total - len(self.starts) * self.epoch
 
@@ -389,6 +395,16 @@ class Row:
         """Seconds per run that are not epochs: set-up, the first epoch's extra, the end."""
         return statistics.median(t.fixed for t in self.timings)
 
+    def fastest(self) -> float:
+        """The fastest epoch of every run."""
+        return min(t.fastest for t in self.timings)
+
+    def paired(self, ref: Row, what: str = "epoch") -> tuple[float, float, float]:
+        """Against `ref`, round by round (each round runs every variant back to back, so the
+        machine's drift between rounds cancels): median, lowest and highest ratio."""
+        ratios = sorted(getattr(a, what) / getattr(b, what) for a, b in zip(self.timings, ref.timings))
+        return statistics.median(ratios), ratios[0], ratios[-1]
+
 
 def machine() -> str:
     from torchkiln.repro import cpu_model
@@ -430,23 +446,31 @@ def table(rows: dict[str, Row], epochs: int, repeats: int, load: str) -> str:
         " end-of-epoch logging and checkpoints), the median epoch of a run.",
         "- **run / epochs**: the whole run (model built to last file written: run directory, plots) over"
         " the epochs; **fixed**: what the run spends outside its epochs (set-up, the end).",
-        "- **x hand**: against the hand loop with the same data path. Losses are the last epoch's; every"
-        " variant sees the same batches and dropout masks.",
+        "- **x hand**: against the hand loop with the same data path, paired by round: each round runs"
+        " every variant back to back, the ratio is taken within the round, and the median of the rounds'"
+        " ratios is shown with the lowest and highest (the machine drifts by 10-20% between rounds, less"
+        " within one). Losses are the last epoch's; every variant sees the same batches and dropout masks.",
+        "- **fastest epoch**: the fastest epoch of all its runs, and its ratio to the hand loop's: the"
+        " least disturbed measure on a shared machine, where other work only ever adds time.",
         "",
-        "| variant | data path | logging, progress, checkpoints | epoch (s) | x hand | run / epochs (s) | x hand"
-        " | fixed (s) | train loss | val loss | val acc |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | data path | logging, progress, checkpoints | epoch (s) | x hand | (range) | fastest epoch (s)"
+        " | x hand | run / epochs (s) | x hand | fixed (s) | train loss | val loss | val acc |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows.values():
         if not r.timings:
             continue
         ref = hand.get(r.path)
-        steady_x = f"{r.steady() / ref.steady():.2f}x" if ref else ""
-        whole_x = f"{r.whole() / ref.whole():.2f}x" if ref else ""
+        steady_x = whole_x = spread = fastest_x = ""
+        if ref is not None:
+            mid, low, high = r.paired(ref, "epoch")
+            steady_x, spread = f"{mid:.3f}x", f"{low:.2f}-{high:.2f}"
+            whole_x = f"{r.paired(ref, 'total')[0]:.2f}x"
+            fastest_x = f"{r.fastest() / ref.fastest():.3f}x"
         extras = "-" if r.family == "hand loop" else ("on (defaults)" if r.extras else "off")
         loss = "| | |" if r.result is None else f"| {r.result[0]:.5f} | {r.result[1]:.5f} | {r.result[2]:.4f} |"
-        lines.append(f"| {r.family} | {r.path} | {extras} | {r.steady():.4f} | {steady_x} |"
-                     f" {r.whole() / epochs:.4f} | {whole_x} | {r.fixed():.3f} {loss}")
+        lines.append(f"| {r.family} | {r.path} | {extras} | {r.steady():.4f} | {steady_x} | {spread} |"
+                     f" {r.fastest():.4f} | {fastest_x} | {r.whole() / epochs:.4f} | {whole_x} | {r.fixed():.3f} {loss}")
     return "\n".join(lines) + "\n"
 
 

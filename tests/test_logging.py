@@ -263,3 +263,46 @@ def test_picture_cadence(monkeypatch):
     assert auto == [1, 10, 15, 20, 25, 30]
     # Long epochs: the pictures are cheap next to them, drawn every epoch.
     assert drawn(base.PictureCadence(None), 5, 60.0, 0.05) == [1, 2, 3, 4, 5]
+
+
+def test_device_stats_on_cuda_without_a_gpu(monkeypatch):
+    """The CUDA numbers' logic (peak memory in MB, mean NVML utilization over the epoch's samples,
+    NVML failing -> no more sampling) with torch.cuda's counters and pynvml stood in for."""
+    import types
+
+    from torchkiln.loggers.device import DeviceStats
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**20)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 8 * 2**20)
+    readings = iter([40.0, 60.0, None])
+
+    class NVMLError(Exception):
+        pass
+
+    def utilization(handle):
+        value = next(readings)
+        if value is None:
+            raise NVMLError("gone")
+        return types.SimpleNamespace(gpu=value)
+
+    fake = types.SimpleNamespace(nvmlInit=lambda: None, NVMLError=NVMLError,
+                                 nvmlDeviceGetHandleByIndex=lambda i: ("handle", i),
+                                 nvmlDeviceGetUtilizationRates=utilization)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda i: i + 2, raising=False)
+
+    stats = DeviceStats(torch.device("cuda", 1))
+    stats.epoch_start()
+    stats.sample()
+    stats.sample()
+    assert stats._nvml == ("handle", 3)  # CUDA device 1 is NVML device 3 here
+    assert stats.epoch_end() == {"memory/peak_allocated_mb": 3.0, "memory/peak_reserved_mb": 8.0,
+                                 "gpu/utilization_pct": 50.0}
+    stats.epoch_start()
+    stats.sample()  # NVML fails: sampling stops, memory is still reported
+    stats.sample()
+    assert calls == ["reset", "reset"] and stats._nvml is False
+    assert stats.epoch_end() == {"memory/peak_allocated_mb": 3.0, "memory/peak_reserved_mb": 8.0}
+    assert DeviceStats(torch.device("cpu")).epoch_end() == {}

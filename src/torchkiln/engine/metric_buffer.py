@@ -17,7 +17,7 @@ import torch
 class MetricBuffer:
     """Feeds `task.update_metrics(metrics, ...)`; `flush()` before reading or saving the metrics."""
 
-    def __init__(self, task: Any, metrics: Any, batches: int = 16, max_elements: int = 1 << 20):
+    def __init__(self, task: Any, metrics: Any, batches: int = 64, max_elements: int = 1 << 20):
         self.task = task
         self.metrics = metrics
         self.batches = batches
