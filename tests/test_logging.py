@@ -306,3 +306,17 @@ def test_device_stats_on_cuda_without_a_gpu(monkeypatch):
     assert calls == ["reset", "reset"] and stats._nvml is False
     assert stats.epoch_end() == {"memory/peak_allocated_mb": 3.0, "memory/peak_reserved_mb": 8.0}
     assert DeviceStats(torch.device("cpu")).epoch_end() == {}
+
+
+def test_tensorboard_record_checksums_are_fast_and_the_same():
+    """The C CRC32C swapped into TensorBoard's record writer gives its pure-Python values."""
+    import os as _os
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
+    from tensorboard.summary.writer import record_writer
+
+    from torchkiln.loggers.tensorboard import fast_record_checksums
+
+    assert fast_record_checksums(), "google-crc32c (a dependency) should give the C implementation"
+    for data in (b"", b"a", b"123456789", _os.urandom(100), _os.urandom(5000)):
+        assert record_writer.masked_crc32c(data) == slow(data)
