@@ -24,7 +24,7 @@ def test_logging_overhead_script_times_logging_directly(tmp_path):
     bench = load_script("logging_overhead")
     out = tmp_path / "logging.md"
     assert bench.main(["--epochs", "2", "--repeat", "1", "--rounds", "1", "--device", "cpu", "--out", str(out)]) == 0
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.read_text().splitlines()
+    rows = {line.split("|")[1].split("(the")[0].strip(): line.split("|")[2:-1] for line in out.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| loggers")}
     assert set(rows) == {"no loggers", "every_n_steps 1", "every_n_steps 10 (default)", "every_n_steps 50"}
     inside = {k: float(v[1]) for k, v in rows.items() if k != "no loggers"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -216,7 +217,10 @@ def test_killed_worker_restarts_then_stops_the_run_with_an_error(tmp_path):
             proc.kill()
             proc.communicate()
     assert proc.returncode != 0
-    assert re.search(r"resumed at epoch \d+, step (13|26|39)\b", err), err[-3000:]
+    # From the newest checkpoint when the worker died: a mid-epoch one (every 13 steps) or an
+    # epoch's end (19 steps per epoch), whichever came last.
+    resumed = re.search(r"resumed at epoch \d+, step (\d+) ", err)
+    assert resumed and int(resumed.group(1)) % 13 * (int(resumed.group(1)) % 19) == 0, err[-3000:]
     last_line = [ln for ln in err.splitlines() if ln.startswith("error: worker")][-1]
     assert "worker rank 1" in last_line and "SIGKILL" in last_line and "after 1 restart(s)" in last_line
     assert len(list(runs.iterdir())) == 1  # the restart continued the same run directory
@@ -225,3 +229,59 @@ def test_killed_worker_restarts_then_stops_the_run_with_an_error(tmp_path):
 def _drain(proc: subprocess.Popen) -> str:
     proc.kill()
     return proc.communicate()[1][-3000:]
+
+
+def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
+    import signal as _signal
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from torchkiln.engine import distributed as kd
+    from torchkiln.engine.state import StopRequested
+    from torchkiln.engine.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    agreed_at = []
+    real = kd.any_rank
+
+    def counting(signum, device):
+        agreed_at.append(trainer.loop.global_step)
+        return real(signum, device)
+
+    kd.any_rank = counting
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    data = TensorDataset(torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,)))
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, shuffle=False))
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, progress=False,
+                      log_every_n_steps=4, device="cpu", train_metrics=False)
+    if rank == 1:  # only rank 1 hears the signal, during its step 2
+        model.register_forward_hook(
+            lambda *_: trainer.request_stop(_signal.SIGTERM) if trainer.loop.global_step == 1 else None)
+    stopped = None
+    try:
+        trainer.fit(loader)
+    except StopRequested:
+        stopped = trainer.loop.global_step
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"stopped": stopped, "agreed_at": agreed_at}))
+    dist.barrier()  # neither rank tears its connections down while the other still uses them
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_agree_on_a_stop_only_every_log_interval(tmp_path):
+    """One rank's stop request is shared at the next log interval (one all-reduce per interval, not
+    per step), and every rank stops after that same step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stop_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["stopped"] for r in results] == [4, 4]  # asked at step 2, agreed at step 4
+    assert [r["agreed_at"] for r in results] == [[4], [4]]

@@ -302,10 +302,10 @@ class Trainer:
                     record.update(self._validate_and_show(epoch + 1, val_loader))
                 record = distributed.broadcast_object(record)  # every rank decides on rank 0's numbers
                 self._end_epoch(epoch, record)
-                self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
-                if self._stop_signal is not None:
+                stop = self._agreed_stop(force=True)
+                if stop is not None:
                     self.checkpoints.wait()
-                    raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
+                    raise StopRequested(stop, self._ckpt_str("last.ckpt"))
                 if self.loop.stopped_early:
                     log.info("early stop: %s did not improve for %d epochs (best %.6g at epoch %s)",
                              self.monitor, self.early_stop, self.loop.best, self.loop.best_epoch)
@@ -417,8 +417,8 @@ class Trainer:
     def _maybe_checkpoint_mid_epoch(self, loss_sum: torch.Tensor, count: int) -> None:
         every = self.checkpoint_every_steps
         due = every is not None and self.loop.global_step % every == 0
-        self._stop_signal = distributed.any_rank(self._stop_signal, self.device)
-        if not due and self._stop_signal is None:
+        stop = self._agreed_stop()
+        if not due and stop is None:
             return
         self._train_buffer.flush()
         accum = {
@@ -433,10 +433,22 @@ class Trainer:
             if due:
                 written = self._save(state, f"step-{self.loop.global_step:06d}.ckpt", numbered=True)
             self._save(state, "last.ckpt", copy_of=written)
-        if self._stop_signal is not None:
+        if stop is not None:
             self._flush_steps()
             self.checkpoints.wait()
-            raise StopRequested(self._stop_signal, self._ckpt_str("last.ckpt"))
+            raise StopRequested(stop, self._ckpt_str("last.ckpt"))
+
+    def _agreed_stop(self, force: bool = False) -> int | None:
+        """The stop request every rank acts on (a signal number), else None. In one process it is
+        this process's own request, at once. Under DDP the ranks agree on it (an all-reduce, a
+        device sync on NCCL) only every `log_every_n_steps` optimizer steps and at each epoch's
+        end (`force`): a request waits for the next of those, all ranks then stop after the same
+        step, and the steps in between pay no collective."""
+        if not distributed.is_distributed():
+            return self._stop_signal
+        if not force and self.loop.global_step % self.log_every_n_steps:
+            return None
+        return distributed.any_rank(self._stop_signal, self.device)
 
     def _restore_epoch_accum(self) -> tuple[torch.Tensor, int]:
         accum = getattr(self, "_epoch_accum", None)
