@@ -474,3 +474,27 @@ def test_background_writer_keeps_order_and_reports_failures(tmp_path):
     writer.save(state, tmp_path / "again.ckpt")  # the failure was reported once; writing goes on
     writer.close()
     assert torch.equal(load_checkpoint(tmp_path / "again.ckpt")["w"], torch.arange(6.0) + 1)
+
+
+@pytest.mark.slow
+def test_kill9_mid_epoch_with_augmenting_workers_resumes_exactly(tmp_path):
+    """Random augmentation drawn inside two loader workers: after a kill and a mid-epoch resume the
+    remaining batches get the draws the uninterrupted run gave them (each batch's draws start from
+    its own seed), so the run ends bit for bit the same."""
+    def config(root: Path) -> Path:
+        cfg = cnn_config(root, num_workers=2)
+        cfg["data"]["transforms"] = {"train": [
+            {"type": "RandomAffine", "args": {"degrees": 15, "translate": [0.1, 0.1]}}]}
+        return write_config(root, cfg)
+
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "killed").mkdir()
+    kiln_faulty("train", "-c", str(config(tmp_path / "ref")), check=True)
+    cfg = config(tmp_path / "killed")
+    proc = kiln_faulty("train", "-c", str(cfg), env={"KILN_FAULT_KILL_AT": str(BATCHES + 7)})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    done = kiln_faulty("train", "-c", str(cfg), "--resume", "auto", check=True)
+    assert resumes(done.stderr)[0][:1] == (2,) and resumes(done.stderr)[0][2] > 0  # mid-epoch 2
+    (ref,) = run_dirs(tmp_path / "ref")
+    (run,) = run_dirs(tmp_path / "killed")
+    assert_same_run(run, ref)

@@ -326,3 +326,44 @@ def test_images_of_different_sizes_give_a_clear_collate_error(tmp_path):
     loaders = build_loaders(cfg, build_data(cfg))
     with pytest.raises(DataError, match="samples in a batch differ in size.*Resize"):
         next(iter(loaders["train"]))
+
+
+class RandomlyAugmented(torch.utils.data.Dataset):
+    """Each sample drawn through all three RNGs, as augmentation pipelines do."""
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i):
+        import random
+
+        noise = torch.rand(2) + float(np.random.rand()) + random.random()
+        return torch.tensor([float(i)]), noise
+
+
+def _epoch(loader, epoch: int, skip: int = 0) -> list[torch.Tensor]:
+    from torchkiln.engine.trainer import set_loader_epoch
+
+    set_loader_epoch(loader, epoch, skip=skip)
+    return [torch.cat([x, noise], dim=1) for x, noise in loader]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_worker_augmentation_depends_on_the_batch_alone(persistent):
+    """With workers, a batch's random draws are a function of (seed, epoch, rank, batch): the same
+    for 1 or 2 workers and after a mid-epoch resume skips batches (what makes such a resume exact)."""
+    from torchkiln.data.loaders import make_loader
+
+    def loader(workers: int):
+        return make_loader(RandomlyAugmented(), 8, train=True, seed=3, num_workers=workers,
+                           persistent_workers=persistent)
+
+    one, two = loader(1), loader(2)
+    first = _epoch(one, 0)
+    assert len(first) == 5
+    assert all(torch.equal(a, b) for a, b in zip(first, _epoch(two, 0)))
+    resumed = _epoch(loader(2), 0, skip=3)  # a fresh loader, as after a restart
+    assert all(torch.equal(a, b) for a, b in zip(first[3:], resumed)) and len(resumed) == 2
+    second = _epoch(two, 1)  # another epoch: another order and other draws
+    assert not torch.equal(torch.cat(first)[:, 1:], torch.cat(second)[:, 1:])
+    assert sorted(torch.cat(second)[:, 0].tolist()) == list(range(40))

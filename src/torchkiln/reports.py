@@ -167,9 +167,8 @@ def write_reports(views: list[ReportView], run_dir: Path, split: str) -> str:
 
 
 def class_names_of(dataset: Any) -> list[str] | None:
-    from torch.utils.data import Subset
-
-    while isinstance(dataset, Subset):
+    # Through Subsets and wrappers (transforms, seeded fetching) to the dataset that has classes.
+    while getattr(dataset, "classes", None) is None and getattr(dataset, "dataset", None) is not None:
         dataset = dataset.dataset
     names = getattr(dataset, "classes", None)
     return [str(c) for c in names] if names is not None else None

@@ -11,6 +11,46 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+class SeededBatch(list):
+    """A batch of indices that names where its random draws start: (seed, epoch, rank, batch)."""
+
+    def __init__(self, indices, key: tuple[int, int, int, int]):
+        super().__init__(indices)
+        self.key = key
+
+    def __reduce__(self):
+        return SeededBatch, (list(self), self.key)
+
+    def seed(self) -> int:
+        return int(np.random.SeedSequence([k & 0xFFFFFFFF for k in self.key]).generate_state(1)[0])
+
+
+class SeededFetch(Dataset):
+    """Seeds `random`, NumPy and torch in a loader worker before each batch it fetches, from the
+    batch's key: random augmentation then depends on (seed, epoch, rank, batch) alone, not on which
+    worker fetches the batch, on how many workers there are, or on the batches a mid-epoch resume
+    skips. (Without workers the main process fetches, and its RNG stream, saved in every
+    checkpoint, already resumes exactly: nothing is reseeded there.)"""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, indices):
+        if isinstance(indices, SeededBatch) and torch.utils.data.get_worker_info() is not None:
+            seed = indices.seed()
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+        inner = getattr(self.dataset, "__getitems__", None)
+        return inner(list(indices)) if inner else [self.dataset[i] for i in indices]
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """Batches of indices; shuffled by a generator seeded with `seed + epoch`.
 
@@ -69,7 +109,9 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._all_batches()[self.start :]
+        batches = self._all_batches()
+        for k in range(self.start, len(batches)):
+            yield SeededBatch(batches[k], (self.seed, self.epoch, self.rank, k))
 
     def __len__(self) -> int:
         total = self.n + self._padding()
@@ -79,7 +121,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 def seed_worker(worker_id: int) -> None:
-    """Seed NumPy and `random` in each worker from torch's per-worker seed.
+    """Seed NumPy and `random` in each worker from torch's per-worker seed (then SeededFetch
+    reseeds everything before each batch of torchkiln's samplers).
 
     Workers ignore SIGINT: a Ctrl-C in a terminal reaches the whole process group, and the main
     process alone decides how to stop (finish the step, checkpoint) and shuts the workers down.
@@ -125,7 +168,7 @@ def make_loader(
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
     return DataLoader(
-        dataset,
+        SeededFetch(dataset) if num_workers > 0 else dataset,
         batch_sampler=sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
