@@ -285,3 +285,46 @@ def test_ddp_ranks_agree_on_a_stop_only_every_log_interval(tmp_path):
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["stopped"] for r in results] == [4, 4]  # asked at step 2, agreed at step 4
     assert [r["agreed_at"] for r in results] == [[4], [4]]
+
+
+def _unfreeze_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.models.freeze import Freezer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    freezer = Freezer(model, ["1.weight", "1.bias"], [], unfreeze_at_epoch=2)
+    frozen_before = model[1].weight.detach().clone()
+    g = torch.Generator().manual_seed(1)  # each rank trains on its own shard: different gradients
+    data = TensorDataset(torch.randn(128, 1, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g))
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, shuffle=False))
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=3, progress=False,
+                      device="cpu", train_metrics=False, freezer=freezer)
+    trainer.fit(loader)
+    torch.save({"first": model[1].weight.detach(), "head": model[3].weight.detach(),
+                "moved": not torch.equal(frozen_before, model[1].weight)}, Path(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_unfreezing_keeps_ranks_in_step(tmp_path):
+    """Layers frozen for the first epoch and then unfrozen are trained by every rank alike: their
+    gradients are all-reduced once they train (DDP is rebuilt when the trainable set changes)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_unfreeze_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a["moved"] and b["moved"], "the unfrozen layer did not train"
+    assert torch.equal(a["head"], b["head"])
+    assert torch.equal(a["first"], b["first"]), "ranks diverged on the unfrozen layer"

@@ -252,6 +252,7 @@ class Trainer:
             self._dynamo_before = dynamo_stats()
             self.model = compile_model(self.raw_model, self.compile_options, self.cache_size_limit)
         self.model = distributed.wrap_model(self.model, self.device, self.strategy, self.sync_batchnorm)
+        self._undistributed = distributed.unwrap_ddp(self.model)  # what DDP wraps (compiled, synced BN)
         if not distributed.is_rank0():  # rank duties: only rank 0 logs and shows progress
             self.loggers, self.progress = [], Progress(enabled=False)
         self._ready = True
@@ -284,7 +285,8 @@ class Trainer:
             self.loop = LoopState()
             self.initial_fingerprint = fingerprint(self.raw_model)
         if self.freezer is not None:
-            self.freezer.set_epoch(self.loop.epoch)
+            if self.freezer.set_epoch(self.loop.epoch):
+                self._trainable_changed()
         self._log_start()
         info = {"fingerprint": self.initial_fingerprint, "epochs": self.epochs, "monitor": self.monitor,
                 "mode": self.mode, "best": self.loop.best}
@@ -335,6 +337,9 @@ class Trainer:
         model, loop, stepper, k = self.model, self.loop, self.stepper, self.stepper.accumulate
         model.train()
         if self.freezer is not None and self.freezer.set_epoch(epoch):
+            self._trainable_changed()
+            model = self.model
+            model.train()
             trainable, frozen = self.freezer.counts()
             log.info("epoch %d: %s; %d parameters trainable, %d frozen", epoch + 1,
                      "froze" if self.freezer.frozen else "unfroze", trainable, frozen)
@@ -449,6 +454,13 @@ class Trainer:
         if not force and self.loop.global_step % self.log_every_n_steps:
             return None
         return distributed.any_rank(self._stop_signal, self.device)
+
+    def _trainable_changed(self) -> None:
+        """Frozen or unfrozen parameters: DDP all-reduces the gradients of exactly the parameters
+        that required them when it was built, so it is built again over the new trainable set
+        (the ranks hold equal weights; every rank does this at the same epoch)."""
+        if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            self.model = distributed.wrap_model(self._undistributed, self.device, self.strategy, False)
 
     def _restore_epoch_accum(self) -> tuple[torch.Tensor, int]:
         accum = getattr(self, "_epoch_accum", None)
