@@ -128,3 +128,21 @@ def test_task_config_errors_are_one_line(tmp_path, capsys):
     cfg = small_config(tmp_path, task="regression", metrics=["accuracy"], logging=FAST)
     assert main(["train", "-c", str(write_config(tmp_path, cfg)), "-q"]) == 2
     assert "'accuracy' does not apply to a regression task" in capsys.readouterr().err
+
+
+def test_metric_for_another_task_fails_at_config_check_before_data(tmp_path, monkeypatch):
+    """`metrics: [mrr]` on a classification config is refused when the config is checked, naming
+    the file, before any data is read."""
+    from torchkiln.config import build as build_module
+    from torchkiln.config.load import load_checked
+    from torchkiln.errors import ConfigError
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was built before the config was checked")
+
+    monkeypatch.setattr(build_module, "build_data", no_data)
+    path = write_config(tmp_path, small_config(tmp_path, metrics=["accuracy", "mrr"]))
+    with pytest.raises(ConfigError, match=r"metrics: 'mrr' does not apply to a multiclass task; it is for ranking"):
+        load_checked(path)
+    # top-k metrics are judged with the real class count later, not against the stand-in
+    load_checked(write_config(tmp_path, small_config(tmp_path, metrics=["top5_accuracy"])))

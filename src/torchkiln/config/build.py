@@ -40,13 +40,15 @@ def check_components(cfg: Config) -> None:
     from torchkiln.metrics import check_metric_specs
     from torchkiln.tasks import build_task
 
-    build_task(cfg.task)
+    task = build_task(cfg.task)
     check_model_config(cfg)
     for where, comp, reg in _components(cfg):
         factory = reg.get(comp.type, f"{where}.type")
         skip = ("params",) if reg is OPTIMIZERS else ("optimizer",) if reg is SCHEDULERS else ()
         check_args(factory, comp.args, f"{where}.args", skip=skip)
-    check_metric_specs([m if isinstance(m, str) else m.model_dump() for m in cfg.metrics])
+    specs = [m if isinstance(m, str) else m.model_dump() for m in cfg.metrics]
+    check_metric_specs(specs)
+    _check_metrics_fit_task(task, specs)
     from torchkiln.data.collate import COLLATES
     from torchkiln.data.transforms import check_transforms
 
@@ -56,6 +58,18 @@ def check_components(cfg: Config) -> None:
     if cfg.scheduler is not None and cfg.scheduler.type == "ReduceLROnPlateau" and cfg.scheduler.interval == "step":
         raise ConfigError("scheduler.interval: ReduceLROnPlateau needs the monitored metric, which exists only"
                           " after validation; use interval: epoch (or leave it out)")
+
+
+def _check_metrics_fit_task(task: Any, specs: list[Any]) -> None:
+    """A metric named for another kind of task (mrr on classification) fails here, before any
+    data is read. The class count is not known yet: a stand-in is used, and only the config's own
+    mistakes (ConfigError) are reported; anything else waits for the real build."""
+    try:
+        task.build_metrics(specs, 1000)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - judged again with the real class count when the run is built
+        pass
 
 
 def _components(cfg: Config):
