@@ -78,3 +78,36 @@ def test_gpu_check_quick_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| trainer-fp16 |" in proc.stdout and "| hand-fp16 |" in proc.stdout
+
+
+def test_cuda_memory_and_utilization_per_epoch():
+    """The per-epoch device numbers on a real GPU: peak memory always, utilization with nvidia-ml-py;
+    and an asynchronous checkpoint write (the default off the CPU) lands whole before fit returns."""
+    import importlib.util
+    import tempfile
+
+    from torchkiln.engine.checkpoint import load_checkpoint
+    from torchkiln.loggers.base import Logger
+
+    class Records(Logger):
+        def __init__(self):
+            self.rows: list[dict] = []
+
+        def log_steps(self, rows):
+            pass
+
+        def log_epoch(self, epoch, step, record):
+            self.rows.append(dict(record))
+
+    model = mlp()
+    records = Records()
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cuda", epochs=2,
+                          progress=False, loggers=[records], log_every_n_steps=5, run_dir=run_dir)
+        assert trainer.checkpoints.background
+        trainer.fit(data())
+        assert load_checkpoint(Path(run_dir) / "checkpoints" / "last.ckpt")["loop"]["epoch"] == 2
+    last = records.rows[-1]
+    assert 0 < last["memory/peak_allocated_mb"] <= last["memory/peak_reserved_mb"]
+    if importlib.util.find_spec("pynvml") is not None:
+        assert 0 <= last["gpu/utilization_pct"] <= 100
