@@ -27,14 +27,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path
     name (copied where the filesystem has no hard links) instead of serializing `state` again:
     best.ckpt and last.ckpt of one epoch cost one torch.save and one write, not two.
     """
-    path = Path(path)
-    if copy_of is not None:
-        _write_checkpoint(None, path, Path(copy_of))
-    else:
-        buffer = io.BytesIO()  # serialized in memory, written in one call: half the time of
-        torch.save(state, buffer)  # torch.save's record-by-record writes to the file
-        _write_checkpoint(buffer.getbuffer(), path, None)
-    return path
+    return CheckpointWriter(background=False).save(state, path, copy_of)
 
 
 def _write_checkpoint(data: memoryview | None, path: Path, copy_of: Path | None) -> None:
@@ -84,8 +77,8 @@ class CheckpointWriter:
         path = Path(path)
         if copy_of is None:
             self.wait()
-            buffer = io.BytesIO()
-            torch.save(state, buffer)
+            buffer = io.BytesIO()  # serialized in memory, written in one call: half the time of
+            torch.save(state, buffer)  # torch.save's record-by-record writes to the file
             self._submit(_write_checkpoint, buffer.getbuffer(), path, None)
         else:
             self._submit(_write_checkpoint, None, path, Path(copy_of))
