@@ -154,3 +154,14 @@ def confusion_image(sample: ValidationSample, class_names: list[str] | None = No
                 put_text(image, (left + j * cell + cell / 2, top + i * cell + cell / 2), text, size, color, "mm")
     put_text(image, (left, height - 16), "colour: fraction of the true class (row)", 10, (90, 90, 90))
     return np.asarray(image)
+
+
+def validation_pictures(sample: ValidationSample, class_names: list[str] | None, epoch: int) -> dict[str, np.ndarray]:
+    """The pictures loggers send for an epoch, by tag: the misclassified grid (when there are
+    misclassified image inputs) and the confusion matrix."""
+    pictures = {}
+    grid = misclassified_image(sample, class_names, f"misclassified (epoch {epoch})")
+    if grid is not None:
+        pictures["val/misclassified"] = grid
+    pictures["val/confusion_matrix"] = confusion_image(sample, class_names, f"confusion matrix (epoch {epoch})")
+    return pictures

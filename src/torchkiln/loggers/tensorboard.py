@@ -115,13 +115,10 @@ class TensorBoardLogger(Logger):
             self._pictures(epoch, step, sample)
 
     def _pictures(self, epoch, step, sample):
-        from torchkiln.loggers import images
+        from torchkiln.loggers.images import validation_pictures
 
-        grid = images.misclassified_image(sample, self.class_names, f"misclassified (epoch {epoch})")
-        if grid is not None:
-            self._add_image("val/misclassified", grid, step)
-        matrix = images.confusion_image(sample, self.class_names, f"confusion matrix (epoch {epoch})")
-        self._add_image("val/confusion_matrix", matrix, step)
+        for tag, picture in validation_pictures(sample, self.class_names, epoch).items():
+            self._add_image(tag, picture, step)
 
     def _add_image(self, tag: str, image, step: int) -> None:
         """An (H, W, 3) uint8 array as a PNG image event (fast zlib level: these are flat pictures)."""

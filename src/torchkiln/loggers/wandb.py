@@ -80,15 +80,10 @@ class WandbLogger(Logger):
     def _pictures(self, epoch, sample):
         import wandb
 
-        from torchkiln.loggers import images as draw
+        from torchkiln.loggers.images import validation_pictures
 
-        images = {}
-        grid = draw.misclassified_image(sample, self.class_names, f"misclassified (epoch {epoch})")
-        if grid is not None:
-            images["val/misclassified"] = wandb.Image(grid)
-        matrix = draw.confusion_image(sample, self.class_names, f"confusion matrix (epoch {epoch})")
-        images["val/confusion_matrix"] = wandb.Image(matrix)
-        self.run.log({**images, "epoch": epoch})
+        pictures = validation_pictures(sample, self.class_names, epoch)
+        self.run.log({**{tag: wandb.Image(p) for tag, p in pictures.items()}, "epoch": epoch})
 
     def log_epoch(self, epoch, step, record):
         self.run.log({**record, "epoch": epoch, "trainer/global_step": step})
