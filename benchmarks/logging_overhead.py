@@ -21,7 +21,6 @@ utilization) on CUDA.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -44,6 +43,7 @@ from torchkiln.loggers.files import CSVLogger, JSONLLogger  # noqa: E402
 from torchkiln.loggers.tensorboard import TensorBoardLogger  # noqa: E402
 from torchkiln.metrics import build_metrics  # noqa: E402
 from torchkiln.models.small import SmallCNN  # noqa: E402
+from torchkiln.repro import machine  # noqa: E402
 
 
 class Records(Logger):
@@ -201,11 +201,6 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     return 0
 
-
-def machine() -> str:
-    from torchkiln.repro import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ from torchkiln.config.load import (  # noqa: E402
 )
 from torchkiln.models.small import SmallCNN  # noqa: E402
 from torchkiln.registry import MODELS  # noqa: E402
+from torchkiln.repro import machine  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # shared set-up: the config's data split, batch order and model
@@ -405,11 +406,6 @@ class Row:
         ratios = sorted(getattr(a, what) / getattr(b, what) for a, b in zip(self.timings, ref.timings))
         return statistics.median(ratios), ratios[0], ratios[-1]
 
-
-def machine() -> str:
-    from torchkiln.repro import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def versions() -> str:

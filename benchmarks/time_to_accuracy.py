@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from torchkiln.config.load import apply_overrides, default_config_path, read_file, resolve  # noqa: E402
 from torchkiln.loggers.base import Logger  # noqa: E402
+from torchkiln.repro import machine  # noqa: E402
 
 
 class Reached(Exception):
@@ -94,11 +95,6 @@ def configs(paths: list[str] | None) -> list[Path]:
     return found
 
 
-def machine() -> str:
-    from torchkiln.repro import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Each config as `kiln train` runs it (logs, checkpoints; early stopping off), seeds 0..{args.seeds - 1},"
         f" stopped at the end of the first epoch with val/accuracy >= {args.target}. Seconds: from the start of"
         f" training to the end of that epoch; whole run: from the config to the stop (data, model, run"
-        f" directory, the imports already paid). Medians over the seeds that reached it. Machine: {machine()};"
+        f" directory, the imports already paid). Medians over the seeds that reached it. Machine: {machine()}, torch {torch.__version__};"
         f" load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end.",
         "",
         "| config | reached | epochs (median) | seconds (median) | seconds (min-max) | whole run (s, median) |",
