@@ -54,14 +54,15 @@ class PictureCadence:
     def __init__(self, every: int | None = None, budget: float = 0.01):
         self.every = every
         self.budget = budget
-        self.last_epoch: int | None = None
+        self.start(None)
+
+    def start(self, last_epoch: int | None) -> None:
+        """A run (or resume) begins; `last_epoch` is its final epoch, when known."""
+        self.last_epoch = last_epoch
         self.started = time.perf_counter()
         self.spent = 0.0
         self.cost = 0.0  # the latest drawing's seconds: the next one is expected to cost as much
         self.drawn = 0
-
-    def start(self, last_epoch: int | None) -> None:
-        self.last_epoch, self.started, self.spent, self.cost, self.drawn = last_epoch, time.perf_counter(), 0.0, 0.0, 0
 
     def due(self, epoch: int) -> bool:
         if self.drawn == 0 or (self.last_epoch is not None and epoch >= self.last_epoch):
