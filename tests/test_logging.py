@@ -308,15 +308,24 @@ def test_device_stats_on_cuda_without_a_gpu(monkeypatch):
     assert DeviceStats(torch.device("cpu")).epoch_end() == {}
 
 
-def test_tensorboard_record_checksums_are_fast_and_the_same():
-    """The C CRC32C swapped into TensorBoard's record writer gives its pure-Python values."""
+def test_tensorboard_event_records_are_what_tensorboard_reads(tmp_path):
+    """Our records carry TensorBoard's checksums (C CRC32C, its pure-Python values) and read back
+    with TensorBoard's own record reader, event for event."""
     import os as _os
 
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.compat.proto.summary_pb2 import Summary
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
-    from tensorboard.summary.writer import record_writer
 
-    from torchkiln.loggers.tensorboard import fast_record_checksums
+    from torchkiln.loggers.events import EventFile, masked_crc32c
 
-    assert fast_record_checksums(), "google-crc32c (a dependency) should give the C implementation"
     for data in (b"", b"a", b"123456789", _os.urandom(100), _os.urandom(5000)):
-        assert record_writer.masked_crc32c(data) == slow(data)
+        assert masked_crc32c(data) == slow(data)
+    f = EventFile(tmp_path, purge_step=7)
+    for step in range(3):
+        f.add_summary(Summary(value=[Summary.Value(tag="a", simple_value=step / 2)]), step)
+    f.close()
+    events = list(LegacyEventFileLoader(str(f.path)).Load())
+    assert [e.file_version for e in events[:2]] == ["brain.Event:2", "brain.Event:2"]
+    assert events[1].step == events[2].step == 7 and events[2].session_log.status == 1  # START
+    assert [(e.step, e.summary.value[0].simple_value) for e in events[3:]] == [(0, 0.0), (1, 0.5), (2, 1.0)]

@@ -145,10 +145,10 @@ class TrainerConfig(_Strict):
     save_period: int | None = Field(None, ge=1, description="also keep epoch-NNN.ckpt every N epochs")
     checkpoint_every_steps: int | None = Field(None, ge=1)
     keep_last: int | None = Field(None, ge=1, description="numbered checkpoints kept (best, last always)")
-    async_checkpoints: bool | None = Field(
-        None, description="write checkpoint files from a background thread (serialized at once; whole"
-        " files only ever appear under their names; waited for before the run ends or stops). Default:"
-        " on when training on an accelerator, off on the CPU, whose cores the training itself uses"
+    async_checkpoints: bool = Field(
+        True, description="write checkpoint files from a background thread (serialized at once; whole"
+        " files only ever appear under their names; waited for before the run ends or stops);"
+        " false: written on the training thread"
     )
     on_nonfinite: Literal["stop", "skip_batch"] = "stop"
     compile: bool = False

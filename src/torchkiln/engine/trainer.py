@@ -134,7 +134,7 @@ class Trainer:
         save_period: int | None = None,
         checkpoint_every_steps: int | None = None,
         keep_last: int | None = None,
-        async_checkpoints: bool | None = None,
+        async_checkpoints: bool = True,
         loggers: Iterable[Logger] = (),
         progress: bool = True,
         log_every_n_steps: int = 10,
@@ -166,13 +166,11 @@ class Trainer:
         self.save_period = save_period
         self.checkpoint_every_steps = checkpoint_every_steps
         self.keep_last = keep_last
-        # Checkpoints are serialized on this thread and written (fsync, rename) behind it, in
-        # order. By default only off the CPU: training on the CPU keeps every core busy, and on 2
-        # cores the writer thread slowed the steps it overlapped about as much as it saved (the
-        # default run's median epoch: 1.09x the hand loop with it, 1.08x without); beside a GPU
-        # the cores are mostly idle.
-        background = async_checkpoints if async_checkpoints is not None else self.device.type != "cpu"
-        self.checkpoints = CheckpointWriter(background=background)
+        # Checkpoints are serialized on this thread and written (bytes, fsync, rename, second
+        # names) behind it, in order, by default: the write is mostly waiting on the disk. Measured
+        # on 2 CPU cores (training 8 steps after a best+last checkpoint of the default model):
+        # 5.4 ms inline, 3.2 ms with the write behind; serializing alone costs about 1.5 ms.
+        self.checkpoints = CheckpointWriter(background=async_checkpoints)
         self.loggers = list(loggers)
         self.progress = Progress(enabled=progress)
         self.device_stats = DeviceStats(self.device)
@@ -322,6 +320,7 @@ class Trainer:
                 self._wait_for_checkpoints()
             except CheckpointError as exc:
                 failure = exc
+            self.checkpoints.close()  # its writer thread ends with the run (made again if needed)
             self._flush_steps()
             if self._dynamo_before is not None:
                 from torchkiln.engine.compile import report_compilation

@@ -43,30 +43,6 @@ class GradientTaps:
         self.handles, self.grads = [], {}
 
 
-def fast_record_checksums() -> bool:
-    """TensorBoard's event writer checksums every record with a pure-Python CRC32C, a Python loop
-    per byte: ~20 us per scalar event and ~4 ms per picture, on its writer thread but holding the
-    GIL the training loop needs. Swap in google-crc32c's C implementation (same values) when it is
-    installed; True when the fast one is in use."""
-    try:
-        import google_crc32c
-        from tensorboard.summary.writer import record_writer
-    except ImportError:
-        return False
-    if getattr(record_writer.masked_crc32c, "fast", False):
-        return True
-    if google_crc32c.implementation != "c":
-        return False
-
-    def masked_crc32c(data: bytes) -> int:
-        x = google_crc32c.value(bytes(data))
-        return ((((x >> 15) | (x << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-    masked_crc32c.fast = True  # type: ignore[attr-defined]
-    record_writer.masked_crc32c = masked_crc32c
-    return True
-
-
 class TensorBoardLogger(Logger):
     def __init__(self, run_dir: str | Path, subdir: str = "tensorboard", *, model: nn.Module | None = None,
                  histograms: int | None = None, images: int = 16, class_names: list[str] | None = None,
@@ -82,30 +58,25 @@ class TensorBoardLogger(Logger):
         self.taps: GradientTaps | None = None
 
     def start(self, info, resume_epoch=None, resume_step=0):
-        from torch.utils.tensorboard import SummaryWriter
-
-        fast_record_checksums()
+        from torchkiln.loggers.events import EventFile
 
         # purge_step drops events logged after the checkpoint we resume from.
-        # max_queue: with the default (10) a flush of more rows than that blocks on the writer thread
-        # once per event (~35 us each); events are ~100 bytes, so a deep queue costs nothing.
-        self.writer = SummaryWriter(str(self.log_dir), max_queue=4096,
-                                    purge_step=resume_step + 1 if resume_epoch is not None else None)
+        self.writer = EventFile(self.log_dir, purge_step=resume_step + 1 if resume_epoch is not None else None)
         self.pictures.start(info.get("epochs"))
         if self.histograms:
             self.taps = GradientTaps(self.model)
 
     def _add(self, values: dict[str, float], step: int) -> None:
-        """All of a step's scalars in one event, built directly (add_scalar writes one event per
-        value through make_np, ~25 us each: the per-step rows were the costliest part of logging)."""
+        """All of a step's scalars in one event."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        summary = Summary(value=[Summary.Value(tag=k, simple_value=float(x)) for k, x in values.items()])
-        self.writer._get_file_writer().add_summary(summary, step)
+        self.writer.add_summary(
+            Summary(value=[Summary.Value(tag=k, simple_value=float(x)) for k, x in values.items()]), step)
 
     def log_steps(self, rows):
         for step, vals in rows:
             self._add(vals, step)
+        self.writer.flush()  # one write per batch of rows: TensorBoard shows them while the epoch runs
 
     def wants_validation(self, epoch):
         return self.pictures.due(epoch)
@@ -128,18 +99,22 @@ class TensorBoardLogger(Logger):
 
         h, w = image.shape[:2]
         value = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=png_bytes(image))
-        self.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=value)]), step)
+        self.writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=value)]), step)
 
     def log_epoch(self, epoch, step, record):
         # Against the global step, like the step scalars: purge_step on resume then drops exactly
         # the rows logged after the checkpoint, epoch rows included. `epoch` is a scalar too.
         self._add({"epoch": epoch, **record}, step)
         if self.histograms and epoch % self.histograms == 0:
+            from torch.utils.tensorboard.summary import histogram
+
             for name, p in self.model.named_parameters():
-                self.writer.add_histogram(f"weights/{name}", p.detach().float().cpu(), step)
+                self.writer.add_summary(histogram(f"weights/{name}", p.detach().float().cpu().numpy(),
+                                                  "auto"), step)
             for name, g in (self.taps.grads if self.taps else {}).items():
                 if g is not None:
-                    self.writer.add_histogram(f"grads/{name}", g.detach().float().cpu(), step)
+                    self.writer.add_summary(histogram(f"grads/{name}", g.detach().float().cpu().numpy(),
+                                                      "auto"), step)
         self.writer.flush()
 
     def flush(self):
@@ -154,7 +129,6 @@ class TensorBoardLogger(Logger):
             self.taps = None
         if self.config is not None:
             self._hparams(summary)
-        self.writer.flush()
         self.writer.close()
         self.writer = None
 
@@ -168,10 +142,6 @@ class TensorBoardLogger(Logger):
             metrics["hparam/best"] = float(summary["best"])
         if not metrics:
             return
-        exp, ssi, sei = hparams(flat_config(self.config), metrics)
-        fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
-            fw.add_summary(s)
-        step = summary.get("epochs_completed") or 0
-        for k, v in metrics.items():
-            self.writer.add_scalar(k, v, step)
+        for s in hparams(flat_config(self.config), metrics):
+            self.writer.add_summary(s)
+        self._add(metrics, summary.get("epochs_completed") or 0)
