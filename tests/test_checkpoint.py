@@ -26,7 +26,12 @@ import yaml
 
 from conftest import ROOT, kiln, small_config, write_config
 from torchkiln import __version__
-from torchkiln.engine.checkpoint import load_checkpoint, save_checkpoint
+from torchkiln.engine.checkpoint import (
+    load_checkpoint,
+    pack_tensors,
+    save_checkpoint,
+    unpack_tensors,
+)
 from torchkiln.errors import CheckpointError
 
 # One thread per process: the same numbers either way, and parallel test runs do not thrash.
@@ -87,7 +92,10 @@ def copy_run(run: Path, root: Path) -> Path:
 # what the checkpoint holds
 # ------------------------------------------------------------------------------------------
 def test_checkpoint_holds_complete_plain_state(mlp_run):
-    state = torch.load(mlp_run / "checkpoints" / "last.ckpt", weights_only=True)  # plain data only
+    raw = torch.load(mlp_run / "checkpoints" / "last.ckpt", weights_only=True)  # plain data only
+    assert raw["model"] and all(isinstance(v, torch.Tensor) for v in raw["model"].values())
+    state = load_checkpoint(mlp_run / "checkpoints" / "last.ckpt")  # the rest unpacked
+    assert state["model"].keys() == raw["model"].keys()
     assert state["torchkiln"] == __version__ and state["torch"] == str(torch.__version__)
     assert state["config"] == yaml.safe_load((mlp_run / "config.yaml").read_text())
     json.dumps(state["config"])  # the resolved config is plain data, not pickled objects
@@ -102,6 +110,38 @@ def test_checkpoint_holds_complete_plain_state(mlp_run):
     assert names == ["best.ckpt", "last.ckpt", "step-000010.ckpt", "step-000015.ckpt"]
     mid = load_checkpoint(mlp_run / "checkpoints" / "step-000015.ckpt")
     assert mid["loop"]["batch_in_epoch"] == 15 and mid["epoch_accum"]["count"] > 0
+
+
+def test_packed_tensors_come_back_as_they_were():
+    """The optimizer's many small tensors are written as one flat tensor per dtype; unpacked, each
+    is its own tensor again, with its dtype, shape and values, inside the same structure."""
+    g = torch.Generator().manual_seed(0)
+    obj = {
+        "state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(3, 4, generator=g)},
+                  1: {"step": torch.tensor(7.0), "exp_avg": torch.randn(5, generator=g)}},
+        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1]}],
+        "mixed": [torch.arange(4), torch.empty(0, 2), torch.ones(2, 1, 1, 2, dtype=torch.bfloat16), "text", None],
+        "t": torch.randn(2, 3, generator=g).t(),  # not contiguous
+    }
+    packed = pack_tensors(obj)
+    assert [t.dtype for t in packed["flat"]] == [torch.float32, torch.int64, torch.bfloat16]
+    back = unpack_tensors(packed)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                    and b.is_contiguous())
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    assert same(obj, back)
+    back["state"][0]["exp_avg"].add_(1)  # each its own storage, not a view of the pack
+    assert torch.equal(back["state"][1]["exp_avg"], obj["state"][1]["exp_avg"])
+    single = {"one": torch.ones(2)}
+    assert pack_tensors(single) is single  # nothing to gain from packing one tensor
 
 
 # ------------------------------------------------------------------------------------------

@@ -41,8 +41,9 @@ def fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
 def rng_state() -> dict:
     """Every RNG's state as plain data (loadable with weights_only=True)."""
     np_state = np.random.get_state()
-    state = {
-        "python": _to_plain(random.getstate()),
+    version, internal, gauss = random.getstate()
+    state = {  # the 625 words of Python's Mersenne Twister as one tensor: pickled cheaply
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
         "torch": torch.get_rng_state(),
@@ -52,18 +53,16 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(_to_tuple(state["python"]))
+    py = state["python"]
+    if isinstance(py, dict):
+        random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+    else:  # older checkpoints hold it as nested lists
+        random.setstate(_to_tuple(py))
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
-def _to_plain(obj):
-    if isinstance(obj, tuple):
-        return [_to_plain(o) for o in obj]
-    return obj
 
 
 def _to_tuple(obj):

