@@ -195,3 +195,34 @@ def test_metric_for_the_wrong_task_kind_is_a_config_error():
         build_metrics(["mae"], 10)
     with pytest.raises(ConfigError, match="positive integer"):
         build_metrics(["ndcg@x"], None, kind="ranking")
+
+
+def test_confusion_metrics_leave_out_ignored_targets_and_refuse_foreign_ones():
+    """accuracy/precision/recall/F1 come from one confusion matrix: targets below 0 (the loss's
+    ignore_index) are left out, as sklearn sees only the rest; a target >= num_classes is an error."""
+    from torchkiln.confusion import ConfusionMetric
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 4, (90,), generator=g)
+    logits = torch.randn(90, 4, generator=g) + torch.nn.functional.one_hot(y, 4)
+    y_ignored = y.clone()
+    y_ignored[::7] = -100
+    specs = ["accuracy", "f1_macro", "recall_weighted", "precision_per_class"]
+    got = epoch(ClassificationTask(), specs, logits, y_ignored, 4)
+    keep = (y_ignored >= 0).numpy()
+    yt, pred = y.numpy()[keep], logits.argmax(1).numpy()[keep]
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(yt, pred), abs=1e-6)
+    assert got["f1_macro"] == pytest.approx(skm.f1_score(yt, pred, average="macro", zero_division=0), abs=1e-6)
+    assert got["recall_weighted"] == pytest.approx(skm.recall_score(yt, pred, average="weighted"), abs=1e-6)
+    np.testing.assert_allclose(got["precision_per_class"],
+                               skm.precision_score(yt, pred, average=None, zero_division=0), atol=1e-6)
+
+    m = ConfusionMetric(4)
+    m.update(logits[:5], torch.tensor([0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match="num_classes=4"):
+        m.compute()
+    # Asked for with torchmetrics' own arguments, a metric is torchmetrics' class.
+    built = build_metrics([{"type": "f1_macro", "args": {"ignore_index": 0}}, "f1_macro"], 4)
+    assert type(built["f1_macro"]).__name__ == "ConfusionMetric"
+    assert type(build_metrics([{"type": "f1_macro", "args": {"ignore_index": 0}}], 4)["f1_macro"]).__name__ \
+        == "MulticlassF1Score"

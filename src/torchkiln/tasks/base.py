@@ -126,8 +126,19 @@ class ClassificationTask(Task):
     concat_metric_updates = True
 
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        # Probabilities, not logits: torchmetrics decides per batch whether to softmax otherwise.
-        metrics.update(outputs.detach().float().softmax(dim=1), targets)
+        # Confusion-matrix metrics get the predicted labels (one argmax for all of them); the others
+        # probabilities, not logits: torchmetrics decides per batch whether to softmax otherwise.
+        from torchkiln.confusion import ConfusionMetric
+
+        outputs = outputs.detach()
+        labels = probs = None
+        for metric in metrics.values() if hasattr(metrics, "values") else [metrics]:
+            if isinstance(metric, ConfusionMetric):
+                labels = outputs.argmax(dim=1) if labels is None else labels
+                metric.update(labels, targets)
+            else:
+                probs = outputs.float().softmax(dim=1) if probs is None else probs
+                metric.update(probs, targets)
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1)

@@ -1,0 +1,97 @@
+"""Single-label classification metrics from one confusion matrix.
+
+Accuracy, balanced accuracy, and precision / recall / F1 (micro, macro, weighted, per class) are
+all functions of the C x C confusion matrix. Each metric here keeps that matrix as its state
+(summed over batches and, under DDP, over ranks) and updates it with one `bincount`. The
+torchmetrics classes they replace check their arguments and compute stat scores on every update:
+on the default digits run the train and val metrics cost ~1.8 ms an epoch, ~1.4% of it.
+
+Averages follow torchmetrics and scikit-learn (zero_division=0): a macro average leaves out the
+classes that neither occur nor are predicted; a weighted one weighs each class by its support.
+Targets below 0 (CrossEntropyLoss's ignore_index, -100 by default) are left out; a target at or
+above `num_classes` is an error, raised when the metric is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+AVERAGES = ("micro", "macro", "weighted", "none")
+STATS = ("accuracy", "precision", "recall", "f1")
+
+
+class ConfusionMetric(Metric):
+    """`stat` (accuracy, precision, recall, f1) averaged by `average` (micro, macro, weighted, none).
+
+    `update(preds, target)`: `preds` are scores (N, C) (their argmax is the prediction) or labels
+    (N,); `target` labels (N,).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_classes: int, stat: str = "accuracy", average: str = "micro", **kwargs):
+        super().__init__(**kwargs)
+        if stat not in STATS:
+            raise ValueError(f"stat: expected one of {', '.join(STATS)}; found {stat!r}")
+        if average not in AVERAGES:
+            raise ValueError(f"average: expected one of {', '.join(AVERAGES)}; found {average!r}")
+        if int(num_classes) < 1:
+            raise ValueError(f"num_classes: expected a positive integer; found {num_classes!r}")
+        self.num_classes = int(num_classes)
+        self.stat = stat
+        self.average = average
+        c = self.num_classes
+        self.add_state("confmat", torch.zeros(c, c, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("out_of_range", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        c = self.num_classes
+        target = target.reshape(-1).long()
+        labels = preds.argmax(dim=1) if preds.dim() == 2 else preds
+        labels = labels.reshape(-1).long()
+        if labels.shape != target.shape:
+            raise ValueError(f"{len(labels)} predictions for {len(target)} targets")
+        # Cells c*c (ignored target) and c*c + 1 (target out of range) collect what is left out,
+        # without indexing by a mask (which would wait for the device).
+        cell = torch.where(target < 0, c * c, torch.where(target >= c, c * c + 1, target * c + labels.clamp(0, c - 1)))
+        counts = torch.bincount(cell, minlength=c * c + 2)
+        self.confmat += counts[: c * c].view(c, c)
+        self.out_of_range += counts[c * c + 1]
+
+    def compute(self) -> torch.Tensor:
+        bad = int(self.out_of_range)
+        if bad:
+            raise ValueError(f"{bad} targets are not class indices below num_classes={self.num_classes};"
+                             " check the labels or model.args.num_classes")
+        return confusion_score(self.confmat, self.stat, self.average)
+
+
+def confusion_score(confmat: torch.Tensor, stat: str, average: str) -> torch.Tensor:
+    """`stat` from a confusion matrix (rows: targets, columns: predictions)."""
+    m = confmat.double()
+    tp = m.diagonal()
+    support = m.sum(1)  # tp + fn
+    predicted = m.sum(0)  # tp + fp
+    if average == "micro":
+        # Single-label: every sample is one prediction, so micro precision = recall = F1 = accuracy.
+        return _ratio(tp.sum(), m.sum()).float()
+    if stat == "precision":
+        per_class = _ratio(tp, predicted)
+    elif stat == "f1":
+        per_class = _ratio(2 * tp, support + predicted)
+    else:  # recall; accuracy averaged over classes is balanced accuracy, i.e. recall
+        per_class = _ratio(tp, support)
+    if average == "none":
+        return per_class.float()
+    if average == "weighted":
+        return _ratio((per_class * support).sum(), support.sum()).float()
+    seen = (support + predicted) > 0  # macro: classes that occur or are predicted
+    return _ratio((per_class * seen).sum(), seen.sum()).float()
+
+
+def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b, 0 where b is 0."""
+    return torch.where(b > 0, a / b.clamp(min=1e-300), torch.zeros_like(a))
