@@ -84,21 +84,27 @@ VARIANTS = {
 
 
 EPOCH_STARTS: list[float] = []
+EVAL_SPANS: list[tuple[float, float]] = []
 
 
 class ClockedSmallCNN(SmallCNN):
-    """SmallCNN that notes when each epoch's first training forward starts: the same clock for
-    every variant, since each builds this model (torchkiln by name from its registry)."""
+    """SmallCNN that notes when each epoch's first training forward starts, and when each
+    evaluation forward starts and ends: the same clock for every variant, since each builds this
+    model (torchkiln by name from its registry)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._was_training = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
         if self.training and not self._was_training:
-            EPOCH_STARTS.append(time.perf_counter())
+            EPOCH_STARTS.append(started)
         self._was_training = self.training
-        return super().forward(x)
+        out = super().forward(x)
+        if not self.training:
+            EVAL_SPANS.append((started, time.perf_counter()))
+        return out
 
 
 MODELS.register(ClockedSmallCNN)
@@ -288,6 +294,21 @@ def run_lightning(s: Setup, path: str, extras: bool) -> tuple[float, float, floa
 class Timing:
     total: float  # the whole run, model built to last file written
     starts: list[float]  # each epoch's first training step
+    evals: list[tuple[float, float]] = field(default_factory=list)  # each evaluation forward
+
+    @property
+    def phases(self) -> tuple[float, float, float]:
+        """The median epoch's parts: training (first training forward to the first validation
+        forward), validation (to the end of the last validation forward) and the epoch's end (to
+        the next epoch's first training forward: metrics, logging, checkpoints, the next start)."""
+        parts = []
+        for a, b in zip(self.starts, self.starts[1:]):
+            spans = [e for e in self.evals if a < e[0] < b]
+            if spans:
+                parts.append((spans[0][0] - a, spans[-1][1] - spans[0][0], b - spans[-1][1]))
+        if not parts:
+            return (math.nan, math.nan, math.nan)
+        return tuple(statistics.median(p[i] for p in parts) for i in range(3))  # type: ignore[return-value]
 
     @property
     def epoch(self) -> float:
@@ -310,6 +331,7 @@ class Timing:
 def run_variant(name: str, s: Setup) -> tuple[Timing, tuple[float, float, float]]:
     family, path, extras = VARIANTS[name]
     EPOCH_STARTS.clear()
+    EVAL_SPANS.clear()
     with terminal():
         started = time.perf_counter()
         if family == "hand loop":
@@ -323,7 +345,7 @@ def run_variant(name: str, s: Setup) -> tuple[Timing, tuple[float, float, float]
         shutil.rmtree(s.workdir / sub, ignore_errors=True)
     if len(EPOCH_STARTS) != s.epochs:
         raise RuntimeError(f"{name}: the clock saw {len(EPOCH_STARTS)} epochs, expected {s.epochs}")
-    return Timing(seconds, list(EPOCH_STARTS)), result
+    return Timing(seconds, list(EPOCH_STARTS), list(EVAL_SPANS)), result
 
 
 # ------------------------------------------------------------------------------------------
@@ -406,6 +428,13 @@ class Row:
         ratios = sorted(getattr(a, what) / getattr(b, what) for a, b in zip(self.timings, ref.timings))
         return statistics.median(ratios), ratios[0], ratios[-1]
 
+    def extra_ms(self, ref: Row) -> list[float]:
+        """Milliseconds per epoch more than `ref` in each phase (training, validation, epoch end)
+        and in all, paired by round: the median of the rounds' differences."""
+        diffs = [[1e3 * (x - y) for x, y in zip(a.phases, b.phases)] for a, b in zip(self.timings, ref.timings)]
+        diffs = [d + [sum(d)] for d in diffs]
+        return [statistics.median(d[i] for d in diffs) for i in range(4)]
+
 
 
 def versions() -> str:
@@ -467,6 +496,26 @@ def table(rows: dict[str, Row], epochs: int, repeats: int, load: str) -> str:
         loss = "| | |" if r.result is None else f"| {r.result[0]:.5f} | {r.result[1]:.5f} | {r.result[2]:.4f} |"
         lines.append(f"| {r.family} | {r.path} | {extras} | {r.steady():.4f} | {steady_x} | {spread} |"
                      f" {r.fastest():.4f} | {fastest_x} | {r.whole() / epochs:.4f} | {whole_x} | {r.fixed():.3f} {loss}")
+    lines += [
+        "",
+        "Where the extra time goes: milliseconds per epoch more than the hand loop with the same data"
+        " path, by phase (paired by round, median over rounds). **training**: from an epoch's first"
+        " training forward to its first validation forward (steps, per-step logging, progress, the train"
+        " metrics); **validation**: the validation forwards and what runs between them; **epoch end**:"
+        " from the last validation forward to the next epoch's first training forward (metrics, epoch"
+        " logging, checkpoints, the next epoch's start).",
+        "",
+        "| variant | data path | logging, progress, checkpoints | hand loop epoch (ms) | training | validation"
+        " | epoch end | all |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows.values():
+        ref = hand.get(r.path)
+        if not r.timings or ref is None or r.family == "hand loop":
+            continue
+        extras = "on (defaults)" if r.extras else "off"
+        cells = " | ".join(f"{v:+.2f}" for v in r.extra_ms(ref))
+        lines.append(f"| {r.family} | {r.path} | {extras} | {1e3 * ref.steady():.1f} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -175,12 +175,15 @@ def clean_stale_temps(directory: str | Path) -> list[Path]:
     return removed
 
 
+PACKED_ENTRIES = ("optimizer",)
+
+
 def encode(state: dict[str, Any]) -> dict[str, Any]:
-    """A torchkiln checkpoint as written: every entry but the model weights with its tensors packed
+    """A torchkiln checkpoint as written: the optimizer's state with its tensors packed
     (`pack_tensors`); the model stays a plain state_dict that `torch.load(f)["model"]` gives."""
     if not (isinstance(state, dict) and state.get("format") == FORMAT):
         return state
-    return {k: v if k == "model" else pack_tensors(v) for k, v in state.items()}
+    return {k: pack_tensors(v) if k in PACKED_ENTRIES else v for k, v in state.items()}
 
 
 def decode(state: Any) -> Any:
@@ -215,8 +218,10 @@ def pack_tensors(obj: Any) -> Any:
         groups.setdefault((t.dtype, t.device), []).append(i)
     width = 3 + max(t.dim() for t in tensors)
     flat, rows = [], [[]] * len(tensors)
+    with torch.no_grad():
+        for ids in groups.values():
+            flat.append(torch.cat([_flat_view(tensors[i]) for i in ids]))
     for g, ids in enumerate(groups.values()):
-        flat.append(torch.cat([tensors[i].detach().reshape(-1) for i in ids]))
         offset = 0
         for i in ids:
             shape = list(tensors[i].shape)
@@ -224,6 +229,10 @@ def pack_tensors(obj: Any) -> Any:
             offset += tensors[i].numel()
     # Rows of (pack, offset, ndim, shape...) as one tensor: pickling a Python object costs ~0.5 us.
     return {PACKED: skeleton, "flat": flat, "index": torch.tensor(rows, dtype=torch.int64)}
+
+
+def _flat_view(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
 def unpack_tensors(obj: Any) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -18,7 +18,11 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies every number of the history, a cost per checkpoint
+        # that grows with the epochs (the rows hold floats and strings only).
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["history"] = [dict(row) for row in self.history]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
