@@ -8,8 +8,8 @@ Trains the same model with no loggers, then with CSV + JSONL + TensorBoard at se
   around those calls, as a share of the step time. Direct, and almost untouched by the machine's
   noise.
 - **paired slowdown**: each round's median epoch against that round's run without loggers,
-  median over rounds. It includes what the direct timer cannot see (the TensorBoard writer thread,
-  cache effects), and the machine's noise (a few percent on a shared 2-core VM).
+  median over rounds. It includes what the direct timer cannot see (cache effects, the kernel's
+  writes), and the machine's noise (a few percent on a shared 2-core VM).
 
 Also times the validation pictures (confusion matrix, misclassified grid) drawn at the epochs
 `logging.images_every` picks, and prints the per-epoch device numbers (peak memory, GPU
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         " `every_n_steps`: one device-to-host copy, rows to every logger), per step, and as a share of the"
         " step time without loggers. Median over rounds.",
         "- **paired slowdown**: each round's median epoch against the same round's run without loggers;"
-        " median (lowest-highest) over rounds. It also holds the TensorBoard writer thread and the machine's noise.",
+        " median (lowest-highest) over rounds. It also holds cache effects, the kernel's file writes and the machine's noise.",
         "- **fastest epoch**: the fastest epoch of all rounds against the fastest without loggers (other work"
         " on a shared machine only ever adds time).",
         "",

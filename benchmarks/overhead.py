@@ -503,7 +503,8 @@ def table(rows: dict[str, Row], epochs: int, repeats: int, load: str) -> str:
         " training forward to its first validation forward (steps, per-step logging, progress, the train"
         " metrics); **validation**: the validation forwards and what runs between them; **epoch end**:"
         " from the last validation forward to the next epoch's first training forward (metrics, epoch"
-        " logging, checkpoints, the next epoch's start).",
+        " logging, checkpoints, the next epoch's start); **all**: the median of the rounds' totals (not the"
+        " sum of the columns' medians).",
         "",
         "| variant | data path | logging, progress, checkpoints | hand loop epoch (ms) | training | validation"
         " | epoch end | all |",

@@ -41,12 +41,22 @@ def test_overhead_script_runs_every_variant_and_losses_agree(tmp_path):
     code = overhead.main(["--epochs", "2", "--repeats", "1", "--no-warmup", "--variants", ",".join(variants),
                           "--out", str(out)])
     assert code == 0  # 1 when torchkiln's final losses differ from the hand loop's
-    text = out.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    main_table, phase_table = out.read_text().split("Where the extra time goes")
+
+    def table_rows(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+
+    rows = table_rows(main_table)
     assert len(rows) == len(variants)
     assert sum("| 1.000x | 1.00-1.00 |" in r for r in rows) >= 2  # each hand loop is its own reference
     # Every variant saw the same batches and dropout masks: one set of final losses.
     assert len({tuple(r.split("|")[-4:-1]) for r in rows}) == 1
+    # The extra milliseconds by phase, for every variant but the hand loops (one round: the parts add up).
+    phases = table_rows(phase_table)
+    assert len(phases) == len(variants) - 2
+    for row in phases:
+        train, val, end, total = (float(c) for c in row.strip("| ").split(" | ")[-4:])
+        assert total == pytest.approx(train + val + end, abs=0.02)
 
 
 def test_overhead_hand_loop_and_torchkiln_match_on_both_data_paths(tmp_path):

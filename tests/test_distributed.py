@@ -231,7 +231,7 @@ def _drain(proc: subprocess.Popen) -> str:
     return proc.communicate()[1][-3000:]
 
 
-def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
+def _stop_worker(rank: int, world: int, out: str) -> None:
     import signal as _signal
 
     import torch.distributed as dist
@@ -243,7 +243,8 @@ def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
     from torchkiln.engine.state import StopRequested
     from torchkiln.engine.trainer import Trainer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: no TCP store server thread in rank 0 to outlive the test's teardown.
+    dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world)
     agreed_at = []
     real = kd.any_rank
 
@@ -274,20 +275,15 @@ def _stop_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_ranks_agree_on_a_stop_only_every_log_interval(tmp_path):
     """One rank's stop request is shared at the next log interval (one all-reduce per interval, not
     per step), and every rank stops after that same step."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_stop_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_stop_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["stopped"] for r in results] == [4, 4]  # asked at step 2, agreed at step 4
     assert [r["agreed_at"] for r in results] == [[4], [4]]
 
 
-def _unfreeze_worker(rank: int, world: int, port: int, out: str) -> None:
+def _unfreeze_worker(rank: int, world: int, out: str) -> None:
     import torch.distributed as dist
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -296,7 +292,8 @@ def _unfreeze_worker(rank: int, world: int, port: int, out: str) -> None:
     from torchkiln.engine.trainer import Trainer
     from torchkiln.models.freeze import Freezer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: no TCP store server thread in rank 0 to outlive the test's teardown.
+    dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
     freezer = Freezer(model, ["1.weight", "1.bias"], [], unfreeze_at_epoch=2)
@@ -316,14 +313,9 @@ def _unfreeze_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_unfreezing_keeps_ranks_in_step(tmp_path):
     """Layers frozen for the first epoch and then unfrozen are trained by every rank alike: their
     gradients are all-reduced once they train (DDP is rebuilt when the trainable set changes)."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_unfreeze_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_unfreeze_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a["moved"] and b["moved"], "the unfrozen layer did not train"
     assert torch.equal(a["head"], b["head"])
