@@ -20,6 +20,7 @@ from torchkiln.errors import CheckpointError
 FORMAT = "torchkiln-checkpoint"
 TMP_PREFIX = ".tmp-"
 PACKED = "torchkiln-packed-tensors"
+PACKED_ENTRIES = ("optimizer",)  # the checkpoint entries written packed (see encode)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path | None = None) -> Path:
@@ -175,9 +176,6 @@ def clean_stale_temps(directory: str | Path) -> list[Path]:
     return removed
 
 
-PACKED_ENTRIES = ("optimizer",)
-
-
 def encode(state: dict[str, Any]) -> dict[str, Any]:
     """A torchkiln checkpoint as written: the optimizer's state with its tensors packed
     (`pack_tensors`); the model stays a plain state_dict that `torch.load(f)["model"]` gives."""
@@ -197,7 +195,7 @@ def pack_tensors(obj: Any) -> Any:
     """`obj` (dicts, lists and tuples holding tensors) with its tensors gathered into one flat
     tensor per dtype and device. torch.save pays ~14 us per tensor whatever its size, and an
     optimizer holds a few per parameter (AdamW: two moments and a step count): for the default
-    model its 33 tensors took 0.65 ms of a 1.2 ms save, packed they take 0.1 ms."""
+    model its 33 tensors took 0.65 ms of a 1.2 ms save, packed about 0.2 ms."""
     tensors: list[torch.Tensor] = []
 
     def strip(o: Any) -> Any:
@@ -218,10 +216,9 @@ def pack_tensors(obj: Any) -> Any:
         groups.setdefault((t.dtype, t.device), []).append(i)
     width = 3 + max(t.dim() for t in tensors)
     flat, rows = [], [[]] * len(tensors)
-    with torch.no_grad():
-        for ids in groups.values():
-            flat.append(torch.cat([_flat_view(tensors[i]) for i in ids]))
     for g, ids in enumerate(groups.values()):
+        with torch.no_grad():
+            flat.append(torch.cat([_flat_view(tensors[i]) for i in ids]))
         offset = 0
         for i in ids:
             shape = list(tensors[i].shape)
