@@ -69,21 +69,27 @@ class ConfusionMetric(Metric):
         return confusion_score(self.confmat, self.stat, self.average)
 
 
-def confusion_score(confmat: torch.Tensor, stat: str, average: str) -> torch.Tensor:
-    """`stat` from a confusion matrix (rows: targets, columns: predictions)."""
+def per_class_scores(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """support, predicted, precision, recall and F1 of each class (float64; 0 where undefined)
+    from a confusion matrix (rows: targets, columns: predictions)."""
     m = confmat.double()
     tp = m.diagonal()
     support = m.sum(1)  # tp + fn
     predicted = m.sum(0)  # tp + fp
+    return {"support": support, "predicted": predicted, "precision": _ratio(tp, predicted),
+            "recall": _ratio(tp, support), "f1": _ratio(2 * tp, support + predicted)}
+
+
+def confusion_score(confmat: torch.Tensor, stat: str, average: str) -> torch.Tensor:
+    """`stat` from a confusion matrix (rows: targets, columns: predictions)."""
     if average == "micro":
         # Single-label: every sample is one prediction, so micro precision = recall = F1 = accuracy.
-        return _ratio(tp.sum(), m.sum()).float()
-    if stat == "precision":
-        per_class = _ratio(tp, predicted)
-    elif stat == "f1":
-        per_class = _ratio(2 * tp, support + predicted)
-    else:  # recall; accuracy averaged over classes is balanced accuracy, i.e. recall
-        per_class = _ratio(tp, support)
+        m = confmat.double()
+        return _ratio(m.diagonal().sum(), m.sum()).float()
+    scores = per_class_scores(confmat)
+    support, predicted = scores["support"], scores["predicted"]
+    # accuracy averaged over classes is balanced accuracy, i.e. recall
+    per_class = scores["recall" if stat == "accuracy" else stat]
     if average == "none":
         return per_class.float()
     if average == "weighted":

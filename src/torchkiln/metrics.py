@@ -34,13 +34,14 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
     """`kinds` maps a task kind to ('module:Class', fixed keyword arguments); `fast`, by kind, a
     cheaper class for the same quantity, used when the metric is asked for without arguments."""
     _TABLE[name] = kinds
+    fast = fast or {}
 
     def factory(num_classes: int | None = None, kind: str = "multiclass", threshold: float = 0.5,
                 top_k: int | None = None, **args: Any) -> Metric:
         if kind not in kinds:
             raise ConfigError(f"metrics: '{name}' does not apply to a {kind} task; it is for"
                               f" {', '.join(kinds)} (metrics for {kind}: {', '.join(names_for(kind))})")
-        path, fixed = (fast or {}).get(kind) if not args and top_k is None and kind in (fast or {}) else kinds[kind]
+        path, fixed = fast[kind] if kind in fast and not args and top_k is None else kinds[kind]
         cls = _cls(path)
         params = inspect.signature(cls.__init__).parameters
         kw = {**fixed, **args}

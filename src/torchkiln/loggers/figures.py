@@ -24,13 +24,11 @@ def pyplot():
 
 def per_class(sample: ValidationSample) -> dict[str, np.ndarray]:
     """support, precision, recall and F1 per class from the confusion matrix (0 where undefined)."""
-    cm = sample.confusion().double().numpy()
-    tp, true, predicted = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.nan_to_num(tp / predicted)
-        recall = np.nan_to_num(tp / true)
-        f1 = np.nan_to_num(2 * tp / (true + predicted))
-    return {"support": true.astype(int), "precision": precision, "recall": recall, "f1": f1}
+    from torchkiln.confusion import per_class_scores
+
+    scores = per_class_scores(sample.confusion())
+    return {"support": scores["support"].numpy().astype(int),
+            **{k: scores[k].numpy() for k in ("precision", "recall", "f1")}}
 
 
 def save(fig, path: str | Path) -> Path:
