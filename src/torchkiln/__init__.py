@@ -11,10 +11,12 @@ _LAZY = {
     "Trainer": "torchkiln.engine.trainer",
     "seed_everything": "torchkiln.repro",
     "fingerprint": "torchkiln.repro",
+    "run_loggers": "torchkiln.loggers",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from torchkiln.engine.trainer import Trainer
+    from torchkiln.loggers import run_loggers
     from torchkiln.repro import fingerprint, seed_everything
 
 
@@ -26,4 +28,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'torchkiln' has no attribute {name!r}")
 
 
-__all__ = ["Trainer", "seed_everything", "fingerprint", "__version__"]
+__all__ = ["Trainer", "run_loggers", "seed_everything", "fingerprint", "__version__"]

@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("-c", "--config")
     show.add_argument("overrides", nargs="*", metavar="key.path=value")
     csub.add_parser("schema", help="print the config's JSON Schema")
+    chk = csub.add_parser("check", help="build everything a run needs (data, model, loss, optimizer,"
+                          " schedule, metrics) and say what it is; writes nothing")
+    chk.add_argument("-c", "--config")
+    chk.add_argument("overrides", nargs="*", metavar="key.path=value")
 
     d = sub.add_parser("data", help="inspect the configured data")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
@@ -116,7 +120,8 @@ def _launch(args: argparse.Namespace, cfg, resume, run) -> int:
     if 0 < gpus < args.devices:
         raise ConfigError(f"--devices {args.devices}: only {gpus} GPU(s) visible; use --devices {gpus}"
                           f" (one process per GPU) or trainer.device=cpu")
-    run_dir = run.run_dir_of(resume) if resume is not None else run.new_run_dir(cfg)
+    # Planned here, made by the workers' rank 0 once the run is built (nothing before that).
+    run_dir = run.run_dir_of(resume) if resume is not None else run.plan_run_dir(cfg)
     worker = (["--debug"] if args.debug else []) + ["train"]
     worker += ["-c", args.config] if args.config else []
     worker += ["--resume", str(resume)] if resume is not None else []
@@ -149,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return _dispatch(args, parser)
+        code = _dispatch(args, parser)
+        sys.stdout.flush()  # here, so that a reader who closed the pipe is handled below
+        return code
     except KilnError as exc:
         if args.debug:
             raise
@@ -160,10 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `kiln test RUN | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail too
+        return 0
 
 
 def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from torchkiln.config.load import load_checked, load_config
+    from torchkiln.config.load import default_config_path, load_checked, load_config
 
     if args.command == "config":
         if args.config_command == "schema":
@@ -175,6 +186,15 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             from torchkiln.config.load import dump_yaml
 
             sys.stdout.write(dump_yaml(load_config(args.config, args.overrides)))
+            return 0
+        if args.config_command == "check":
+            from torchkiln import run
+
+            source = str(args.config or default_config_path())
+            _console(quiet=True)
+            lines = run.check(load_checked(args.config, args.overrides), source)
+            print(f"ok: {source}")
+            print("\n".join("  " + line for line in lines))
             return 0
         parser.parse_args(["config", "--help"])
         return 2
@@ -223,6 +243,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         distributed.quiet_other_ranks()  # a worker of rank > 0 logs warnings and errors only
         resume = state = None
+        source = str(args.config or default_config_path())
         if not args.resume and distributed.restart_count() > 0:  # a restarted worker group
             args.resume = _restart_target(args, run)
         if args.resume:
@@ -233,6 +254,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                          base.name, base.output_dir)
             else:
                 cfg, resume, state = found
+                source = str(run.run_dir_of(resume) / "config.yaml")
                 log.info("resuming from %s", resume)
         if resume is None:
             cfg = load_checked(args.config, args.overrides)
@@ -241,7 +263,7 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from torchkiln.engine.state import StopRequested
 
         try:
-            run.train(cfg, resume=resume, progress=not args.quiet, state=state)
+            run.train(cfg, resume=resume, progress=not args.quiet, state=state, source=source)
         except StopRequested as stop:
             return 128 + stop.signum
         finally:

@@ -44,6 +44,7 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
     loop = state.get("loop") or {}
     info = {
         "model": config.get("model"),
+        **_rebuild_info(config),
         "task": config.get("task"),
         "source_checkpoint": str(ckpt),
         "epoch": loop.get("epoch"),
@@ -70,6 +71,28 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
     config_path = out / "model.json"
     _atomic(config_path, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
     return [weights_path, config_path]
+
+
+def _rebuild_info(config: dict[str, Any]) -> dict[str, Any]:
+    """What rebuilding the model and feeding it needs beyond its type and arguments: the class
+    count, the heads of a multi-head task (name -> classes, in output order) and the eval
+    preprocessing."""
+    model_args = (config.get("model") or {}).get("args") or {}
+    task = config.get("task")
+    heads = None
+    if isinstance(task, dict) and task.get("type") == "multihead":
+        spec = (task.get("args") or {}).get("heads") or {}
+        heads = {name: (h["classes"] if isinstance(h, dict) else h) for name, h in spec.items()}
+    transforms = ((config.get("data") or {}).get("transforms") or {})
+    return {
+        "num_classes": model_args.get("num_classes"),
+        "heads": heads,
+        "preprocessing": {
+            "eval_transforms": transforms.get("eval") or [],
+            "input": "images decoded to float32 RGB (or L) tensors in [0, 1], shape (C, H, W), then the"
+                     " eval transforms (torchvision.transforms.v2) in order; tensor data sets as stored",
+        },
+    }
 
 
 def _unshare(weights: dict[str, Any]) -> dict[str, Any]:

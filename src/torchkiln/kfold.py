@@ -18,15 +18,16 @@ log = logging.getLogger("torchkiln")
 def train_folds(cfg: Config, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Runs land in `<output_dir>/<name>/folds-<time>/fold-<i>/`; `folds.json` holds the summary."""
     from torchkiln import run
+    from torchkiln.config.build import check_components
+    from torchkiln.engine import distributed
 
     k = cfg.data.folds
     if k is None:
         raise ConfigError("--folds: set data.folds (e.g. data.folds=5) to say how many folds to run")
-    base = Path(cfg.output_dir) / cfg.name / f"folds-{time.strftime('%Y%m%d-%H%M%S')}"
-    root, i = base, 1
-    while root.exists():
-        root, i = base.with_name(f"{base.name}-{i}"), i + 1
-    root.mkdir(parents=True)
+    check_components(cfg)
+    distributed.init_from_env(cfg.trainer.device, cfg.trainer.dist_timeout)
+    rank0 = distributed.is_rank0()
+    root = distributed.broadcast_object(_folds_root(cfg) if rank0 else None)  # rank duties: rank 0 makes it
     rows: list[dict[str, Any]] = []
     for fold in range(k):
         data = cfg.data.model_copy(update={"fold": fold})
@@ -40,8 +41,18 @@ def train_folds(cfg: Config, progress: bool = True) -> tuple[Path, dict[str, Any
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
     result = {"name": cfg.name, "folds": k, "monitor": summary["monitor"], "mean": mean, "std": std,
               "min": min(values, default=float("nan")), "max": max(values, default=float("nan")), "runs": rows}
-    (root / "folds.json").write_text(json.dumps(result, indent=2))
+    if rank0:
+        (root / "folds.json").write_text(json.dumps(result, indent=2))
     return root, result
+
+
+def _folds_root(cfg: Config) -> Path:
+    base = Path(cfg.output_dir) / cfg.name / f"folds-{time.strftime('%Y%m%d-%H%M%S')}"
+    root, i = base, 1
+    while root.exists():
+        root, i = base.with_name(f"{base.name}-{i}"), i + 1
+    root.mkdir(parents=True)
+    return root
 
 
 def format_folds(result: dict[str, Any]) -> str:

@@ -101,6 +101,11 @@ def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterab
     except (TypeError, ValueError):
         return
     params = sig.parameters
+    for key, value in args.items():
+        expected = _expected_type(params[key].default, value) if key in params else None
+        if expected is not None:
+            raise ConfigError(f"{where}.{key}: expected {expected} for {getattr(factory, '__name__', factory)},"
+                              f" found {value!r}")
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     valid = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
@@ -112,6 +117,24 @@ def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterab
             )
 
 
+def _expected_type(default: Any, value: Any) -> str | None:
+    """What a config value should have been, judged by the parameter's default, or None when it
+    may be right (None is always accepted: it stands for "not set"). Lists pass where a number is
+    the default: several factories take a number or one per parameter group."""
+    if value is None or default is None or default is inspect.Parameter.empty:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, (int, float)):
+        ok = isinstance(value, (int, float, list, tuple)) and not isinstance(value, bool)
+        return None if ok else "a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, tuple):
+        return None if isinstance(value, (list, tuple)) else "a list"
+    return None
+
+
 def _is_class_of(module: str, base: str) -> Callable[[Any], bool]:
     def pred(obj: Any) -> bool:
         if not inspect.isclass(obj):
@@ -121,6 +144,19 @@ def _is_class_of(module: str, base: str) -> Callable[[Any], bool]:
         return parent is not None and issubclass(obj, parent) and obj is not parent
 
     return pred
+
+
+# Modules whose import fills the registries with torchkiln's own names. Every path that resolves a
+# name from a config calls load_builtins() first, so no name depends on what happened to be imported.
+BUILTIN_MODULES = (
+    "torchkiln.data.digits", "torchkiln.data.images", "torchkiln.data.tensorfile", "torchkiln.data.toy",
+    "torchkiln.data.collate", "torchkiln.losses", "torchkiln.metrics", "torchkiln.models", "torchkiln.tasks",
+)
+
+
+def load_builtins() -> None:
+    for name in BUILTIN_MODULES:
+        importlib.import_module(name)
 
 
 MODELS = Registry("model")

@@ -11,7 +11,7 @@ import base64
 import html
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,24 @@ class Run:
     summary: dict[str, Any] | None
     monitor: str = "val/loss"
     mode: str = "min"
+    steps: list[dict[str, float]] = field(default_factory=list)  # metrics.jsonl's per-step rows
 
     @property
     def finished(self) -> bool:
         return self.summary is not None
+
+    @property
+    def status(self) -> str:
+        """finished, stopped early (epoch N), stopped (epoch N of M: a signal or a crash), in progress."""
+        if self.summary is None:
+            return "in progress"
+        done = self.summary.get("epochs_completed")
+        if self.summary.get("stopped_early"):
+            return f"stopped early (epoch {done})"
+        planned = self.config.get("trainer.epochs")
+        if isinstance(done, int) and isinstance(planned, int) and done < planned:
+            return f"stopped (epoch {done} of {planned})"
+        return "finished"
 
     def best(self) -> tuple[float, int] | None:
         values = [(row[self.monitor], int(row["epoch"])) for row in self.rows
@@ -89,12 +103,27 @@ def load_run(path: Path) -> Run:
             summary = json.loads(summary_path.read_text())
         except json.JSONDecodeError:
             summary = None  # being written right now: treat the run as in progress
-    run = Run(path, flatten(config or {}), rows, summary)
+    run = Run(path, flatten(config or {}), rows, summary, steps=_step_rows(path / "metrics.jsonl"))
     run.monitor = (summary or {}).get("monitor") or run.config.get("trainer.monitor") or "val/loss"
     low = run.monitor.rsplit("/", 1)[-1]
     default_mode = "min" if "loss" in low or low in {"mae", "mse", "rmse"} else "max"
     run.mode = (summary or {}).get("mode") or run.config.get("trainer.mode") or default_mode
     return run
+
+
+def _step_rows(path: Path) -> list[dict[str, float]]:
+    """The per-step rows of metrics.jsonl (a line cut short by a kill is left out)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "epoch" not in row and "step" in row:
+            rows.append(row)
+    return rows
 
 
 def differing_keys(runs: list[Run]) -> list[str]:
@@ -116,7 +145,7 @@ def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per differing config key, then the metrics; one column per run."""
     header = ["", *[f"[{i + 1}]" for i in range(len(runs))]]
     rows = [[k, *[_fmt(r.config.get(k)) for r in runs]] for k in differing_keys(runs)]
-    rows.append(["status", *["finished" if r.finished else "in progress" for r in runs]])
+    rows.append(["status", *[r.status for r in runs]])
     rows.append(["epochs", *[str(len(r.rows)) for r in runs]])
     for monitor in dict.fromkeys(r.monitor for r in runs):
         cells = []
@@ -157,12 +186,9 @@ def plot_overlay(runs: list[Run], path: Path) -> Path:
                 ys = [row.get(f"{split}/{name}", math.nan) for row in run.rows]
                 if any(math.isfinite(y) for y in ys):
                     ax.plot(epochs, ys, style, color=color, marker="o", ms=3, label=f"[{i + 1}] {split}")
-        lr_keys = sorted(k for k in (run.rows[0] if run.rows else {}) if k.startswith("lr/"))
-        for k, key in enumerate(lr_keys):
-            axes[0][-1].plot(epochs, [row.get(key, math.nan) for row in run.rows], ("-", ":", "-.")[k % 3],
-                             color=color, marker="o", ms=3, label=f"[{i + 1}] {key.split('/', 1)[1]}")
+        _plot_lr(axes[0][-1], run, color, f"[{i + 1}] ")
     for ax, name in zip(axes[0], panels):
-        ax.set_title("learning rate (end of epoch)" if name == "lr" else name)
+        ax.set_title("learning rate" if name == "lr" else name)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
@@ -170,6 +196,35 @@ def plot_overlay(runs: list[Run], path: Path) -> Path:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return save(fig, path)
+
+
+def _plot_lr(ax: Any, run: Run, color: str, label: str) -> None:
+    """The LR at every logged optimizer step (metrics.jsonl), on the epoch axis; the epoch ends
+    when a run has no step rows. Steps are placed by the epoch rows' step counts."""
+    ends = [(int(row["step"]), int(row["epoch"])) for row in run.rows if math.isfinite(row.get("step", math.nan))]
+    keys = sorted({k for row in run.steps for k in row if k.startswith("lr/")})
+    if keys and ends:
+        xs = [_epoch_of(int(row["step"]), ends) for row in run.steps]
+        for k, key in enumerate(keys):
+            ax.plot(xs, [row.get(key, math.nan) for row in run.steps], ("-", ":", "-.")[k % 3], color=color,
+                    lw=1.2, label=f"{label}{key.split('/', 1)[1]}")
+        return
+    epochs = [int(row["epoch"]) for row in run.rows]
+    for k, key in enumerate(sorted(k for k in (run.rows[0] if run.rows else {}) if k.startswith("lr/"))):
+        ax.plot(epochs, [row.get(key, math.nan) for row in run.rows], ("-", ":", "-.")[k % 3], color=color,
+                marker="o", ms=3, label=f"{label}{key.split('/', 1)[1]} (epoch end)")
+
+
+def _epoch_of(step: int, ends: list[tuple[int, int]]) -> float:
+    """A global step as a fractional epoch, from (last step, epoch) at each epoch's end."""
+    prev_step, prev_epoch = 0, 0
+    for end_step, epoch in ends:
+        if step <= end_step:
+            span = max(1, end_step - prev_step)
+            return prev_epoch + (step - prev_step) / span * (epoch - prev_epoch)
+        prev_step, prev_epoch = end_step, epoch
+    span = max(1, ends[-1][0] - (ends[-2][0] if len(ends) > 1 else 0))
+    return prev_epoch + (step - prev_step) / span
 
 
 def write_html(runs: list[Run], header: list[str], rows: list[list[str]], png: Path, path: Path) -> Path:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -24,12 +23,18 @@ CHECKPOINTS = "checkpoints"
 # ------------------------------------------------------------------------------------------
 # run directories
 # ------------------------------------------------------------------------------------------
-def new_run_dir(cfg: Config) -> Path:
+def plan_run_dir(cfg: Config) -> Path:
+    """A new run directory's path (`output_dir/name/timestamp`), not yet made."""
     root = Path(cfg.output_dir) / cfg.name
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir, i = root / stamp, 1
     while run_dir.exists():
         run_dir, i = root / f"{stamp}-{i}", i + 1
+    return run_dir
+
+
+def new_run_dir(cfg: Config) -> Path:
+    run_dir = plan_run_dir(cfg)
     run_dir.mkdir(parents=True)
     return run_dir
 
@@ -109,11 +114,39 @@ def run_dir_of(ckpt: Path) -> Path:
 # ------------------------------------------------------------------------------------------
 # logging to the console and train.log
 # ------------------------------------------------------------------------------------------
+class _Held(logging.Handler):
+    """Keeps the records logged while a run is built (before its directory exists) for train.log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def file_log(run_dir: Path):
+def held_log():
+    held = _Held()
+    log.addHandler(held)
+    level = log.level
+    if level == logging.NOTSET or level > logging.INFO:
+        log.setLevel(logging.INFO)
+    try:
+        yield held.records
+    finally:
+        log.setLevel(level)
+        log.removeHandler(held)
+
+
+@contextlib.contextmanager
+def file_log(run_dir: Path, earlier: list[logging.LogRecord] = ()):
+    """train.log in `run_dir` for the run's records (`earlier`: those logged before it existed)."""
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
+    for record in earlier:
+        handler.handle(record)
     log.addHandler(handler)
     level = log.level
     if level == logging.NOTSET or level > logging.INFO:  # the Python API, without the CLI's set-up
@@ -171,12 +204,25 @@ def resume_config(target: str, cfg: Config | None, overrides: list[str]
 
 
 def train(cfg: Config, resume: Path | None = None, progress: bool = True,
-          state: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
+          state: dict[str, Any] | None = None, source: str | None = None,
+          loggers: list[Any] = ()) -> tuple[Path, dict[str, Any]]:
     """Validate, build, train; returns the run directory and the summary.
 
-    With `resume` (a checkpoint path; `state` its loaded content, if already loaded) the run
-    continues in that checkpoint's run directory.
+    Everything is checked and built before the run directory is made: a config that cannot run
+    leaves nothing behind. With `resume` (a checkpoint path; `state` its loaded content, if
+    already loaded) the run continues in that checkpoint's run directory. `source` (the config
+    file) prefixes config errors; `loggers` are added to the run's own.
     """
+    try:
+        return _train(cfg, resume, progress, state, loggers)
+    except ConfigError as exc:
+        if source and not str(exc).startswith(f"{source}:"):
+            raise ConfigError(f"{source}: {exc}") from exc
+        raise
+
+
+def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, Any] | None,
+           extra_loggers: list[Any]) -> tuple[Path, dict[str, Any]]:
     from torchkiln.config.build import check_components
 
     check_components(cfg)
@@ -193,60 +239,113 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True,
     distributed.init_from_env(cfg.trainer.device, cfg.trainer.dist_timeout)
     rank0 = distributed.is_rank0()
     check_precision(cfg.trainer.precision, resolve_device(distributed.rank_device(cfg.trainer.device)))
-    fresh = False
-    if resume is not None:
-        resume = Path(resume)
-        state = state if state is not None else _load_resumable(resume)
-        run_dir = run_dir_of(resume)
-    elif os.environ.get(distributed.RUN_DIR_ENV):  # made by `kiln train --devices N`
-        run_dir = Path(os.environ[distributed.RUN_DIR_ENV])
-    else:  # rank duties: one run directory, made by rank 0, its path sent to the others
-        run_dir = distributed.broadcast_object(new_run_dir(cfg) if rank0 else None)
-        fresh = True
-    built = False
-    try:
-        with file_log(run_dir) if rank0 else contextlib.nullcontext():
-            log.info("run directory %s", run_dir)
-            trainer, loaders = build_trainer(cfg, run_dir, progress=progress, pretrained=resume is None)
-            built = True
-            _log_batch_size(cfg)
-            if state is not None:
-                try:
-                    trainer.load_state_dict(state)  # checked before config.yaml is rewritten
-                except CheckpointError as exc:
-                    raise CheckpointError(f"{resume}: {exc}") from None
-                loop = state["loop"]
-                if loop.get("stopped_early") or loop.get("epoch", 0) >= cfg.trainer.epochs:
-                    log.info("%s: this run already finished (%d epochs); to train longer, resume with"
-                             " trainer.epochs=N", resume, loop.get("epoch", 0))
-            if rank0:
-                (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            torch.set_float32_matmul_precision("high")
-            from torchkiln.engine.state import StopRequested
-
+    with held_log() as earlier:
+        if resume is not None:
+            resume = Path(resume)
+            state = state if state is not None else _load_resumable(resume)
+        trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=resume is None)
+        _log_batch_size(cfg)
+        if state is not None:
             try:
-                with stop_on_signals(trainer), distributed.collective_errors():
-                    summary = trainer.fit(loaders["train"], loaders.get("val"), resume=state)
-            except StopRequested as stop:
-                if rank0:
-                    _finish(cfg, run_dir, trainer.summary())
-                log.warning("stopped by %s; checkpoint written: %s. Resume with: kiln train --resume %s",
-                            signal.Signals(stop.signum).name, stop.checkpoint, run_dir)
-                raise
+                trainer.load_state_dict(state)  # checked before anything in the run is rewritten
+            except CheckpointError as exc:
+                raise CheckpointError(f"{resume}: {exc}") from None
+            loop = state["loop"]
+            if loop.get("stopped_early") or loop.get("epoch", 0) >= cfg.trainer.epochs:
+                log.info("%s: this run already finished (%d epochs); to train longer, resume with"
+                         " trainer.epochs=N", resume, loop.get("epoch", 0))
+        # Rank duties: rank 0 makes the run directory (`kiln train --devices N` planned its path)
+        # and sends its path to the others.
+        if resume is not None:
+            run_dir = run_dir_of(resume)
+        elif os.environ.get(distributed.RUN_DIR_ENV):
+            run_dir = Path(os.environ[distributed.RUN_DIR_ENV])
             if rank0:
-                _finish(cfg, run_dir, summary)
-            distributed.barrier()
-            best = summary["best"]
-            log.info("done: best %s %.4f at epoch %s; run directory %s", summary["monitor"],
-                     best if best is not None else float("nan"), summary["best_epoch"], run_dir)
-    except BaseException:
-        if fresh and not built and rank0:  # a data or build error: leave no empty run behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
+                run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            run_dir = distributed.broadcast_object(new_run_dir(cfg) if rank0 else None)
+    with file_log(run_dir, earlier) if rank0 else contextlib.nullcontext():
+        log.info("run directory %s", run_dir)
+        open_run_dir(cfg, trainer, data, run_dir, extra_loggers)
+        if rank0:
+            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        torch.set_float32_matmul_precision("high")
+        from torchkiln.engine.state import StopRequested
+
+        try:
+            with stop_on_signals(trainer), distributed.collective_errors():
+                summary = trainer.fit(loaders["train"], loaders.get("val"), resume=state)
+        except StopRequested as stop:
+            if rank0:
+                _finish(cfg, run_dir, trainer.summary())
+            log.warning("stopped by %s; checkpoint written: %s. Resume with: kiln train --resume %s",
+                        signal.Signals(stop.signum).name, stop.checkpoint, run_dir)
+            raise
+        if rank0:
+            _finish(cfg, run_dir, summary)
+        distributed.barrier()
+        best = summary["best"]
+        log.info("done: best %s %.4f at epoch %s; run directory %s", summary["monitor"],
+                 best if best is not None else float("nan"), summary["best_epoch"], run_dir)
     return run_dir, summary
 
 
+def check(cfg: Config, source: str | None = None) -> list[str]:
+    """`kiln config check`: build every part of the run (data, model, loss, optimizer, schedule,
+    metrics, monitor) as `kiln train` would, write nothing, and describe what was built."""
+    from torchkiln.config.build import check_components
+
+    try:
+        check_components(cfg)
+        trainer, loaders, data = build_parts(cfg, progress=False)
+    except ConfigError as exc:
+        if source and not str(exc).startswith(f"{source}:"):
+            raise ConfigError(f"{source}: {exc}") from exc
+        raise
+    sizes = ", ".join(f"{len(loaders[k].dataset)} {k}" for k in ("train", "val", "test") if k in loaders)
+    classes = f", {data.num_classes} classes" if data.num_classes else ""
+    params = sum(p.numel() for p in trainer.raw_model.parameters())
+    sched = trainer.schedule
+    lines = [
+        f"data       {cfg.data.dataset.type}: {sizes} samples{classes}, {len(loaders['train'])} batches per epoch",
+        f"task       {trainer.task.name}",
+        f"model      {cfg.model.type}: {params:,} parameters",
+        f"loss       {type(trainer.loss_fn).__name__}",
+        f"optimizer  {type(trainer.optimizer).__name__} ({len(trainer.optimizer.param_groups)} param group(s))",
+        f"scheduler  {type(sched.scheduler).__name__ + ' (per ' + sched.interval + ')' if sched.scheduler else 'none'}",
+        f"metrics    {', '.join(trainer.val_metrics.keys(keep_base=True)) if trainer.val_metrics else 'none'}",
+        f"monitor    {trainer.monitor} ({trainer.mode})",
+    ]
+    if data.skipped:
+        lines.append(f"skipped    {len(data.skipped)} broken input(s) (data.on_error: skip)")
+    return lines
+
+
 def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pretrained: bool = True):
+    """The Trainer and loaders a config describes, writing into `run_dir` (None: nothing written)."""
+    trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=pretrained)
+    if run_dir is not None:
+        open_run_dir(cfg, trainer, data, Path(run_dir))
+    return trainer, loaders
+
+
+def open_run_dir(cfg: Config, trainer: Any, data: Any, run_dir: Path, extra_loggers: list[Any] = ()) -> None:
+    """Point a built Trainer at its run directory; rank 0 gets the run's loggers and files."""
+    from torchkiln.engine import distributed
+    from torchkiln.loggers import build_loggers
+
+    loggers: list[Any] = list(extra_loggers)
+    if distributed.is_rank0():  # rank duties: only rank 0 writes the run's files
+        from torchkiln.data.setup import write_skipped
+
+        write_skipped(run_dir, data.skipped)
+        loggers = build_loggers(cfg, run_dir, trainer.raw_model, data.class_names) + loggers
+    trainer.use_run_dir(run_dir, loggers)
+
+
+def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True):
+    """(Trainer, loaders, data) for a config; nothing is written anywhere. Every mistake the
+    config can still hold once its names are checked (data, arguments, the monitor) shows here."""
     from torchkiln.config.build import (
         build_data,
         build_freezer,
@@ -257,17 +356,17 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
         build_scheduler,
         num_classes_of,
     )
+    from torchkiln.engine import distributed
     from torchkiln.engine.trainer import Trainer
-    from torchkiln.loggers import build_loggers
     from torchkiln.repro import seed_everything
     from torchkiln.tasks import build_task, dataset_targets
 
+    if cfg.trainer.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     data = build_data(cfg)
-    if run_dir is not None:
-        from torchkiln.data.setup import write_skipped
-
-        write_skipped(run_dir, data.skipped)
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
     task = build_task(cfg.task)
@@ -275,29 +374,28 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
     freezer = build_freezer(cfg, model)
     loss = build_loss(cfg, task, labels=lambda: dataset_targets(data.train), num_classes=num_classes)
     optimizer = build_optimizer(cfg, model)
-    scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]))
     metrics = task.build_metrics([m if isinstance(m, str) else m.model_dump() for m in cfg.metrics], num_classes)
-    from torchkiln.engine import distributed
-
-    # Rank duties: only rank 0 writes logs.
-    loggers = build_loggers(cfg, run_dir, model, data.class_names) if run_dir is not None and distributed.is_rank0() else []
+    t, has_val = cfg.trainer, loaders.get("val") is not None
+    monitor = t.monitor or task.default_monitor(list(metrics.keys()), has_val)
+    mode = t.mode or task.monitor_mode(monitor)
+    scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]), mode=mode, monitor=monitor)
     resolved = to_plain(cfg)
     if num_classes is not None and "num_classes" in _parameters(model) and "num_classes" not in cfg.model.args:
         resolved["model"]["args"]["num_classes"] = num_classes  # so the checkpoint rebuilds the model
-    t = cfg.trainer
     trainer = Trainer(
         model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,
         device=distributed.rank_device(t.device), precision=t.precision, grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode,
-        accumulate=t.accumulate, monitor=t.monitor, mode=t.mode, early_stop=t.early_stop,
-        min_delta=t.min_delta, run_dir=run_dir, save_period=t.save_period,
+        accumulate=t.accumulate, monitor=monitor, mode=mode, early_stop=t.early_stop,
+        min_delta=t.min_delta, save_period=t.save_period,
         checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last,
-        async_checkpoints=t.async_checkpoints, loggers=loggers,
+        async_checkpoints=t.async_checkpoints,
         progress=progress and cfg.logging.progress and distributed.is_rank0(), log_every_n_steps=cfg.logging.every_n_steps,
         on_nonfinite=t.on_nonfinite, compile=t.compile, compile_options=t.compile_options,
         cache_size_limit=t.cache_size_limit, channels_last=t.channels_last, strategy=t.strategy,
         sync_batchnorm=t.sync_batchnorm, config=resolved, freezer=freezer, **sched_kwargs,
     )
-    return trainer, loaders
+    trainer.check_monitor(has_val)
+    return trainer, loaders, data
 
 
 def _parameters(model) -> set[str]:
@@ -318,15 +416,9 @@ def _log_batch_size(cfg: Config) -> None:
 
 
 def _finish(cfg: Config, run_dir: Path, summary: dict[str, Any]) -> None:
-    out = {"name": cfg.name, "run_dir": str(run_dir), **summary}
-    (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
-    if cfg.logging.plots and summary.get("epochs_completed"):
-        from torchkiln.engine.checkpoint import load_checkpoint
-        from torchkiln.loggers.plots import plot_curves
+    from torchkiln.loggers.summary import write_summary
 
-        last = run_dir / CHECKPOINTS / "last.ckpt"
-        history = load_checkpoint(last)["loop"]["history"] if last.is_file() else []
-        plot_curves(history, run_dir / "plots" / "curves.png", monitor=summary.get("monitor"))
+    write_summary(run_dir, summary, cfg.name, curves=cfg.logging.plots)
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,14 +24,9 @@ from torchkiln.registry import (
 
 
 def _register_builtins() -> None:
-    # Importing these modules fills the registries.
-    import torchkiln.data.digits  # noqa: F401
-    import torchkiln.data.images  # noqa: F401
-    import torchkiln.data.tensorfile  # noqa: F401
-    import torchkiln.data.toy  # noqa: F401
-    import torchkiln.metrics  # noqa: F401
-    import torchkiln.models  # noqa: F401
-    import torchkiln.tasks  # noqa: F401
+    from torchkiln.registry import load_builtins
+
+    load_builtins()
 
 
 def check_components(cfg: Config) -> None:
@@ -260,16 +255,50 @@ def _keep_lr_mults(args: dict[str, Any], optimizer: torch.optim.Optimizer, base_
             args[key] = [args[key] * m for m in mults]
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epoch: int) -> tuple[Any, dict]:
-    """The torch scheduler and the Trainer keyword arguments that say how to drive it."""
+def _plateau_mode(args: dict[str, Any], mode: str, monitor: str | None) -> None:
+    """ReduceLROnPlateau watches the monitored metric: its `mode` is the monitor's (torch's own
+    default, min, would cut the LR while an accuracy improves); a contradicting mode is refused."""
+    given = args.get("mode")
+    if given is None:
+        args["mode"] = mode
+    elif given != mode:
+        raise ConfigError(
+            f"scheduler.args.mode: '{given}' contradicts trainer.monitor {monitor} (mode {mode}); leave"
+            f" it out (ReduceLROnPlateau then follows the monitor's mode)")
+
+
+def _check_one_cycle_length(args: dict[str, Any], needed: int, epochs: int) -> None:
+    """OneCycleLR fails at the first step past its length: a length set by hand that is shorter
+    than the run is refused before anything runs."""
+    if "total_steps" in args:
+        key, total = "total_steps", args["total_steps"]
+    else:
+        key, total = "epochs", args["epochs"] * args.get("steps_per_epoch", 0)
+    if isinstance(total, int) and total < needed:
+        raise ConfigError(
+            f"scheduler.args.{key}: OneCycleLR is planned for {total} steps but trainer.epochs={epochs}"
+            f" takes {needed}; leave out total_steps/epochs so torchkiln plans it from trainer.epochs"
+            f" (and re-plans it when a run is continued), or make it at least {needed} steps")
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epoch: int,
+                    mode: str | None = None, monitor: str | None = None) -> tuple[Any, dict]:
+    """The torch scheduler and the Trainer keyword arguments that say how to drive it; `mode`
+    (min/max) and `monitor` are the run's, which ReduceLROnPlateau follows."""
     s = cfg.scheduler
     if s is None:
         return None, {}
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.trainer.accumulate)
     args = dict(s.args)
-    if s.type == "OneCycleLR" and "total_steps" not in args and "epochs" not in args:
+    if s.type == "ReduceLROnPlateau" and mode is not None:
+        _plateau_mode(args, mode, monitor)
+    if s.type == "OneCycleLR":
         per_epoch = 1 if s.interval == "epoch" else steps_per_epoch
-        args["total_steps"] = cfg.trainer.epochs * per_epoch
+        needed = cfg.trainer.epochs * per_epoch
+        if "total_steps" not in args and "epochs" not in args:
+            args["total_steps"] = needed  # planned from the epochs: re-planned when they change
+        else:
+            _check_one_cycle_length(args, needed, cfg.trainer.epochs)
     if s.type in ("OneCycleLR", "CyclicLR"):
         _keep_lr_mults(args, optimizer, cfg.optimizer.args.get("lr"))
     scheduler = build(Component(type=s.type, args=args), SCHEDULERS, "scheduler", optimizer=optimizer)

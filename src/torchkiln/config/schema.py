@@ -158,6 +158,9 @@ class TrainerConfig(_Strict):
     )
     channels_last: bool = False
     deterministic: bool = False
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch's operators (torch.set_num_threads); default:"
+        " torch's own (one per core). On shared or busy cores a small model runs much faster with 1-2")
     strategy: Literal["auto", "ddp", "dp"] = Field(
         "auto", description="ddp: one process per device (kiln train --devices N or torchrun); dp:"
         " nn.DataParallel in one process; auto: ddp when started as several processes")

@@ -113,11 +113,15 @@ class ResumableBatchSampler(Sampler[list[int]]):
         for k in range(self.start, len(batches)):
             yield SeededBatch(batches[k], (self.seed, self.epoch, self.rank, k))
 
-    def __len__(self) -> int:
+    def batch_sizes(self) -> list[int]:
+        """This rank's batch sizes over a whole epoch, padding included (equal on every rank)."""
         total = self.n + self._padding()
         per_rank = (total - self.rank + self.world_size - 1) // self.world_size
         full, rest = divmod(per_rank, self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0)
+        return [self.batch_size] * full + ([rest] if rest and not self.drop_last else [])
+
+    def __len__(self) -> int:
+        return len(self.batch_sizes())
 
 
 def seed_worker(worker_id: int) -> None:

@@ -15,9 +15,9 @@ log = logging.getLogger("torchkiln")
 
 
 def register_datasets() -> None:
-    import torchkiln.data.digits  # noqa: F401
-    import torchkiln.data.images  # noqa: F401
-    import torchkiln.data.tensorfile  # noqa: F401
+    from torchkiln.registry import load_builtins
+
+    load_builtins()
 
 
 def build_dataset(comp: Any, where: str, data_cfg: Any) -> Dataset:

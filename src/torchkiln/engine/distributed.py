@@ -180,6 +180,15 @@ def sum_over_ranks(total: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
     return packed[0].to(total.dtype), int(round(packed[1].item()))
 
 
+def all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is true on every rank (one all-reduce)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def any_rank(signum: int | None, device: torch.device) -> int | None:
     """A stop request (signal number) seen by any rank, so every rank stops at the same step."""
     if not is_distributed():

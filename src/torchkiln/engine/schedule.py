@@ -6,6 +6,7 @@ the schedule.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -15,6 +16,11 @@ from torchkiln.errors import ConfigError
 
 STEP_SCHEDULERS = ("OneCycleLR", "CyclicLR", "CosineAnnealingWarmRestarts")
 METRIC_SCHEDULERS = ("ReduceLROnPlateau",)
+# The attributes that fix a scheduler's length. When a checkpoint planned for another length is
+# loaded (a run continued with more epochs), the plan of the scheduler built for this run is kept:
+# the config the run resumes with describes its schedule, and the position (last_epoch) carries on.
+PLAN_KEYS = {"OneCycleLR": ("total_steps", "_schedule_phases")}
+log = logging.getLogger("torchkiln")
 
 
 def default_interval(scheduler: Any) -> str:
@@ -107,6 +113,15 @@ class LRSchedule:
         for g, lr in zip(self.optimizer.param_groups, self._base):
             g["lr"] = lr * factor
 
+    def _log_replan(self, old: dict[str, Any]) -> None:
+        sched, step = self.scheduler, int(self.scheduler.last_epoch)
+        total, was = getattr(sched, "total_steps", None), old.get("total_steps")
+        nxt = _one_cycle_lr(sched, step + 1)
+        log.info("scheduler %s: re-planned for %s steps (the checkpoint planned %s); continuing at step %d"
+                 " with lr %.3g%s", type(sched).__name__, total, was, step,
+                 self.optimizer.param_groups[0]["lr"],
+                 f", then the new plan's lr {nxt:.3g} at step {step + 1}" if nxt is not None else "")
+
     def lrs(self) -> list[float]:
         return [float(g["lr"]) for g in self.optimizer.param_groups]
 
@@ -120,7 +135,29 @@ class LRSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         if self.scheduler is not None and state.get("scheduler") is not None:
+            keys = PLAN_KEYS.get(type(self.scheduler).__name__, ())
+            plan = {k: getattr(self.scheduler, k) for k in keys if hasattr(self.scheduler, k)}
             self.scheduler.load_state_dict(state["scheduler"])
+            old = {k: getattr(self.scheduler, k) for k in plan}
+            if old != plan:
+                self.scheduler.__dict__.update(plan)
+                self._log_replan(old)
         self.steps_done = int(state["steps_done"])
         self._base = list(state["base"])
         self._apply_warmup()
+
+
+def _one_cycle_lr(sched: Any, step: int) -> float | None:
+    """OneCycleLR's learning rate of the first param group at `step`, read off its phases without
+    stepping it (stepping would also set momentum)."""
+    phases = getattr(sched, "_schedule_phases", None)
+    if not phases or not hasattr(sched, "_anneal_func") or step > sched.total_steps:
+        return None
+    group, start = sched.optimizer.param_groups[0], 0.0
+    for i, phase in enumerate(phases):
+        end = phase["end_step"]
+        if step <= end or i == len(phases) - 1:
+            pct = (step - start) / (end - start) if end > start else 1.0
+            return float(sched._anneal_func(group[phase["start_lr"]], group[phase["end_lr"]], pct))
+        start = end
+    return None

@@ -89,16 +89,13 @@ def epoch_batch_sizes(loader: Iterable, n_batches: int) -> list[int] | None:
     """The sizes of the epoch's batches when the loader's batch sampler tells them ahead, so that
     accumulation weighs micro-batches by samples (a short last batch counts for what it holds)."""
     bs = getattr(loader, "batch_sampler", None)
+    if callable(getattr(bs, "batch_sizes", None)):  # torchkiln's samplers know their own
+        sizes = list(bs.batch_sizes())
+        return sizes if len(sizes) == n_batches else None
     size = getattr(bs, "batch_size", None)
-    if not isinstance(size, int) or size < 1:
+    if not isinstance(size, int) or size < 1 or not hasattr(getattr(bs, "sampler", None), "__len__"):
         return None
-    if hasattr(bs, "sampler") and hasattr(bs.sampler, "__len__"):
-        total = len(bs.sampler)
-    elif all(isinstance(getattr(bs, a, None), int) for a in ("n", "rank", "world_size")):
-        total = len(range(bs.rank, bs.n, bs.world_size))  # torchkiln's ResumableBatchSampler
-    else:
-        return None
-    full, rest = divmod(total, size)
+    full, rest = divmod(len(bs.sampler), size)
     sizes = [size] * full + ([rest] if rest and not getattr(bs, "drop_last", False) else [])
     return sizes if len(sizes) == n_batches else None
 
@@ -256,6 +253,12 @@ class Trainer:
             self.loggers, self.progress = [], Progress(enabled=False)
         self._ready = True
 
+    def use_run_dir(self, run_dir: str | Path, loggers: Iterable[Logger] = ()) -> None:
+        """Write checkpoints into `run_dir` and send the run's numbers to `loggers` too (a command
+        builds and checks the Trainer first, then makes the directory and calls this)."""
+        self.run_dir = Path(run_dir)
+        self.loggers.extend(loggers)
+
     # ---------------------------------------------------------------------------------------
     # fit
     # ---------------------------------------------------------------------------------------
@@ -270,8 +273,9 @@ class Trainer:
             self.monitor = self.task.default_monitor(names, val_loader is not None)
         self.schedule.monitor = self.monitor
         self.mode = self.mode or self.task.monitor_mode(self.monitor)
-        self._check_monitor(val_loader is not None)
+        self.check_monitor(val_loader is not None)
         if self.run_dir is not None and distributed.is_rank0():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             clean_stale_temps(self.ckpt_dir)
 
         resumed = resume is not None
@@ -374,10 +378,11 @@ class Trainer:
                     loss = self.task.loss(self.loss_fn, outputs, targets)
                 if defer:
                     self._pending_losses.append((epoch, loop.global_step + 1, i, loss.detach()))
-                if check_finite and not defer and not math.isfinite(loss.item()):
+                if check_finite and not defer and not self._finite_everywhere(loss):
                     if self.on_nonfinite == "stop":
                         raise _nonfinite_error(loss.item(), epoch, loop.global_step + 1, i)
-                    log.warning("skipped batch %d of epoch %d: non-finite loss %s", i + 1, epoch + 1, loss.item())
+                    log.warning("skipped batch %d of epoch %d: non-finite loss %s (on this or another rank)",
+                                i + 1, epoch + 1, loss.item())
                 else:
                     stepper.backward(loss, weight)
                     group_used = True
@@ -419,6 +424,15 @@ class Trainer:
             self.train_metrics.reset()
         self._epoch_accum = None
         return record
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether this micro-batch's loss is finite; with `skip_batch` under DDP, on every rank:
+        a rank that skipped its backward alone would leave the others waiting in DDP's all-reduce,
+        so the ranks agree (one all-reduce) and skip the batch together."""
+        finite = math.isfinite(loss.item())
+        if self.on_nonfinite == "skip_batch" and distributed.is_distributed():
+            return distributed.all_ranks(finite, self.device)
+        return finite
 
     def _maybe_checkpoint_mid_epoch(self, loss_sum: torch.Tensor, count: int) -> None:
         every = self.checkpoint_every_steps
@@ -516,7 +530,8 @@ class Trainer:
                 loop.stopped_early = True
         return improved
 
-    def _check_monitor(self, has_val: bool) -> None:
+    def check_monitor(self, has_val: bool) -> None:
+        """`monitor` names a number this run logs (with a validation loader when `has_val`)."""
         names = {"train/loss"}
         if has_val:
             names.add("val/loss")
@@ -551,10 +566,14 @@ class Trainer:
                 lg.log_validation(epoch, self.loop.global_step, sample)
         return record
 
-    @torch.inference_mode()
     def _evaluate(self, loader: Iterable, metrics: Any, prefix: str,
                   collector: ValidationCollector | None = None) -> dict[str, float]:
-        self._setup()
+        self._setup()  # outside inference_mode: parameters moved there would become inference tensors
+        with torch.inference_mode():
+            return self._evaluate_batches(loader, metrics, prefix, collector)
+
+    def _evaluate_batches(self, loader: Iterable, metrics: Any, prefix: str,
+                          collector: ValidationCollector | None) -> dict[str, float]:
         self.model.eval()
         if metrics is not None:
             metrics.reset()

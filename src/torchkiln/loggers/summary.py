@@ -1,0 +1,69 @@
+"""The run's closing files: summary.json, plots/curves.png (from the checkpoint's history), and,
+for the Python API, train.log. `kiln train` and `run_loggers` write them through this one place."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torchkiln.loggers.base import Logger
+
+log = logging.getLogger("torchkiln")
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any], name: str | None = None, curves: bool = True) -> None:
+    """summary.json, and the curves of every epoch so far (read from last.ckpt, so a resumed run
+    draws its whole history)."""
+    run_dir = Path(run_dir)
+    out = {"name": name, "run_dir": str(run_dir), **summary}
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    if curves and summary.get("epochs_completed"):
+        from torchkiln.engine.checkpoint import load_checkpoint
+        from torchkiln.loggers.plots import plot_curves
+
+        last = run_dir / "checkpoints" / "last.ckpt"
+        history = load_checkpoint(last)["loop"]["history"] if last.is_file() else []
+        plot_curves(history, run_dir / "plots" / "curves.png", monitor=summary.get("monitor"))
+
+
+class SummaryFile(Logger):
+    """Writes summary.json (and plots/curves.png) when fit ends, stopped or not."""
+
+    def __init__(self, run_dir: str | Path, name: str | None = None, curves: bool = True):
+        self.run_dir, self.name, self.curves = Path(run_dir), name, curves
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        write_summary(self.run_dir, summary, self.name, self.curves)
+
+
+class LogFile(Logger):
+    """train.log in the run directory for the duration of fit (the CLI keeps its own, which also
+    holds what was logged while the run was built)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "train.log"
+        self._handler: logging.Handler | None = None
+        self._level = logging.NOTSET
+
+    def start(self, info, resume_epoch=None, resume_step=0):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handler = logging.FileHandler(self.path, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._handler.setLevel(logging.INFO)
+        log.addHandler(self._handler)
+        self._level = log.level
+        if self._level == logging.NOTSET or self._level > logging.INFO:
+            log.setLevel(logging.INFO)
+        log.info("fit: %s epochs, monitor %s (%s), initial-parameter fingerprint %s", info.get("epochs"),
+                 info.get("monitor"), info.get("mode"), info.get("fingerprint"))
+
+    def finish(self, summary):
+        if self._handler is not None:
+            log.info("done: best %s %s at epoch %s", summary.get("monitor"), summary.get("best"),
+                     summary.get("best_epoch"))
+            log.removeHandler(self._handler)
+            log.setLevel(self._level)
+            self._handler.close()
+            self._handler = None
