@@ -65,21 +65,11 @@ def measure(cfg_path: Path, seed: int, target: float, workdir: Path
                                                  f"output_dir={workdir}", "logging.progress=false"])
     cfg = resolve(data, str(cfg_path))
     stopper = StopAtTarget("val/accuracy", target)
-    real_build = run.build_trainer
-
-    def build(*args, **kwargs):  # what `kiln train` builds, plus the stopper
-        trainer, loaders = real_build(*args, **kwargs)
-        trainer.loggers.append(stopper)
-        return trainer, loaders
-
-    run.build_trainer = build
     started = time.perf_counter()
     try:
-        run.train(cfg, progress=False)
+        run.train(cfg, progress=False, loggers=[stopper])  # what `kiln train` builds, plus the stopper
     except Reached:
         pass
-    finally:
-        run.build_trainer = real_build
     whole = time.perf_counter() - started
     if stopper.reached is None:
         return None, None, whole, stopper.last_epoch

@@ -320,3 +320,85 @@ def test_ddp_unfreezing_keeps_ranks_in_step(tmp_path):
     assert a["moved"] and b["moved"], "the unfrozen layer did not train"
     assert torch.equal(a["head"], b["head"])
     assert torch.equal(a["first"], b["first"]), "ranks diverged on the unfrozen layer"
+
+
+class _NaNOnRank1(torch.nn.Module):
+    """Cross-entropy, but NaN on rank 1 at its 3rd call: only that rank sees a non-finite loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, logits, targets):
+        import torch.distributed as dist
+
+        self.calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        return loss * float("nan") if dist.get_rank() == 1 and self.calls == 3 else loss
+
+
+def _skip_worker(rank: int, world: int, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.utils.data.distributed import DistributedSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    g = torch.Generator().manual_seed(rank)
+    data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+    loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, shuffle=False))
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _NaNOnRank1(), epochs=1,
+                      progress=False, device="cpu", train_metrics=False, on_nonfinite="skip_batch")
+    trainer.fit(loader)
+    torch.save({"w": model[1].weight.detach(), "steps": trainer.loop.global_step}, Path(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_skip_a_batch_together_when_one_rank_has_a_nonfinite_loss(tmp_path):
+    """`on_nonfinite: skip_batch` under DDP: rank 1's NaN makes both ranks skip that batch (a rank
+    skipping its backward alone would pair its next all-reduce with the other's current one)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_skip_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert a["steps"] == b["steps"] == 3  # 4 batches per rank, one skipped by both
+    assert torch.equal(a["w"], b["w"]) and torch.isfinite(a["w"]).all()
+
+
+def _folds_worker(rank: int, world: int, out: str, cfg: dict) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(cfg.pop("port"))})
+    from torchkiln.engine import distributed
+    from torchkiln.kfold import train_folds
+
+    try:
+        root, result = train_folds(resolve(cfg), progress=False)
+        Path(out, f"rank{rank}.json").write_text(json.dumps({"root": str(root), "folds": result["folds"]}))
+    finally:
+        distributed.destroy()
+
+
+def test_folds_under_ddp_write_one_folder_and_one_summary(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = small_config(tmp_path, data={"folds": 2, "test_split": 0.0},
+                       trainer={"epochs": 1, "monitor": "val/accuracy", "device": "cpu"},
+                       logging={"progress": False, "plots": False, "tensorboard": False})
+    cfg["port"] = port
+    mp.spawn(_folds_worker, args=(2, str(tmp_path), cfg), nprocs=2, join=True)
+    roots = {json.loads((tmp_path / f"rank{r}.json").read_text())["root"] for r in range(2)}
+    assert len(roots) == 1
+    folders = list((tmp_path / "runs" / "t").iterdir())
+    assert len(folders) == 1 and (folders[0] / "folds.json").is_file()
+    assert sorted(p.name for p in folders[0].iterdir() if p.is_dir()) == ["fold-0", "fold-1"]
+    assert all(len(list((folders[0] / f"fold-{i}").iterdir())) == 1 for i in range(2))  # one run each
