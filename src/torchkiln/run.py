@@ -380,7 +380,7 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True):
     mode = t.mode or task.monitor_mode(monitor)
     scheduler, sched_kwargs = build_scheduler(cfg, optimizer, len(loaders["train"]), mode=mode, monitor=monitor)
     resolved = to_plain(cfg)
-    if num_classes is not None and "num_classes" in _parameters(model) and "num_classes" not in cfg.model.args:
+    if num_classes is not None and "num_classes" in _parameters(model) and cfg.model.args.get("num_classes") is None:
         resolved["model"]["args"]["num_classes"] = num_classes  # so the checkpoint rebuilds the model
     trainer = Trainer(
         model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,

@@ -113,9 +113,14 @@ def build_loaders(cfg: Config, data: Data) -> dict[str, Any]:
 
 
 def num_classes_of(cfg: Config, data: Data | None) -> int | None:
-    if "num_classes" in cfg.model.args:
-        return int(cfg.model.args["num_classes"])
-    return data.num_classes if data is not None else None
+    """model.args.num_classes when given (None: taken from the data), else the data's class count."""
+    given = cfg.model.args.get("num_classes")
+    if given is None:
+        return data.num_classes if data is not None else None
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise ConfigError(f"model.args.num_classes: expected a positive integer (or leave it out to take the"
+                          f" class count from the data); found {given!r}")
+    return given
 
 
 def check_model_config(cfg: Config) -> None:
@@ -140,6 +145,8 @@ def build_model(cfg: Config, num_classes: int | None = None, pretrained: bool = 
     """The model, with `model.pretrained` loaded (unless `pretrained` is False)."""
     _register_builtins()
     args = dict(cfg.model.args)
+    if args.get("num_classes", 0) is None:  # num_classes: null stands for "from the data"
+        del args["num_classes"]
     factory = MODELS.get(cfg.model.type, "model.type")
     extra = {}
     if num_classes is not None and "num_classes" not in args:
@@ -151,7 +158,7 @@ def build_model(cfg: Config, num_classes: int | None = None, pretrained: bool = 
             takes = False
         if takes:
             extra["num_classes"] = num_classes
-    model = build(cfg.model, MODELS, "model", **extra)
+    model = build(Component(type=cfg.model.type, args=args), MODELS, "model", **extra)
     if pretrained and isinstance(cfg.model.pretrained, str):
         from torchkiln.models import find_head, load_pretrained
 

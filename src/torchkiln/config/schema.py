@@ -133,7 +133,7 @@ class SchedulerConfig(Component):
 
 class TrainerConfig(_Strict):
     epochs: int = Field(10, ge=1)
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
     precision: Literal["32", "bf16", "fp16"] = "32"
     grad_clip: float | None = Field(None, gt=0.0)
     grad_clip_mode: Literal["norm", "value"] = "norm"
