@@ -19,6 +19,8 @@ from torchkiln.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("torchkiln")
 CHECKPOINTS = "checkpoints"
+NORMALIZATION = "normalization.json"  # data.normalize's statistics, in the run directory
+NORMALIZATION_KEY = "normalization"  # ... and beside the resolved config in every checkpoint
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,7 +248,9 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True,
     return run_dir, summary
 
 
-def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pretrained: bool = True):
+def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pretrained: bool = True,
+                  normalization: dict[str, Any] | None = None):
+    """`normalization`: a run's stored `data.normalize` statistics (else fitted on the training split)."""
     from torchkiln.config.build import (
         build_data,
         build_freezer,
@@ -263,14 +267,20 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
     from torchkiln.tasks import build_task, dataset_targets
 
     seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
-    data = build_data(cfg)
+    data = build_data(cfg, normalization=normalization)
     if run_dir is not None:
         from torchkiln.data.setup import write_skipped
 
         write_skipped(run_dir, data.skipped)
+        from torchkiln.engine.distributed import is_rank0
+
+        if data.normalization is not None and is_rank0():
+            (run_dir / NORMALIZATION).write_text(json.dumps(data.normalization.to_dict(), indent=2))
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
     task = build_task(cfg.task)
+    if data.normalization is not None and data.normalization.targets is not None:
+        task.set_target_scale(*data.normalization.targets)
     model = build_model(cfg, task.num_outputs(num_classes), pretrained=pretrained)
     freezer = build_freezer(cfg, model)
     loss = build_loss(cfg, task, labels=lambda: dataset_targets(data.train), num_classes=num_classes)
@@ -284,6 +294,8 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
     resolved = to_plain(cfg)
     if num_classes is not None and "num_classes" in _parameters(model) and "num_classes" not in cfg.model.args:
         resolved["model"]["args"]["num_classes"] = num_classes  # so the checkpoint rebuilds the model
+    if data.normalization is not None:
+        resolved[NORMALIZATION_KEY] = data.normalization.to_dict()  # checkpoints carry the statistics
     t = cfg.trainer
     trainer = Trainer(
         model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,
@@ -342,8 +354,13 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = resolve(apply_overrides(read_file(cfg_path), list(overrides or [])), str(cfg_path))
     ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
-    weights = model_weights(load_checkpoint(ckpt), ckpt)
-    trainer, loaders = build_trainer(cfg, None, progress=False, pretrained=False)
+    state = load_checkpoint(ckpt)
+    weights = model_weights(state, ckpt)
+    stored = (state.get("config") or {}).get(NORMALIZATION_KEY) if isinstance(state, dict) else None
+    if cfg.data.normalize is not None and stored is None:
+        raise CheckpointError(f"{ckpt}: holds no data.normalize statistics (written before data.normalize"
+                              " was set?); test with data.normalize=false or a checkpoint of this run")
+    trainer, loaders = build_trainer(cfg, None, progress=False, pretrained=False, normalization=stored)
     if split not in loaders:
         raise ConfigError(
             f"{cfg_path}: this run has no {split} split (set data.{split}_split or data.{split}_dataset),"
