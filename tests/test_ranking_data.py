@@ -202,3 +202,25 @@ def test_benchmark_script_reports_items_per_query(tmp_path):
             or line.startswith("| true")]
     per_query = {r[0].strip(): float(r[1]) for r in rows}
     assert per_query["false"] < 2.0 < 10.0 < per_query["true"]
+
+
+def test_ranking_data_without_query_ids_is_split_by_item_with_a_warning(tmp_path, ltr, caplog):
+    cfg = resolve(_ranking_cfg(tmp_path, ltr, dataset={"type": "TensorFile",
+                                                       "args": {"path": str(ltr), "group_key": None}}))
+    with caplog.at_level("WARNING", logger="torchkiln"):
+        data = build_data(cfg)
+    assert "exposes no query ids" in caplog.text
+    assert build_loaders(cfg, data)["train"].batch_sampler.__class__ is not QueryBatchSampler
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="torchkiln"):
+        build_data(resolve(_ranking_cfg(tmp_path, ltr)))
+    assert "exposes no query ids" not in caplog.text
+
+
+def test_two_processes_train_on_whole_queries_without_waiting_on_each_other(tmp_path, ltr):
+    raw = _ranking_cfg(tmp_path, ltr, val_split=0.3)  # 84 training queries, 36 for validation
+    cfg = write_config(tmp_path, raw)
+    proc = kiln("train", "-c", str(cfg), "--devices", "2", "trainer.dist_timeout=60", timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_loss, val_loss = _last_losses(tmp_path / "runs")
+    assert abs(val_loss - train_loss) < 0.5
