@@ -155,3 +155,13 @@ def test_data_stats_describes_tabular_features_and_targets(tmp_path, cancer, dia
             assert "target             mean" in proc.stdout
         else:
             assert stats["target"]["counts"] == {str(v): int((y == v).sum()) for v in (0, 1)}
+
+
+def test_stored_statistics_replace_fitting(tmp_path, cancer):
+    """kiln test and resume pass the checkpoint's statistics: they are applied as stored, not refitted."""
+    cfg = resolve(_cancer_cfg(tmp_path, cancer, normalize=True))
+    stored = {"features": {"mean": [1.0] * 30, "std": [2.0] * 30}, "targets": None}
+    data = build_data(cfg, normalization=stored)
+    raw = np.load(cancer)["x"][data.train.indices[0]]
+    np.testing.assert_allclose(data.train[0][0].numpy(), (raw - 1.0) / 2.0, rtol=1e-6)
+    assert data.normalization.to_dict() == stored

@@ -209,7 +209,8 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True,
     try:
         with file_log(run_dir) if rank0 else contextlib.nullcontext():
             log.info("run directory %s", run_dir)
-            trainer, loaders = build_trainer(cfg, run_dir, progress=progress, pretrained=resume is None)
+            trainer, loaders = build_trainer(cfg, run_dir, progress=progress, pretrained=resume is None,
+                                             normalization=stored_normalization(state))
             built = True
             _log_batch_size(cfg)
             if state is not None:
@@ -246,6 +247,12 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True,
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir, summary
+
+
+def stored_normalization(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `data.normalize` statistics a checkpoint carries (resume and `kiln test` reuse them)."""
+    config = state.get("config") if isinstance(state, dict) else None
+    return config.get(NORMALIZATION_KEY) if isinstance(config, dict) else None
 
 
 def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pretrained: bool = True,
@@ -356,7 +363,7 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
     ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
     state = load_checkpoint(ckpt)
     weights = model_weights(state, ckpt)
-    stored = (state.get("config") or {}).get(NORMALIZATION_KEY) if isinstance(state, dict) else None
+    stored = stored_normalization(state)
     if cfg.data.normalize is not None and stored is None:
         raise CheckpointError(f"{ckpt}: holds no data.normalize statistics (written before data.normalize"
                               " was set?); test with data.normalize=false or a checkpoint of this run")
