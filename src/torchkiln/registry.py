@@ -75,7 +75,8 @@ def import_path(path: str, where: str = "type") -> Any:
     try:
         obj: Any = importlib.import_module(modname)
     except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import module '{modname}' from '{path}': {exc}") from exc
+        raise ConfigError(f"{where}: cannot import module '{modname}' from '{path}': {exc} (searched: installed"
+                          " packages, PYTHONPATH, the config file's folder and the working directory)") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{where}: module '{modname}' has no attribute '{attr}' (from '{path}')")

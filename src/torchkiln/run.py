@@ -18,6 +18,8 @@ from torchkiln.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("torchkiln")
 CHECKPOINTS = "checkpoints"
+NORMALIZATION = "normalization.json"  # data.normalize's statistics, in the run directory
+NORMALIZATION_KEY = "normalization"  # ... and beside the resolved config in every checkpoint
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
         if resume is not None:
             resume = Path(resume)
             state = state if state is not None else _load_resumable(resume)
-        trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=resume is None)
+        trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=resume is None,
+                                             normalization=stored_normalization(state))
         _log_batch_size(cfg)
         if state is not None:
             try:
@@ -321,9 +324,18 @@ def check(cfg: Config, source: str | None = None) -> list[str]:
     return lines
 
 
-def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pretrained: bool = True):
-    """The Trainer and loaders a config describes, writing into `run_dir` (None: nothing written)."""
-    trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=pretrained)
+def stored_normalization(state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `data.normalize` statistics a checkpoint carries (resume and `kiln test` reuse them)."""
+    config = state.get("config") if isinstance(state, dict) else None
+    return config.get(NORMALIZATION_KEY) if isinstance(config, dict) else None
+
+
+def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pretrained: bool = True,
+                  normalization: dict[str, Any] | None = None):
+    """The Trainer and loaders a config describes, writing into `run_dir` (None: nothing written);
+    `normalization`: a run's stored `data.normalize` statistics (else fitted on the training split)."""
+    trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=pretrained,
+                                         normalization=normalization)
     if run_dir is not None:
         open_run_dir(cfg, trainer, data, Path(run_dir))
     return trainer, loaders
@@ -339,11 +351,14 @@ def open_run_dir(cfg: Config, trainer: Any, data: Any, run_dir: Path, extra_logg
         from torchkiln.data.setup import write_skipped
 
         write_skipped(run_dir, data.skipped)
+        if data.normalization is not None:
+            (run_dir / NORMALIZATION).write_text(json.dumps(data.normalization.to_dict(), indent=2))
         loggers = build_loggers(cfg, run_dir, trainer.raw_model, data.class_names) + loggers
     trainer.use_run_dir(run_dir, loggers)
 
 
-def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True):
+def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
+                normalization: dict[str, Any] | None = None):
     """(Trainer, loaders, data) for a config; nothing is written anywhere. Every mistake the
     config can still hold once its names are checked (data, arguments, the monitor) shows here."""
     from torchkiln.config.build import (
@@ -366,10 +381,12 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True):
 
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
-    data = build_data(cfg)
+    data = build_data(cfg, normalization=normalization)
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
     task = build_task(cfg.task)
+    if data.normalization is not None and data.normalization.targets is not None:
+        task.set_target_scale(*data.normalization.targets)
     model = build_model(cfg, task.num_outputs(num_classes), pretrained=pretrained)
     freezer = build_freezer(cfg, model)
     loss = build_loss(cfg, task, labels=lambda: dataset_targets(data.train), num_classes=num_classes)
@@ -382,6 +399,8 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True):
     resolved = to_plain(cfg)
     if num_classes is not None and "num_classes" in _parameters(model) and cfg.model.args.get("num_classes") is None:
         resolved["model"]["args"]["num_classes"] = num_classes  # so the checkpoint rebuilds the model
+    if data.normalization is not None:
+        resolved[NORMALIZATION_KEY] = data.normalization.to_dict()  # checkpoints carry the statistics
     trainer = Trainer(
         model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,
         device=distributed.rank_device(t.device), precision=t.precision, grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode,
@@ -434,8 +453,13 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     cfg = resolve(apply_overrides(read_file(cfg_path), list(overrides or [])), str(cfg_path))
     ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
-    weights = model_weights(load_checkpoint(ckpt), ckpt)
-    trainer, loaders = build_trainer(cfg, None, progress=False, pretrained=False)
+    state = load_checkpoint(ckpt)
+    weights = model_weights(state, ckpt)
+    stored = stored_normalization(state)
+    if cfg.data.normalize is not None and stored is None:
+        raise CheckpointError(f"{ckpt}: holds no data.normalize statistics (written before data.normalize"
+                              " was set?); test with data.normalize=false or a checkpoint of this run")
+    trainer, loaders = build_trainer(cfg, None, progress=False, pretrained=False, normalization=stored)
     if split not in loaders:
         raise ConfigError(
             f"{cfg_path}: this run has no {split} split (set data.{split}_split or data.{split}_dataset),"

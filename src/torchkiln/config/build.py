@@ -97,13 +97,15 @@ class Data:
     num_classes: int | None
     class_names: list[str] | None
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason), data.on_error: skip
+    normalization: Any = None  # data/normalize.py's Standardization, with data.normalize
 
 
-def build_data(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test")) -> Data:
+def build_data(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test"),
+               normalization: dict[str, Any] | None = None) -> Data:
     from torchkiln.data.setup import build_data as _build_data
 
     _register_builtins()
-    return _build_data(cfg, Data)
+    return _build_data(cfg, Data, normalization)
 
 
 def build_loaders(cfg: Config, data: Data) -> dict[str, Any]:

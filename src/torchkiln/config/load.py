@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,20 @@ def default_config_path() -> Path:
     return Path(str(resources.files("torchkiln") / "configs" / DEFAULT_CONFIG))
 
 
+def add_import_roots(config_path: Path) -> None:
+    """Import paths to the user's own modules (`mydata:RankNpz`) resolve from the config file's
+    folder and the working directory, with no PYTHONPATH; appended, so installed packages win."""
+    for root in (str(config_path.resolve().parent), os.getcwd()):
+        if root not in sys.path:
+            sys.path.append(root)
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """YAML (safe_load only) or JSON, by extension; a mapping at the top."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    add_import_roots(path)
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":

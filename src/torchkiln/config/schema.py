@@ -50,6 +50,13 @@ class TransformsConfig(_Strict):
     eval: list[Component] = Field(default_factory=list)
 
 
+class NormalizeConfig(_Strict):
+    """Standardization fitted on the training split only, stored in the run, used by `kiln test`."""
+
+    features: bool = Field(True, description="each input feature to mean 0, std 1")
+    targets: bool = Field(True, description="regression: targets for the loss; outputs mapped back")
+
+
 class DataConfig(_Strict):
     dataset: Component = Field(default_factory=lambda: Component(type="Digits"))
     val_dataset: Component | None = None
@@ -78,6 +85,19 @@ class DataConfig(_Strict):
     )
     on_error: Literal["raise", "skip"] = Field("raise", description="broken or missing files, unknown labels")
     max_skipped: float = Field(0.01, ge=0.0, le=1.0, description="on_error: skip fails above this fraction")
+    query_batches: Literal["auto"] | bool = Field(
+        "auto", description="whole queries per batch, shuffled by query (batch_size: about that many items);"
+        " auto: on for the ranking task when the data set has query ids (`groups`)"
+    )
+    normalize: NormalizeConfig | None = Field(
+        None, description="standardize features (and regression targets) with the training split's mean/std;"
+        " true for both"
+    )
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _normalize_flag(cls, v: Any) -> Any:
+        return ({} if v else None) if isinstance(v, bool) else v
 
     @field_validator("collate", mode="before")
     @classmethod

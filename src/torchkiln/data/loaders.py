@@ -155,15 +155,19 @@ def make_loader(
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
+    batch_sampler: ResumableBatchSampler | None = None,
 ) -> DataLoader | FastLoader:
     """A loader whose order is a function of (seed, epoch); `fast` slices in-memory tensors instead.
 
     `balanced_labels` (the training samples' class labels) turns on class-balanced sampling.
     `rank`/`world_size` shard the data for DDP: training padded to equal shards, evaluation not.
+    A given `batch_sampler` (e.g. data/query_sampler.py's) replaces the one these settings make.
     """
-    sampler = make_batch_sampler(len(dataset), batch_size, train=train, seed=seed, shuffle=shuffle,
-                                 drop_last=drop_last, balanced_labels=balanced_labels, rank=rank,
-                                 world_size=world_size)
+    sampler = batch_sampler
+    if sampler is None:
+        sampler = make_batch_sampler(len(dataset), batch_size, train=train, seed=seed, shuffle=shuffle,
+                                     drop_last=drop_last, balanced_labels=balanced_labels, rank=rank,
+                                     world_size=world_size)
     if fast:
         return FastLoader(dataset, sampler, device)
     extra = {}

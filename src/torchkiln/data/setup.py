@@ -50,12 +50,24 @@ def with_transforms(dataset: Dataset | None, steps: list, where: str) -> Dataset
     return dataset if pipeline is None else Transformed(dataset, pipeline)
 
 
-def build_data(cfg: Any, data_cls: type) -> Any:
+def _task_is(cfg: Any, kind: str) -> bool:
+    """Whether the configured task is a `kind` (a class name in torchkiln.tasks) or a subclass of one."""
+    import torchkiln.tasks as tasks
+
+    return isinstance(tasks.build_task(cfg.task), getattr(tasks, kind))
+
+
+def build_data(cfg: Any, data_cls: type, normalization: dict[str, Any] | None = None) -> Any:
+    """Datasets per split; `normalization` (a run's stored statistics) replaces fitting them."""
+    from torchkiln.data.groups import dataset_groups
     from torchkiln.data.splits import split_dataset
 
     register_datasets()
     d = cfg.data
     dataset = build_dataset(d.dataset, "data.dataset", d)
+    if _task_is(cfg, "RankingTask") and dataset_groups(dataset) is None:
+        log.warning("data: the ranking data set exposes no query ids (a `groups` attribute, one per sample):"
+                    " splits and batches go by item and break queries apart")
     seed = d.split_seed if d.split_seed is not None else cfg.seed
     val_frac = 0.0 if d.val_dataset else d.val_split
     test_frac = 0.0 if d.test_dataset else d.test_split
@@ -68,6 +80,13 @@ def build_data(cfg: Any, data_cls: type) -> Any:
     if d.test_dataset:
         test = build_dataset(d.test_dataset, "data.test_dataset", d)
         skipped += getattr(test, "skipped", [])
+    stats = None
+    if d.normalize is not None:
+        from torchkiln.data.normalize import Standardization, fit, standardize_splits
+
+        stats = Standardization.from_dict(normalization) if normalization is not None else \
+            fit(train, d.normalize.features, d.normalize.targets and _task_is(cfg, "RegressionTask"))
+        train, val, test = standardize_splits(dataset, [train, val, test], stats)
     t = d.transforms
     return data_cls(
         with_transforms(train, t.train, "data.transforms.train"),
@@ -76,6 +95,7 @@ def build_data(cfg: Any, data_cls: type) -> Any:
         getattr(dataset, "num_classes", None),
         getattr(dataset, "classes", None),
         skipped=skipped,
+        normalization=stats,
     )
 
 
@@ -126,14 +146,41 @@ def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
     fast = use_fast_path(cfg, data.train, device)
     if fast and d.num_workers:
         log.info("data: fast in-memory path (num_workers=%d unused)", d.num_workers)
+    shards = {"rank": distributed.rank(), "world_size": distributed.world_size()}
+    queries = query_sampler(cfg, data.train, d.batch_size, train=True, **shards)
+    if queries is not None and balanced is not None:
+        raise ConfigError("data.sampler: balanced and whole-query batches (data.query_batches) exclude each"
+                          " other; set one of them off")
     loaders = {"train": make_loader(data.train, d.batch_size, train=True, shuffle=d.shuffle, drop_last=d.drop_last,
-                                    balanced_labels=balanced, fast=fast, **common)}
+                                    balanced_labels=balanced, fast=fast, batch_sampler=queries, **common)}
     for split in ("val", "test"):
         ds = getattr(data, split)
         if ds is not None:
-            loaders[split] = make_loader(ds, d.eval_batch_size or d.batch_size, train=False,
-                                         fast=use_fast_path(cfg, ds, device), **common)
+            size = d.eval_batch_size or d.batch_size
+            loaders[split] = make_loader(ds, size, train=False, fast=use_fast_path(cfg, ds, device),
+                                         batch_sampler=query_sampler(cfg, ds, size, train=False, **shards),
+                                         **common)
     return loaders
+
+
+def query_sampler(cfg: Any, dataset: Dataset, batch_size: int, *, train: bool, rank: int, world_size: int
+                  ) -> Any:
+    """Whole queries per batch (data/query_sampler.py) when `data.query_batches` asks for it: auto
+    for the ranking task on data with query ids. None: the plain sampler."""
+    from torchkiln.data.groups import dataset_groups
+    from torchkiln.data.query_sampler import QueryBatchSampler, queries_per_batch
+
+    d = cfg.data
+    if d.query_batches is False or (d.query_batches == "auto" and not _task_is(cfg, "RankingTask")):
+        return None
+    groups = dataset_groups(dataset)
+    if groups is None:
+        if d.query_batches is True:
+            raise ConfigError("data.query_batches: true needs query ids: a dataset with `groups` (one per"
+                              " sample), e.g. TensorFile with a 'qid' array")
+        return None
+    return QueryBatchSampler(groups, queries_per_batch(groups, batch_size), shuffle=d.shuffle and train, seed=cfg.seed,
+                             drop_last=d.drop_last and train, rank=rank, world_size=world_size, pad=train)
 
 
 def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:

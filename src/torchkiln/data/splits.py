@@ -80,17 +80,33 @@ def split_dataset(
     folds: int | None = None, fold: int = 0,
 ) -> tuple[Subset, Subset | None, Subset | None]:
     """Seeded train/val/test Subsets; with `folds`, the test part is held out first and fold
-    `fold` of the rest is the validation part (`val` is then unused)."""
-    labels = dataset_labels(dataset) if stratify else None
+    `fold` of the rest is the validation part (`val` is then unused).
+
+    A data set with query ids (`groups`, see data/groups.py) is split by query: every query's
+    items land in one part, and the fractions count queries (not stratified)."""
+    from torchkiln.data.groups import dataset_groups, query_members
+
+    groups = dataset_groups(dataset)
+    members = query_members(groups) if groups is not None else None
+    labels = dataset_labels(dataset) if stratify and members is None else None
+    n = len(members) if members is not None else len(dataset)  # type: ignore[arg-type]
     if folds is not None:
-        rest, test_idx = split_indices(len(dataset), [test], seed, labels)
+        rest, test_idx = split_indices(n, [test], seed, labels)
         tr, va = kfold_indices(len(rest), folds, fold, seed, labels[rest] if labels is not None else None)
         train_idx, val_idx = rest[tr], rest[va]
     else:
-        train_idx, val_idx, test_idx = split_indices(len(dataset), [val, test], seed, labels)
+        train_idx, val_idx, test_idx = split_indices(n, [val, test], seed, labels)
+    if members is not None:  # query positions -> their items
+        train_idx, val_idx, test_idx = (_items_of(members, part) for part in (train_idx, val_idx, test_idx))
     train = Subset(dataset, train_idx.tolist())
     return (
         train,
         Subset(dataset, val_idx.tolist()) if len(val_idx) else None,
         Subset(dataset, test_idx.tolist()) if len(test_idx) else None,
     )
+
+
+def _items_of(members: list[np.ndarray], queries: np.ndarray) -> np.ndarray:
+    if not len(queries):
+        return np.array([], dtype=np.int64)
+    return np.sort(np.concatenate([members[q] for q in queries]))

@@ -64,6 +64,11 @@ def compute_stats(dataset: Dataset, class_names: list[str] | None, max_images: i
         std = (sq / pixels - mean**2).clamp(min=0).sqrt()
         out["mean"] = [round(float(v), 4) for v in mean]
         out["std"] = [round(float(v), 4) for v in std]
+    from torchkiln.data.tabular_stats import tabular_stats
+
+    tabular = tabular_stats(dataset)
+    if tabular is not None:
+        out["tabular"] = tabular
     return out
 
 
@@ -93,6 +98,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"mean               {stats['mean']}")
         lines.append(f"std                {stats['std']}")
         lines.append(f"  Normalize: {{type: Normalize, args: {{mean: {stats['mean']}, std: {stats['std']}}}}}")
+    if "tabular" in stats:
+        from torchkiln.data.tabular_stats import format_tabular
+
+        lines += format_tabular(stats["tabular"])
     return "\n".join(lines)
 
 
@@ -122,6 +131,7 @@ def data_stats(cfg: Any, out_dir: Path | None = None, max_images: int = 2000) ->
     from torchkiln.config.build import build_data, check_components
 
     check_components(cfg)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"normalize": None})})  # the stored values
     data = build_data(cfg)
     stats = compute_stats(_raw(data.train), data.class_names if isinstance(data.class_names, list) else None,
                           max_images=max_images, seed=cfg.seed)

@@ -16,11 +16,15 @@ from torchkiln.registry import DATASETS
 class TensorFile(Dataset):
     """Inputs and targets from `x_key` and `y_key` of an `.npz` file or a `.pt` dict of tensors.
 
-    `dtype` converts the inputs (null keeps them). `.pt` files are read with `weights_only=True` (no pickled code runs). Integer 1-D targets are
-    class labels (`targets`, `num_classes`); anything else (float, 2-D) is passed through as is.
+    `dtype` converts the inputs (null keeps them). `.pt` files are read with `weights_only=True` (no
+    pickled code runs). Integer 1-D targets are class labels (`targets`, `num_classes`); anything
+    else (float, 2-D) is passed through as is. Query ids for ranking come from `group_key` (the
+    array `qid` when the file has one; a name you give must exist): a sample is then
+    (x, y, query id), and `groups` lets splits and batches keep each query whole.
     """
 
-    def __init__(self, path: str, x_key: str = "x", y_key: str | None = "y", dtype: str | None = "float32"):
+    def __init__(self, path: str, x_key: str = "x", y_key: str | None = "y", dtype: str | None = "float32",
+                 group_key: str | None = "qid"):
         self.path = Path(path)
         arrays = self._load()
         if x_key not in arrays:
@@ -47,6 +51,7 @@ class TensorFile(Dataset):
                 self.num_classes = int(y.max()) + 1 if len(y) else 0
                 self.classes = [str(i) for i in range(self.num_classes)]
             self.labels_tensor = y
+        self.groups: torch.Tensor | None = self._groups(arrays, group_key, len(x))
 
     def _load(self) -> dict:
         if not self.path.is_file():
@@ -67,14 +72,26 @@ class TensorFile(Dataset):
             raise DataError(f"{self.path}: cannot read tensor file ({type(exc).__name__}: {exc})") from exc
         raise DataError(f"{self.path}: expected a .npz or .pt file")
 
+    def _groups(self, arrays: dict, key: str | None, n: int) -> torch.Tensor | None:
+        if key is None or (key == "qid" and (key not in arrays or self.labels_tensor is None)):
+            return None  # the default key is optional
+        if key not in arrays:
+            raise DataError(f"{self.path}: no array '{key}' (found: {', '.join(arrays)}); set group_key")
+        g = torch.as_tensor(arrays[key])
+        if g.dim() != 1 or len(g) != n or g.is_floating_point() or g.is_complex():
+            raise DataError(f"{self.path}: '{key}' must hold one integer query id per row ({n} rows);"
+                            f" found shape {tuple(g.shape)}, {g.dtype}")
+        if self.labels_tensor is None:
+            raise DataError(f"{self.path}: query ids ('{key}') need relevance targets; set y_key")
+        return g.to(torch.int64)
+
     def fast_tensors(self) -> tuple[torch.Tensor, ...]:
         """Tensors whose rows are the samples: batch = tuple(t[idx] for t in these)."""
-        return (self.inputs,) if self.labels_tensor is None else (self.inputs, self.labels_tensor)
+        parts = (self.inputs, self.labels_tensor, self.groups)
+        return tuple(t for t in parts if t is not None)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, index: int):
-        if self.labels_tensor is None:
-            return (self.inputs[index],)
-        return self.inputs[index], self.labels_tensor[index]
+        return tuple(t[index] for t in self.fast_tensors())

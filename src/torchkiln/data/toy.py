@@ -93,6 +93,9 @@ class DigitsRanking(Dataset):
         self.relevance = torch.where(d >= 8, 2.0, torch.where(d >= 5, 1.0, 0.0))
         self.groups = torch.cat(qid)
 
+    def fast_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inputs, self.relevance, self.groups
+
     def __len__(self) -> int:
         return len(self.relevance)
 

@@ -162,12 +162,35 @@ class RegressionTask(Task):
         if int(targets) < 1:
             raise ValueError(f"targets must be at least 1; found {targets}")
         self.targets = int(targets)
+        self.target_scale: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std): data.normalize
+
+    def set_target_scale(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """The model learns (target - mean) / std; its outputs are mapped back to target units, so
+        metrics and predictions are in the data's units and the loss is on the standardized scale."""
+        self.target_scale = (mean.float(), std.float())
+
+    def _scale_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = self.target_scale  # type: ignore[misc]
+        if mean.device != device:
+            self.target_scale = mean, std = mean.to(device), std.to(device)
+        return mean, std
+
+    def forward(self, model: nn.Module, batch: Any) -> tuple[Any, Any]:
+        outputs, targets = super().forward(model, batch)
+        if self.target_scale is None:
+            return outputs, targets
+        mean, std = self._scale_on(outputs.device)
+        return outputs.float() * std + mean, targets  # (mean, std) shaped like one sample's target
 
     def num_outputs(self, num_classes: int | None) -> int | None:
         return self.targets
 
     def loss(self, loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return loss_fn(outputs.reshape(targets.shape).float(), targets.float())
+        outputs, targets = outputs.reshape(targets.shape).float(), targets.float()
+        if self.target_scale is not None:
+            mean, std = self._scale_on(outputs.device)
+            outputs, targets = (outputs - mean) / std, (targets - mean) / std
+        return loss_fn(outputs, targets)
 
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         metrics.update(outputs.detach().float().reshape(targets.shape), targets.float())
