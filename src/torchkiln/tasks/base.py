@@ -7,6 +7,7 @@ Hooks a subclass may override, all with working defaults:
   num_outputs(num_classes)                                  the model's output width
   default_monitor(metric_names, has_val)                    what `trainer.monitor` is when unset
   report_views(outputs, targets, class_names)               per-class tables for `kiln test`
+  validation_views(outputs, targets)                        what validation pictures draw
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ class Task:
     # -- reports ---------------------------------------------------------------------------
     def report_views(self, outputs: Any, targets: Any, class_names: list[str] | None = None) -> list[ReportView]:
         return []
+
+    def validation_views(self, outputs: Any, targets: Any) -> list[ReportView]:
+        """The classification views drawn in validation pictures (confusion matrix, misclassified
+        inputs) for one batch; none when the outputs are not single-label classification."""
+        return single_label_views(outputs, targets)
+
+
+def single_label_views(outputs: Any, targets: Any) -> list[ReportView]:
+    """One view when outputs are (N, C) logits and targets (N,) class indices, else none."""
+    if (not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor)
+            or outputs.dim() != 2 or targets.dim() != 1 or targets.is_floating_point()
+            or outputs.shape[0] != targets.shape[0]):
+        return []
+    return [ReportView("", "multiclass", outputs.argmax(dim=1), targets, int(outputs.shape[1]))]
 
 
 @TASKS.register(name="classification")

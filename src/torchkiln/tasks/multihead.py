@@ -121,7 +121,11 @@ class MultiHeadTask(ClassificationTask):
 
     def head_targets(self, targets: Any) -> dict[str, torch.Tensor]:
         if isinstance(targets, dict):
-            return {h: targets[h].long() for h in self.heads}
+            missing = [h for h in self.heads if h not in targets]
+            if missing:
+                raise DataError(f"multihead: the targets have no head(s) {', '.join(missing)} (they have"
+                                f" {', '.join(targets)}); name the heads like the dataset's label columns")
+            return {h: torch.as_tensor(targets[h]).long() for h in self.heads}
         targets = torch.as_tensor(targets)
         if targets.dim() == 1:
             return self.decode(targets.long())
@@ -224,6 +228,10 @@ class MultiHeadTask(ClassificationTask):
         names = super()._monitor_order(metric_names)
         combined = [n for n in names if self.combined and n.startswith(f"{self.combined}/")]
         return combined + [n for n in names if n not in combined]
+
+    def validation_views(self, outputs: Any, targets: Any) -> list[ReportView]:
+        """Each head, then the combined class: a confusion matrix and misclassified inputs for each."""
+        return self.report_views(outputs, targets)
 
     def report_views(self, outputs: Any, targets: Any, class_names: list[str] | None = None) -> list[ReportView]:
         preds, tgts = self.predict(outputs), self.head_targets(targets)
