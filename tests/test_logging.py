@@ -124,18 +124,19 @@ def test_validation_collector_confusion_matches_sklearn():
         collector.update(images, out, t)
         all_out.append(out)
         all_t.append(t)
-    sample = collector.result()
+    [sample] = collector.result()
     preds, targets = torch.cat(all_out).argmax(1), torch.cat(all_t)
     assert sample.confusion().tolist() == confusion_matrix(targets, preds, labels=range(4)).tolist()
     assert len(sample.images) == 5 and bool((sample.image_preds != sample.image_targets).all())
     # Not single-label classification (regression outputs): nothing is gathered.
     other = ValidationCollector(max_images=5)
     other.update(torch.rand(4, 3), torch.randn(4), torch.randn(4))
-    assert other.result() is None
+    assert other.result() == []
     # Flat inputs: predictions are gathered, no images drawn.
     flat = ValidationCollector(max_images=5)
     flat.update(torch.rand(16, 64), torch.randn(16, 4), torch.randint(0, 4, (16,)))
-    assert flat.result().images is None and len(flat.result().preds) == 16
+    [only] = flat.result()
+    assert only.images is None and len(only.preds) == 16
 
 
 @pytest.mark.slow

@@ -268,9 +268,10 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
         from torchkiln.data.setup import write_skipped
 
         write_skipped(run_dir, data.skipped)
+    task = build_task(cfg.task)
+    task.check_class_names(data.class_names)
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
-    task = build_task(cfg.task)
     model = build_model(cfg, task.num_outputs(num_classes), pretrained=pretrained)
     freezer = build_freezer(cfg, model)
     loss = build_loss(cfg, task, labels=lambda: dataset_targets(data.train), num_classes=num_classes)

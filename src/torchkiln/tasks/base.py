@@ -5,6 +5,7 @@ Hooks a subclass may override, all with working defaults:
   build_metrics(specs, num_classes)                         metrics (keys are the logged names)
   make_loss(specs, labels, num_classes)                     the loss module from config specs
   num_outputs(num_classes)                                  the model's output width
+  check_class_names(class_names)                            the dataset's classes fit the task
   default_monitor(metric_names, has_val)                    what `trainer.monitor` is when unset
   report_views(outputs, targets, class_names)               per-class tables for `kiln test`
   validation_views(outputs, targets)                        what validation pictures draw
@@ -91,6 +92,9 @@ class Task:
 
     def num_outputs(self, num_classes: int | None) -> int | None:
         return num_classes
+
+    def check_class_names(self, class_names: Any) -> None:
+        """Refuse, before training, a dataset whose classes cannot be this task's (a one-line error)."""
 
     # -- monitoring ------------------------------------------------------------------------
     def default_monitor(self, metric_names: list[str], has_val: bool) -> str:
