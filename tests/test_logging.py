@@ -246,14 +246,15 @@ def test_picture_cadence(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
 
-    def drawn(cadence: base.PictureCadence, epochs: int, epoch_s: float, draw_s: float) -> list[int]:
+    def drawn(cadence: base.PictureCadence, epochs: int, epoch_s: float, draw_s: float, views: int = 1) -> list[int]:
         cadence.start(epochs)
         out = []
         for epoch in range(1, epochs + 1):
             clock[0] += epoch_s
             if cadence.due(epoch):
-                with cadence.timed():
-                    clock[0] += draw_s
+                for _ in range(views):  # one drawing per view (multihead: each head, the combined class)
+                    with cadence.timed(epoch):
+                        clock[0] += draw_s / views
                 out.append(epoch)
         return out
 
@@ -262,6 +263,8 @@ def test_picture_cadence(monkeypatch):
     # 1 s epochs, 50 ms pictures: each drawing needs 5 s of run behind it (1%).
     auto = drawn(base.PictureCadence(None), 30, 1.0, 0.05)
     assert auto == [1, 10, 15, 20, 25, 30]
+    # The same 50 ms in four views' drawings: an epoch's drawings are costed together.
+    assert drawn(base.PictureCadence(None), 30, 1.0, 0.05, views=4) == auto
     # Long epochs: the pictures are cheap next to them, drawn every epoch.
     assert drawn(base.PictureCadence(None), 5, 60.0, 0.05) == [1, 2, 3, 4, 5]
 

@@ -159,6 +159,13 @@ def test_validation_views_of_a_multihead_batch_match_sklearn_per_head():
         assert s.num_classes == c
         assert s.confusion().tolist() == confusion_matrix(truth[view], preds[view], labels=range(c)).tolist()
         assert 0 < len(s.images) <= 3 and bool((s.image_preds != s.image_targets).all())
+    # Under DDP each rank's views are merged view by view.
+    from torchkiln.loggers.validation import merge_samples
+
+    merged = merge_samples([collector.result(), collector.result()], max_images=4)
+    assert [m.view for m in merged] == [*HEADS, "combined"]
+    for m in merged:
+        assert torch.equal(m.confusion(), 2 * samples[m.view].confusion()) and len(m.images) <= 4
 
 
 # ------------------------------------------------------------------------------------------

@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
 from torchkiln.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("torchkiln")
 
@@ -135,7 +138,7 @@ def sampler_head(spec: Any) -> tuple[str, str | None]:
     return (spec, None) if isinstance(spec, str) else (spec.type, spec.args.head)
 
 
-def balanced_labels(cfg: Any, train: Any) -> Any:
+def balanced_labels(cfg: Any, train: Dataset) -> np.ndarray | None:
     """The class that `data.sampler: balanced` weighs each training sample by (1 / its count): the
     label, or for a multihead task the combined class or one head's class; None when not balanced."""
     from torchkiln.data.splits import dataset_labels
