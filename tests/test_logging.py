@@ -124,18 +124,19 @@ def test_validation_collector_confusion_matches_sklearn():
         collector.update(images, out, t)
         all_out.append(out)
         all_t.append(t)
-    sample = collector.result()
+    [sample] = collector.result()
     preds, targets = torch.cat(all_out).argmax(1), torch.cat(all_t)
     assert sample.confusion().tolist() == confusion_matrix(targets, preds, labels=range(4)).tolist()
     assert len(sample.images) == 5 and bool((sample.image_preds != sample.image_targets).all())
     # Not single-label classification (regression outputs): nothing is gathered.
     other = ValidationCollector(max_images=5)
     other.update(torch.rand(4, 3), torch.randn(4), torch.randn(4))
-    assert other.result() is None
+    assert other.result() == []
     # Flat inputs: predictions are gathered, no images drawn.
     flat = ValidationCollector(max_images=5)
     flat.update(torch.rand(16, 64), torch.randn(16, 4), torch.randint(0, 4, (16,)))
-    assert flat.result().images is None and len(flat.result().preds) == 16
+    [only] = flat.result()
+    assert only.images is None and len(only.preds) == 16
 
 
 @pytest.mark.slow
@@ -245,14 +246,15 @@ def test_picture_cadence(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
 
-    def drawn(cadence: base.PictureCadence, epochs: int, epoch_s: float, draw_s: float) -> list[int]:
+    def drawn(cadence: base.PictureCadence, epochs: int, epoch_s: float, draw_s: float, views: int = 1) -> list[int]:
         cadence.start(epochs)
         out = []
         for epoch in range(1, epochs + 1):
             clock[0] += epoch_s
             if cadence.due(epoch):
-                with cadence.timed():
-                    clock[0] += draw_s
+                for _ in range(views):  # one drawing per view (multihead: each head, the combined class)
+                    with cadence.timed(epoch):
+                        clock[0] += draw_s / views
                 out.append(epoch)
         return out
 
@@ -261,6 +263,8 @@ def test_picture_cadence(monkeypatch):
     # 1 s epochs, 50 ms pictures: each drawing needs 5 s of run behind it (1%).
     auto = drawn(base.PictureCadence(None), 30, 1.0, 0.05)
     assert auto == [1, 10, 15, 20, 25, 30]
+    # The same 50 ms in four views' drawings: an epoch's drawings are costed together.
+    assert drawn(base.PictureCadence(None), 30, 1.0, 0.05, views=4) == auto
     # Long epochs: the pictures are cheap next to them, drawn every epoch.
     assert drawn(base.PictureCadence(None), 5, 60.0, 0.05) == [1, 2, 3, 4, 5]
 

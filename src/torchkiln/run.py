@@ -382,9 +382,10 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     data = build_data(cfg, normalization=normalization)
+    task = build_task(cfg.task)
+    task.check_class_names(data.class_names)
     loaders = build_loaders(cfg, data)
     num_classes = num_classes_of(cfg, data)
-    task = build_task(cfg.task)
     if data.normalization is not None and data.normalization.targets is not None:
         task.set_target_scale(*data.normalization.targets)
     model = build_model(cfg, task.num_outputs(num_classes), pretrained=pretrained)

@@ -9,17 +9,15 @@ from torchkiln.config.schema import Config
 from torchkiln.errors import ConfigError, DataError
 
 
-def sample_input(cfg: Config, data: Any, batch_size: int) -> Any:
+def sample_input(task: Any, data: Any, batch_size: int) -> Any:
     """A batch of `batch_size` copies of the first training sample's input, as the model sees it."""
     import torch
     from torch.utils.data import default_collate
 
-    from torchkiln.registry import TASKS
-
     if len(data.train) == 0:
         raise DataError("data.dataset: the training split is empty; nothing to size the model's input from")
     batch = default_collate([data.train[0]])
-    inputs, _ = TASKS.get(cfg.task, "task")().split_batch(batch)
+    inputs, _ = task.split_batch(batch)
     if not isinstance(inputs, torch.Tensor):
         raise DataError("kiln summary: the model's input is not a single tensor; summarise it from Python")
     return inputs.expand(batch_size, *inputs.shape[1:]).contiguous()
@@ -39,14 +37,16 @@ def model_summary(cfg: Config, batch_size: int | None = None, depth: int = 3) ->
         num_classes_of,
     )
     from torchkiln.repro import seed_everything
+    from torchkiln.tasks import build_task
 
     check_components(cfg)
     seed_everything(cfg.seed)
     data = build_data(cfg)
-    model = build_model(cfg, num_classes_of(cfg, data))
+    task = build_task(cfg.task)
+    model = build_model(cfg, task.num_outputs(num_classes_of(cfg, data)))  # the width training builds
     freezer = build_freezer(cfg, model)
     bs = batch_size or cfg.data.batch_size
-    x = sample_input(cfg, data, bs)
+    x = sample_input(task, data, bs)
     stats = torchinfo.summary(model, input_data=[x], depth=depth, mode="eval", verbose=0, device="cpu",
                               col_names=("output_size", "num_params", "trainable"))
     total = sum(p.numel() for p in model.parameters())

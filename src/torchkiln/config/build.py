@@ -48,11 +48,28 @@ def check_components(cfg: Config) -> None:
     from torchkiln.data.transforms import check_transforms
 
     check_transforms(cfg.data.transforms)
+    _check_sampler(task, cfg.data.sampler)
     if cfg.data.collate is not None:
         COLLATES.get(cfg.data.collate.type, "data.collate.type")
     if cfg.scheduler is not None and cfg.scheduler.type == "ReduceLROnPlateau" and cfg.scheduler.interval == "step":
         raise ConfigError("scheduler.interval: ReduceLROnPlateau needs the monitored metric, which exists only"
                           " after validation; use interval: epoch (or leave it out)")
+
+
+def _check_sampler(task: Any, spec: Any) -> None:
+    """`data.sampler.args.head` names a head of a multihead task."""
+    from torchkiln.data.setup import sampler_head
+    from torchkiln.tasks import MultiHeadTask
+
+    kind, head = sampler_head(spec)
+    if head is None:
+        return
+    where = "data.sampler.args.head"
+    if kind != "balanced":
+        raise ConfigError(f"{where}: only the balanced sampler takes a head; set data.sampler.type: balanced")
+    if not isinstance(task, MultiHeadTask):
+        raise ConfigError(f"{where}: the {task.name} task has no heads; use data.sampler: balanced")
+    task.check_head(head, where)
 
 
 def _check_metrics_fit_task(task: Any, specs: list[Any]) -> None:

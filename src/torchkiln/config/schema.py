@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -57,6 +65,24 @@ class NormalizeConfig(_Strict):
     targets: bool = Field(True, description="regression: targets for the loss; outputs mapped back")
 
 
+class SamplerArgs(_Strict):
+    head: str | None = Field(None, description="multihead: balance this head's classes (default: the combined class)")
+
+
+class SamplerConfig(_Strict):
+    """`{type: balanced, args: {head: mask}}`: class-balanced draws on one head of a multihead task."""
+
+    type: Literal["default", "balanced"]
+    args: SamplerArgs = Field(default_factory=SamplerArgs)
+
+
+# A name, or {type, args}: each form reports its own mistakes (the tags are dropped from error paths).
+SamplerSpec = Annotated[
+    Annotated[Literal["default", "balanced"], Tag("Name")] | Annotated[SamplerConfig, Tag("Spec")],
+    Discriminator(lambda v: "Spec" if isinstance(v, (dict, SamplerConfig)) else "Name"),
+]
+
+
 class DataConfig(_Strict):
     dataset: Component = Field(default_factory=lambda: Component(type="Digits"))
     val_dataset: Component | None = None
@@ -76,8 +102,9 @@ class DataConfig(_Strict):
     transforms: TransformsConfig = Field(default_factory=TransformsConfig)
     folds: int | None = Field(None, ge=2, description="k-fold cross-validation: the number of folds")
     fold: int = Field(0, ge=0, description="which fold is the validation split (0..folds-1)")
-    sampler: Literal["default", "balanced"] = Field(
-        "default", description="balanced: draw training samples with weights 1/class count"
+    sampler: SamplerSpec = Field(
+        "default", description="balanced: draw training samples with weights 1/class count (a multihead task:"
+        " of the combined class, or of one head with {type: balanced, args: {head: NAME}})"
     )
     collate: Component | None = Field(None, description="a named collate function, e.g. pad_sequences")
     fast_path: Literal["auto"] | bool = Field(

@@ -209,6 +209,8 @@ class CsvImages(ImageFiles):
         self.items = self._check_files(items, str(self.csv_file))
         if target == "class" and label_col is not None:
             self.targets = np.asarray([it.target for it in self.items], dtype=np.int64)
+        if target == "heads" and label_col is not None:  # read without decoding (balanced weights, stats)
+            self.head_targets = {c: np.asarray([it.target[c] for it in self.items], dtype=np.int64) for c in cols}
         if target == "multilabel" and label_col is not None:
             self.label_matrix = np.stack([it.target for it in self.items])
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
 from torchkiln.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("torchkiln")
 
@@ -126,7 +129,6 @@ def use_fast_path(cfg: Any, dataset: Dataset, device: Any) -> bool:
 def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
     from torchkiln.data.collate import build_collate
     from torchkiln.data.loaders import make_loader
-    from torchkiln.data.splits import dataset_labels
     from torchkiln.engine.trainer import resolve_device
 
     d = cfg.data
@@ -137,12 +139,7 @@ def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
     common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers,
                   prefetch_factor=d.prefetch_factor, seed=cfg.seed, collate_fn=collate, device=device,
                   rank=distributed.rank(), world_size=distributed.world_size())  # DDP: one shard per rank
-    balanced = None
-    if d.sampler == "balanced":
-        balanced = dataset_labels(data.train)
-        if balanced is None:
-            raise ConfigError("data.sampler: balanced needs single-label class targets (a dataset with"
-                              " `targets`); this training set has none")
+    balanced = balanced_labels(cfg, data.train)
     fast = use_fast_path(cfg, data.train, device)
     if fast and d.num_workers:
         log.info("data: fast in-memory path (num_workers=%d unused)", d.num_workers)
@@ -181,6 +178,30 @@ def query_sampler(cfg: Any, dataset: Dataset, batch_size: int, *, train: bool, r
         return None
     return QueryBatchSampler(groups, queries_per_batch(groups, batch_size), shuffle=d.shuffle and train, seed=cfg.seed,
                              drop_last=d.drop_last and train, rank=rank, world_size=world_size, pad=train)
+
+
+def sampler_head(spec: Any) -> tuple[str, str | None]:
+    """(type, head) of `data.sampler`: a name, or {type, args: {head}}."""
+    return (spec, None) if isinstance(spec, str) else (spec.type, spec.args.head)
+
+
+def balanced_labels(cfg: Any, train: Dataset) -> np.ndarray | None:
+    """The class that `data.sampler: balanced` weighs each training sample by (1 / its count): the
+    label, or for a multihead task the combined class or one head's class; None when not balanced."""
+    from torchkiln.data.splits import dataset_labels
+    from torchkiln.tasks import MultiHeadTask, build_task, dataset_targets
+
+    kind, head = sampler_head(cfg.data.sampler)
+    if kind != "balanced":
+        return None
+    task = build_task(cfg.task)
+    if isinstance(task, MultiHeadTask):  # the heads' targets, by name or decoded from the combined class
+        return task.sampling_labels(dataset_targets(train), head).numpy()
+    labels = dataset_labels(train)
+    if labels is None:
+        raise ConfigError("data.sampler: balanced needs single-label class targets (a dataset with"
+                          " `targets`); this training set has none")
+    return labels
 
 
 def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:

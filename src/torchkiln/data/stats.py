@@ -1,4 +1,5 @@
-"""`kiln data stats`: class counts and imbalance, image sizes, per-channel mean/std, a class histogram."""
+"""`kiln data stats`: class counts and imbalance (per head for a multihead task), image sizes,
+per-channel mean/std, a class histogram."""
 
 from __future__ import annotations
 
@@ -30,11 +31,7 @@ def compute_stats(dataset: Dataset, class_names: list[str] | None, max_images: i
     if labels is not None or matrix is not None:
         counts = np.bincount(labels, minlength=len(class_names or [])) if labels is not None \
             else matrix.sum(axis=0).astype(np.int64)
-        names = list(class_names) if class_names and len(class_names) == len(counts) \
-            else [str(i) for i in range(len(counts))]
-        out["class_counts"] = {n: int(c) for n, c in zip(names, counts)}
-        out["imbalance_ratio"] = float(counts.max() / counts.min()) if counts.min() > 0 else float("inf")
-        out["classes_without_samples"] = [n for n, c in zip(names, counts) if c == 0]
+        out.update(class_summary(counts, class_names))
     n = len(dataset)  # type: ignore[arg-type]
     picks = np.random.default_rng(seed).permutation(n)[: min(n, max_images)]
     sizes: Counter = Counter()
@@ -72,6 +69,30 @@ def compute_stats(dataset: Dataset, class_names: list[str] | None, max_images: i
     return out
 
 
+def class_summary(counts: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Counts by class name, the imbalance ratio (largest / smallest) and the classes with no sample."""
+    names = list(class_names) if class_names and len(class_names) == len(counts) \
+        else [str(i) for i in range(len(counts))]
+    return {"class_counts": {n: int(c) for n, c in zip(names, counts)},
+            "imbalance_ratio": float(counts.max() / counts.min()) if counts.min() > 0 else float("inf"),
+            "classes_without_samples": [n for n, c in zip(names, counts) if c == 0]}
+
+
+def head_stats(task: Any, dataset: Dataset, class_names: Any) -> dict[str, dict[str, Any]]:
+    """A multihead task: class counts per head and of the combined class, from the stored targets
+    (a dict by head, (N, heads) or the combined class); names from the dataset or the heads' `names`."""
+    from torchkiln.tasks import dataset_targets
+
+    labels = task.head_targets(dataset_targets(dataset))
+    out = {}
+    for h, spec in task.heads.items():
+        names = spec.names or (class_names.get(h) if isinstance(class_names, dict) else None)
+        out[h] = class_summary(np.bincount(labels[h].numpy(), minlength=spec.classes), names)
+    if task.combined:
+        out[task.combined] = class_summary(np.bincount(task.encode(labels).numpy(), minlength=task.num_combined))
+    return out
+
+
 def _label_matrix(dataset: Dataset) -> np.ndarray | None:
     from torch.utils.data import Subset
 
@@ -89,8 +110,10 @@ def format_stats(stats: dict[str, Any]) -> str:
         for name, c in stats["class_counts"].items():
             lines.append(f"  {name:<{width}}  {c}")
         lines.append(f"imbalance ratio    {stats['imbalance_ratio']:.2f} (largest / smallest class)")
-    else:
+    elif "heads" not in stats:
         lines.append("class counts       (no single-label or multi-label classes)")
+    for head, part in stats.get("heads", {}).items():
+        lines += _count_lines(part, f"{head}: ")
     if "image_sizes" in stats:
         s = stats["image_sizes"]
         lines.append(f"image sizes (HxW)  {', '.join(s['most_common'])}; min {s['min_hw'][0]}x{s['min_hw'][1]},"
@@ -105,7 +128,19 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_histogram(stats: dict[str, Any], path: Path) -> Path | None:
+def _count_lines(part: dict[str, Any], about: str) -> list[str]:
+    """Counts with a bar each (a text histogram), then the imbalance ratio."""
+    counts = part["class_counts"]
+    width, top = max(len(k) for k in counts), max(max(counts.values()), 1)
+    lines = [f"{about}class counts"]
+    lines += [f"  {name:<{width}}  {c:>6}  {'#' * round(30 * c / top)}" for name, c in counts.items()]
+    empty = part["classes_without_samples"]
+    absent = f"; no sample of {len(empty)} class(es): {', '.join(empty[:10])}" if empty else ""
+    lines.append(f"{about}imbalance ratio {part['imbalance_ratio']:.2f} (largest / smallest class){absent}")
+    return lines
+
+
+def save_histogram(stats: dict[str, Any], path: Path, title: str = "class counts") -> Path | None:
     if "class_counts" not in stats:
         return None
     import matplotlib
@@ -118,7 +153,7 @@ def save_histogram(stats: dict[str, Any], path: Path) -> Path | None:
     ax.bar(range(len(names)), counts, color="#4C72B0")
     ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 10 else 0, ha="right" if len(names) > 10 else "center")
     ax.set_ylabel("samples")
-    ax.set_title(f"class counts (imbalance ratio {stats['imbalance_ratio']:.2f})")
+    ax.set_title(f"{title} (imbalance ratio {stats['imbalance_ratio']:.2f})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -129,14 +164,21 @@ def save_histogram(stats: dict[str, Any], path: Path) -> Path | None:
 def data_stats(cfg: Any, out_dir: Path | None = None, max_images: int = 2000) -> tuple[dict[str, Any], Path]:
     """Statistics of the configured training split; writes stats.json and class_histogram.png."""
     from torchkiln.config.build import build_data, check_components
+    from torchkiln.tasks import MultiHeadTask, build_task
 
     check_components(cfg)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"normalize": None})})  # the stored values
     data = build_data(cfg)
     stats = compute_stats(_raw(data.train), data.class_names if isinstance(data.class_names, list) else None,
                           max_images=max_images, seed=cfg.seed)
+    task = build_task(cfg.task)
+    if isinstance(task, MultiHeadTask):
+        task.check_class_names(data.class_names)
+        stats["heads"] = head_stats(task, _raw(data.train), data.class_names)
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / cfg.name / "data_stats"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     save_histogram(stats, out_dir / "class_histogram.png")
+    for head, part in stats.get("heads", {}).items():
+        save_histogram(part, out_dir / f"class_histogram_{head}.png", f"{head}: class counts")
     return stats, out_dir

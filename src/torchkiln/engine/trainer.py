@@ -556,13 +556,13 @@ class Trainer:
         # all ranks collect when rank 0 asks, and rank 0 gets the union.
         max_images = distributed.broadcast_object(
             max(getattr(lg, "max_images", 0) for lg in wanting) if wanting else None)
-        collector = ValidationCollector(max_images) if max_images is not None else None
+        collector = ValidationCollector(max_images, self.task.validation_views) if max_images is not None else None
         record = self._evaluate(loader, self.val_metrics, "val", collector)
-        sample = collector.result() if collector is not None else None
+        samples = collector.result() if collector is not None else []
         if collector is not None and distributed.is_distributed():
-            sample = merge_samples(distributed.gather_objects(sample), max_images)
-        if sample is not None and wanting:
-            for lg in wanting:
+            samples = merge_samples(distributed.gather_objects(samples), max_images)
+        for lg in wanting:
+            for sample in samples:  # one per view: the classes, or each head and the combined class
                 lg.log_validation(epoch, self.loop.global_step, sample)
         return record
 
@@ -612,8 +612,9 @@ class Trainer:
         return self.evaluate(loader, "test")
 
     @torch.inference_mode()
-    def predict(self, loader: Iterable) -> torch.Tensor:
-        """Model outputs for every batch, concatenated on the CPU."""
+    def predict(self, loader: Iterable) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Model outputs for every batch, concatenated on the CPU; a model that returns a dict (one
+        entry per head) gives a dict of the same keys, each concatenated over the batches."""
         self._setup()
         self.model.eval()
         outs = []
@@ -622,8 +623,13 @@ class Trainer:
             batch = move_to(batch, self.device, self.channels_last)
             with self.stepper.autocast():
                 outputs, _ = self.task.forward(model, batch)
-            outs.append(outputs.float().cpu())
-        return torch.cat(outs) if outs else torch.empty(0)
+            outs.append({k: v.float().cpu() for k, v in outputs.items()} if isinstance(outputs, dict)
+                        else outputs.float().cpu())
+        if not outs:
+            return torch.empty(0)
+        if isinstance(outs[0], dict):
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        return torch.cat(outs)
 
     # ---------------------------------------------------------------------------------------
     # per-step logging (scalars leave the device once per log interval)

@@ -61,8 +61,9 @@ class PictureCadence:
         self.last_epoch = last_epoch
         self.started = time.perf_counter()
         self.spent = 0.0
-        self.cost = 0.0  # the latest drawing's seconds: the next one is expected to cost as much
+        self.cost = 0.0  # the latest epoch's drawing seconds: the next one is expected to cost as much
         self.drawn = 0
+        self.epoch: int | None = None  # the epoch of the latest drawing
 
     def due(self, epoch: int) -> bool:
         if self.drawn == 0 or (self.last_epoch is not None and epoch >= self.last_epoch):
@@ -72,11 +73,14 @@ class PictureCadence:
         return self.spent + self.cost <= self.budget * (time.perf_counter() - self.started)
 
     @contextmanager
-    def timed(self) -> Iterator[None]:
+    def timed(self, epoch: int | None = None) -> Iterator[None]:
+        """Time one drawing; the drawings of one `epoch` (a multihead task's views) add up."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.cost = time.perf_counter() - start
-            self.spent += self.cost
+            took = time.perf_counter() - start
+            self.cost = self.cost + took if epoch is not None and epoch == self.epoch else took
+            self.epoch = epoch
+            self.spent += took
             self.drawn += 1

@@ -156,12 +156,28 @@ def confusion_image(sample: ValidationSample, class_names: list[str] | None = No
     return np.asarray(image)
 
 
-def validation_pictures(sample: ValidationSample, class_names: list[str] | None, epoch: int) -> dict[str, np.ndarray]:
+def view_class_names(sample: ValidationSample, class_names: list[str] | dict[str, list[str]] | None
+                     ) -> list[str] | None:
+    """The names to label a view's classes with: its own, its entry in a dict by head (CsvImages
+    `target: heads`), or the run's list for the task's own classes."""
+    if sample.class_names:
+        return sample.class_names
+    if isinstance(class_names, dict):
+        names = class_names.get(sample.view)
+        return list(names) if names else None
+    return class_names if not sample.view else None
+
+
+def validation_pictures(sample: ValidationSample, class_names: list[str] | dict[str, list[str]] | None,
+                        epoch: int) -> dict[str, np.ndarray]:
     """The pictures loggers send for an epoch, by tag: the misclassified grid (when there are
-    misclassified image inputs) and the confusion matrix."""
+    misclassified image inputs) and the confusion matrix; `val/<head>/...` for a head's view."""
+    names = view_class_names(sample, class_names)
+    tag = f"val/{sample.view}/" if sample.view else "val/"
+    about = f"{sample.view}: " if sample.view else ""
     pictures = {}
-    grid = misclassified_image(sample, class_names, f"misclassified (epoch {epoch})")
+    grid = misclassified_image(sample, names, f"{about}misclassified (epoch {epoch})")
     if grid is not None:
-        pictures["val/misclassified"] = grid
-    pictures["val/confusion_matrix"] = confusion_image(sample, class_names, f"confusion matrix (epoch {epoch})")
+        pictures[f"{tag}misclassified"] = grid
+    pictures[f"{tag}confusion_matrix"] = confusion_image(sample, names, f"{about}confusion matrix (epoch {epoch})")
     return pictures

@@ -62,7 +62,8 @@ def plot_curves(history: list[dict[str, float]], path: str | Path, monitor: str 
 
 
 class ClassificationPlots(Logger):
-    """plots/confusion_matrix.png, per_class_f1.png and per_class.csv from the best epoch's validation.
+    """plots/confusion_matrix.png, per_class_f1.png and per_class.csv from the best epoch's validation
+    (for a multi-head task one of each per view: `confusion_matrix_<head>.png`, ...).
 
     "Best" follows the trainer's monitor; a resumed run that never improves again uses its last epoch.
     """
@@ -73,8 +74,8 @@ class ClassificationPlots(Logger):
         self.monitor: str | None = None
         self.mode = "max"
         self.best: float | None = None
-        self.latest: tuple[int, ValidationSample] | None = None
-        self.chosen: tuple[int, ValidationSample] | None = None
+        self.latest: tuple[int, dict[str, ValidationSample]] | None = None
+        self.chosen: tuple[int, dict[str, ValidationSample]] | None = None
 
     def start(self, info, resume_epoch=None, resume_step=0):
         self.monitor, self.mode = info.get("monitor"), info.get("mode") or "max"
@@ -85,7 +86,9 @@ class ClassificationPlots(Logger):
         return True
 
     def log_validation(self, epoch, step, sample):
-        self.latest = (epoch, sample)
+        if self.latest is None or self.latest[0] != epoch:
+            self.latest = (epoch, {})
+        self.latest[1][sample.view] = sample
 
     def log_epoch(self, epoch, step, record):
         if self.latest is None or self.latest[0] != epoch:
@@ -102,19 +105,26 @@ class ClassificationPlots(Logger):
         chosen = self.chosen or self.latest
         if chosen is None:
             return
-        epoch, sample = chosen
-        from torchkiln.loggers import figures
+        epoch, samples = chosen
+        for sample in samples.values():
+            self._write(epoch, sample)
 
-        which = f"validation, epoch {epoch}"
-        figures.save(figures.confusion_figure(sample, self.class_names, f"confusion matrix ({which})"),
-                     self.dir / "confusion_matrix.png")
-        figures.save(figures.per_class_f1_figure(sample, self.class_names, f"per-class F1 ({which})"),
-                     self.dir / "per_class_f1.png")
+    def _write(self, epoch: int, sample: ValidationSample) -> None:
+        from torchkiln.loggers import figures
+        from torchkiln.loggers.images import view_class_names
+
+        names = view_class_names(sample, self.class_names)
+        which = f"{sample.view + ' ' if sample.view else ''}validation, epoch {epoch}"
+        suffix = f"_{sample.view}" if sample.view else ""
+        figures.save(figures.confusion_figure(sample, names, f"confusion matrix ({which})"),
+                     self.dir / f"confusion_matrix{suffix}.png")
+        figures.save(figures.per_class_f1_figure(sample, names, f"per-class F1 ({which})"),
+                     self.dir / f"per_class_f1{suffix}.png")
         stats = figures.per_class(sample)
-        with open(self.dir / "per_class.csv", "w", newline="") as f:
+        with open(self.dir / f"per_class{suffix}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["class", "support", "precision", "recall", "f1"])
             for i in range(sample.num_classes):
-                writer.writerow([figures.class_label(i, self.class_names), int(stats["support"][i]),
+                writer.writerow([figures.class_label(i, names), int(stats["support"][i]),
                                  f"{stats['precision'][i]:.6f}", f"{stats['recall'][i]:.6f}",
                                  f"{stats['f1'][i]:.6f}"])

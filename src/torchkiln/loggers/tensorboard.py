@@ -82,7 +82,7 @@ class TensorBoardLogger(Logger):
         return self.pictures.due(epoch)
 
     def log_validation(self, epoch, step, sample):
-        with self.pictures.timed():
+        with self.pictures.timed(epoch):
             self._pictures(epoch, step, sample)
 
     def _pictures(self, epoch, step, sample):

@@ -1,22 +1,27 @@
 """What a logger may ask to see of validation: predictions, targets, a few misclassified inputs.
 
 The trainer builds a `ValidationCollector` only in epochs where some logger asks for one, feeds it
-every validation batch, and hands its `ValidationSample` to those loggers. Predictions stay on the
+every validation batch, and hands its `ValidationSample`s (one per classification view: the classes,
+or each head and the combined class of a multi-head task) to those loggers. Predictions stay on the
 device until the end of validation (one transfer); misclassified inputs are copied out only until
 `max_images` of them are held.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from torchkiln.tasks.base import ReportView, single_label_views
+
 
 @dataclass
 class ValidationSample:
-    """Single-label classification results over the whole validation set, on the CPU."""
+    """One classification view (the task's classes, or a head of a multi-head task) over the whole
+    validation set, on the CPU."""
 
     preds: torch.Tensor  # (N,) int64
     targets: torch.Tensor  # (N,) int64
@@ -24,11 +29,15 @@ class ValidationSample:
     images: torch.Tensor | None = None  # (K, C, H, W) float: misclassified inputs, K <= max_images
     image_preds: torch.Tensor | None = None  # (K,)
     image_targets: torch.Tensor | None = None  # (K,)
+    view: str = ""  # "" for the task's own classes; a head's name ("mask") or the combined class
+    class_names: list[str] | None = None  # the view's own names (a head's `names`), when it has them
 
     def confusion(self) -> torch.Tensor:
-        """(C, C) counts; rows are true classes, columns predicted ones."""
+        """(C, C) counts; rows are true classes, columns predicted ones. Targets outside the classes
+        (a loss's ignore_index) are left out."""
         c = self.num_classes
-        index = self.targets * c + self.preds
+        keep = (self.targets >= 0) & (self.targets < c) & (self.preds >= 0) & (self.preds < c)
+        index = self.targets[keep] * c + self.preds[keep]
         return torch.bincount(index, minlength=c * c).reshape(c, c)
 
 
@@ -43,68 +52,93 @@ def as_images(inputs: Any) -> torch.Tensor | None:
     return inputs
 
 
-class ValidationCollector:
-    """Fed (inputs, outputs, targets) per validation batch; gives up on anything not classification."""
+Views = Callable[[Any, Any], list[ReportView]]
 
-    def __init__(self, max_images: int = 0):
+
+class _ViewParts:
+    """What the collector holds of one view until the end of validation."""
+
+    def __init__(self, view: ReportView):
+        self.num_classes, self.class_names = view.num_classes, view.class_names
+        self.preds: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.images: list[torch.Tensor] = []
+        self.image_preds: list[torch.Tensor] = []
+        self.image_targets: list[torch.Tensor] = []
+        self.held = 0
+
+    def sample(self, name: str) -> ValidationSample:
+        sample = ValidationSample(preds=torch.cat(self.preds).cpu().long(), targets=torch.cat(self.targets).cpu().long(),
+                                  num_classes=self.num_classes, view=name, class_names=self.class_names)
+        if self.images:
+            sample.images = torch.cat(self.images)
+            sample.image_preds = torch.cat(self.image_preds).long()
+            sample.image_targets = torch.cat(self.image_targets).long()
+        return sample
+
+
+class ValidationCollector:
+    """Fed (inputs, outputs, targets) per validation batch. `views` (the task's `validation_views`)
+    turns a batch into its classification views: one for single-label classification, one per head
+    and the combined class for a multi-head task; a batch with none (regression, multi-label) ends
+    the collection. Each view keeps up to `max_images` of its own misclassified inputs."""
+
+    def __init__(self, max_images: int = 0, views: Views | None = None):
         self.max_images = max(0, int(max_images))
+        self.views = views or single_label_views
         self.usable = True
-        self._preds: list[torch.Tensor] = []
-        self._targets: list[torch.Tensor] = []
-        self._images: list[torch.Tensor] = []
-        self._image_preds: list[torch.Tensor] = []
-        self._image_targets: list[torch.Tensor] = []
-        self._held = 0
-        self._num_classes = 0
+        self._parts: dict[str, _ViewParts] = {}
 
     def update(self, inputs: Any, outputs: Any, targets: Any) -> None:
         if not self.usable:
             return
-        if (not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor)
-                or outputs.dim() != 2 or targets.dim() != 1 or targets.is_floating_point()
-                or outputs.shape[0] != targets.shape[0]):
-            self.usable = False  # not single-label classification: nothing to draw
+        views = [v for v in self.views(outputs, targets) if _drawable(v)] if targets is not None else []
+        if not views or (self._parts and [v.name for v in views] != list(self._parts)):
+            self.usable = False  # not classification: nothing to draw
             return
-        self._num_classes = int(outputs.shape[1])
-        preds = outputs.argmax(dim=1)
-        self._preds.append(preds)
-        self._targets.append(targets)
-        if self._held < self.max_images:
-            images = as_images(inputs)
-            if images is None:
-                self.max_images = 0
-                return
-            wrong = (preds != targets).nonzero().squeeze(1)[: self.max_images - self._held]
+        images = as_images(inputs) if self.max_images else None
+        for view in views:
+            parts = self._parts.setdefault(view.name, _ViewParts(view))
+            parts.preds.append(view.preds)
+            parts.targets.append(view.targets)
+            if images is None or parts.held >= self.max_images:
+                continue
+            wrong = (view.preds != view.targets).nonzero().squeeze(1)[: self.max_images - parts.held]
             if wrong.numel():
-                self._images.append(images[wrong].float().cpu())
-                self._image_preds.append(preds[wrong].cpu())
-                self._image_targets.append(targets[wrong].cpu())
-                self._held += int(wrong.numel())
+                parts.images.append(images[wrong].float().cpu())
+                parts.image_preds.append(view.preds[wrong].cpu())
+                parts.image_targets.append(view.targets[wrong].cpu())
+                parts.held += int(wrong.numel())
 
-    def result(self) -> ValidationSample | None:
-        if not self.usable or not self._preds:
-            return None
-        sample = ValidationSample(
-            preds=torch.cat(self._preds).cpu().long(),
-            targets=torch.cat(self._targets).cpu().long(),
-            num_classes=self._num_classes,
-        )
-        if self._images:
-            sample.images = torch.cat(self._images)
-            sample.image_preds = torch.cat(self._image_preds).long()
-            sample.image_targets = torch.cat(self._image_targets).long()
-        return sample
+    def result(self) -> list[ValidationSample]:
+        """One sample per view, in the task's order; none when the outputs were not classification."""
+        if not self.usable:
+            return []
+        return [parts.sample(name) for name, parts in self._parts.items()]
 
 
-def merge_samples(samples: list[ValidationSample | None], max_images: int) -> ValidationSample | None:
-    """One sample from several ranks' shards (predictions concatenated, images up to max_images)."""
-    parts = [s for s in samples if s is not None]
-    if not parts:
-        return None
+def _drawable(view: ReportView) -> bool:
+    p, t = view.preds, view.targets
+    return (view.kind == "multiclass" and isinstance(p, torch.Tensor) and isinstance(t, torch.Tensor)
+            and p.dim() == 1 and t.dim() == 1 and len(p) == len(t) and not t.is_floating_point())
+
+
+def merge_samples(samples: list[list[ValidationSample]], max_images: int) -> list[ValidationSample]:
+    """One sample per view from several ranks' shards (predictions concatenated, images up to max_images)."""
+    by_view: dict[str, list[ValidationSample]] = {}
+    for rank_samples in samples:
+        for s in rank_samples or []:
+            by_view.setdefault(s.view, []).append(s)
+    return [_merge(parts, max_images) for parts in by_view.values()]
+
+
+def _merge(parts: list[ValidationSample], max_images: int) -> ValidationSample:
     merged = ValidationSample(
         preds=torch.cat([s.preds for s in parts]),
         targets=torch.cat([s.targets for s in parts]),
         num_classes=parts[0].num_classes,
+        view=parts[0].view,
+        class_names=parts[0].class_names,
     )
     with_images = [s for s in parts if s.images is not None]
     if with_images and max_images > 0:

@@ -74,7 +74,7 @@ class WandbLogger(Logger):
         return self.pictures.due(epoch)
 
     def log_validation(self, epoch, step, sample):
-        with self.pictures.timed():
+        with self.pictures.timed(epoch):
             self._pictures(epoch, sample)
 
     def _pictures(self, epoch, sample):

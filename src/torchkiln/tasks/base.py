@@ -5,8 +5,10 @@ Hooks a subclass may override, all with working defaults:
   build_metrics(specs, num_classes)                         metrics (keys are the logged names)
   make_loss(specs, labels, num_classes)                     the loss module from config specs
   num_outputs(num_classes)                                  the model's output width
+  check_class_names(class_names)                            the dataset's classes fit the task
   default_monitor(metric_names, has_val)                    what `trainer.monitor` is when unset
   report_views(outputs, targets, class_names)               per-class tables for `kiln test`
+  validation_views(outputs, targets)                        what validation pictures draw
 """
 
 from __future__ import annotations
@@ -91,6 +93,9 @@ class Task:
     def num_outputs(self, num_classes: int | None) -> int | None:
         return num_classes
 
+    def check_class_names(self, class_names: Any) -> None:
+        """Refuse, before training, a dataset whose classes cannot be this task's (a one-line error)."""
+
     # -- monitoring ------------------------------------------------------------------------
     def default_monitor(self, metric_names: list[str], has_val: bool) -> str:
         """The first scalar metric listed (on val when there is one), else the loss."""
@@ -113,6 +118,20 @@ class Task:
     # -- reports ---------------------------------------------------------------------------
     def report_views(self, outputs: Any, targets: Any, class_names: list[str] | None = None) -> list[ReportView]:
         return []
+
+    def validation_views(self, outputs: Any, targets: Any) -> list[ReportView]:
+        """The classification views drawn in validation pictures (confusion matrix, misclassified
+        inputs) for one batch; none when the outputs are not single-label classification."""
+        return single_label_views(outputs, targets)
+
+
+def single_label_views(outputs: Any, targets: Any) -> list[ReportView]:
+    """One view when outputs are (N, C) logits and targets (N,) class indices, else none."""
+    if (not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor)
+            or outputs.dim() != 2 or targets.dim() != 1 or targets.is_floating_point()
+            or outputs.shape[0] != targets.shape[0]):
+        return []
+    return [ReportView("", "multiclass", outputs.argmax(dim=1), targets, int(outputs.shape[1]))]
 
 
 @TASKS.register(name="classification")

@@ -107,6 +107,27 @@ class MultiHeadTask(ClassificationTask):
     def num_outputs(self, num_classes: int | None) -> int | None:
         return sum(self.sizes)
 
+    def check_class_names(self, class_names: Any) -> None:
+        """Label columns by head: each within its head's classes. One label column: the combined
+        class, whose class indices must be the combined classes themselves (0 .. N-1, all listed)."""
+        if isinstance(class_names, dict):
+            missing = [h for h in self.heads if h not in class_names]
+            if missing:
+                raise ConfigError(f"data.dataset.args.label_col: no column for head(s) {', '.join(missing)}"
+                                  f" (columns: {', '.join(class_names)}); name the heads like the label columns")
+            for h, spec in self.heads.items():
+                names = class_names[h] or []
+                if len(names) > spec.classes:
+                    raise ConfigError(f"task.args.heads.{h}.classes: {spec.classes}, but column '{h}' has"
+                                      f" {len(names)} classes ({', '.join(map(str, names))})")
+        elif isinstance(class_names, list):
+            expected = [str(i) for i in range(self.num_combined)]
+            if [str(c) for c in class_names] != expected:
+                shown = ", ".join(map(str, class_names[:20])) + (", ..." if len(class_names) > 20 else "")
+                raise ConfigError(f"data.dataset: a combined-class label column must hold the classes 0..{self.num_combined - 1}"
+                                  f" in order (found {len(class_names)}: {shown}); list them all with"
+                                  f" data.dataset.args.classes: [0, 1, ..., {self.num_combined - 1}]")
+
     def head_outputs(self, outputs: Any) -> dict[str, torch.Tensor]:
         if isinstance(outputs, dict):
             missing = [h for h in self.heads if h not in outputs]
@@ -121,7 +142,11 @@ class MultiHeadTask(ClassificationTask):
 
     def head_targets(self, targets: Any) -> dict[str, torch.Tensor]:
         if isinstance(targets, dict):
-            return {h: targets[h].long() for h in self.heads}
+            missing = [h for h in self.heads if h not in targets]
+            if missing:
+                raise DataError(f"multihead: the targets have no head(s) {', '.join(missing)} (they have"
+                                f" {', '.join(targets)}); name the heads like the dataset's label columns")
+            return {h: torch.as_tensor(targets[h]).long() for h in self.heads}
         targets = torch.as_tensor(targets)
         if targets.dim() == 1:
             return self.decode(targets.long())
@@ -144,6 +169,16 @@ class MultiHeadTask(ClassificationTask):
             out[h] = rest % size
             rest = rest // size
         return {h: out[h] for h in self.heads}
+
+    def sampling_labels(self, targets: Any, head: str | None = None) -> torch.Tensor:
+        """Each sample's class for balanced sampling: one head's, or (head None) the combined class."""
+        labels = self.head_targets(targets)
+        return labels[head] if head is not None else self.encode(labels)
+
+    def check_head(self, head: str, where: str) -> None:
+        if head not in self.heads:
+            raise ConfigError(f"{where}: '{head}' is not a head of the task{did_you_mean(head, list(self.heads))}"
+                              f" (heads: {', '.join(self.heads)})")
 
     def combined_probs(self, probs: dict[str, torch.Tensor]) -> torch.Tensor:
         """P(combined class) as the product of the heads' probabilities; its argmax is the heads' argmaxes."""
@@ -224,6 +259,10 @@ class MultiHeadTask(ClassificationTask):
         names = super()._monitor_order(metric_names)
         combined = [n for n in names if self.combined and n.startswith(f"{self.combined}/")]
         return combined + [n for n in names if n not in combined]
+
+    def validation_views(self, outputs: Any, targets: Any) -> list[ReportView]:
+        """Each head, then the combined class: a confusion matrix and misclassified inputs for each."""
+        return self.report_views(outputs, targets)
 
     def report_views(self, outputs: Any, targets: Any, class_names: list[str] | None = None) -> list[ReportView]:
         preds, tgts = self.predict(outputs), self.head_targets(targets)

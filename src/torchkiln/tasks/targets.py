@@ -24,20 +24,34 @@ def build_task(spec: Any, where: str = "task"):
     return construct(factory, args, where, f"task '{name}'")
 
 
-def dataset_targets(dataset: Dataset) -> torch.Tensor:
-    """All targets of a dataset (or Subset of one): its `targets` attribute when it has one, else read."""
-    indices = None
-    base = dataset
-    while isinstance(base, Subset):
-        idx = np.asarray(base.indices)
-        indices = idx if indices is None else idx[indices]
-        base = base.dataset
-    values = getattr(base, "targets", None)
-    if values is not None:
-        t = torch.as_tensor(np.asarray(values))
-        return t if indices is None else t[torch.as_tensor(indices, dtype=torch.long)]
+Targets = torch.Tensor | dict[str, torch.Tensor]
+
+
+def dataset_targets(dataset: Dataset) -> Targets:
+    """All targets of a dataset: the stored `head_targets` (a dict by head) or `targets` of it or of a
+    dataset it wraps (Subsets, transform wrappers), else read sample by sample."""
+    stored = _stored_targets(dataset)
+    if stored is not None:
+        return stored
     items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
-    first = items[0]
-    if isinstance(first, dict):
-        return torch.stack([torch.as_tensor(it["target"]) for it in items])
-    return torch.stack([torch.as_tensor(it[1]) for it in items])
+    targets = [it["target"] if isinstance(it, dict) else it[1] for it in items]
+    if isinstance(targets[0], dict):
+        return {k: torch.stack([torch.as_tensor(t[k]) for t in targets]) for k in targets[0]}
+    return torch.stack([torch.as_tensor(t) for t in targets])
+
+
+def _stored_targets(dataset: Dataset) -> Targets | None:
+    if isinstance(dataset, Subset):
+        base = _stored_targets(dataset.dataset)
+        if base is None:
+            return None
+        idx = torch.as_tensor(np.asarray(dataset.indices), dtype=torch.long)
+        return {k: v[idx] for k, v in base.items()} if isinstance(base, dict) else base[idx]
+    heads = getattr(dataset, "head_targets", None)
+    if heads is not None:
+        return {k: torch.as_tensor(np.asarray(v)) for k, v in heads.items()}
+    values = getattr(dataset, "targets", None)
+    if values is not None:
+        return torch.as_tensor(np.asarray(values))
+    inner = getattr(dataset, "dataset", None)
+    return _stored_targets(inner) if isinstance(inner, Dataset) else None
