@@ -237,9 +237,12 @@ def test_combined_class_column_with_balanced_sampler_trains_two_epochs(tmp_path,
 
 def test_class_lists_that_do_not_fit_the_heads_are_refused(tmp_path, heads_csv, cli):
     cfg = mh_config(tmp_path, heads_csv, heads={"mask": 2, "gender": 2, "age": 3})
-    code, _, err = cli("train", "-c", str(write_config(tmp_path, cfg)), "-q")
+    path = write_config(tmp_path, cfg)
+    code, _, err = cli("train", "-c", str(path), "-q")
     assert code == 2
-    assert err.strip().splitlines() == ["error: task.args.heads.mask.classes: 2, but column 'mask' has 3 classes (0, 1, 2)"]
+    assert err.strip().splitlines() == [f"error: {path}: task.args.heads.mask.classes: 2, but column 'mask' has 3"
+                                        " classes (0, 1, 2)"]
+    assert not (tmp_path / "runs").exists()  # refused before anything was made
     # A combined-class column without `classes`: its class indices would skip the absent combined
     # classes (8, 10, 13, 15) and decode into the wrong heads.
     cfg = mh_config(tmp_path, heads_csv, combined_column=True)

@@ -101,9 +101,12 @@ def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterab
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
         return
+    from torchkiln.argtypes import hints_of, mismatch
+
     params = sig.parameters
+    hints = hints_of(factory)
     for key, value in args.items():
-        expected = _expected_type(params[key].default, value) if key in params else None
+        expected = mismatch(params[key], hints.get(key), value) if key in params else None
         if expected is not None:
             raise ConfigError(f"{where}.{key}: expected {expected} for {getattr(factory, '__name__', factory)},"
                               f" found {value!r}")
@@ -116,24 +119,6 @@ def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterab
                 f"{where}.{key}: unknown argument for {getattr(factory, '__name__', factory)}"
                 f"{did_you_mean(key, valid)} (accepted: {', '.join(valid)})"
             )
-
-
-def _expected_type(default: Any, value: Any) -> str | None:
-    """What a config value should have been, judged by the parameter's default, or None when it
-    may be right (None is always accepted: it stands for "not set"). Lists pass where a number is
-    the default: several factories take a number or one per parameter group."""
-    if value is None or default is None or default is inspect.Parameter.empty:
-        return None
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "true or false"
-    if isinstance(default, (int, float)):
-        ok = isinstance(value, (int, float, list, tuple)) and not isinstance(value, bool)
-        return None if ok else "a number"
-    if isinstance(default, str):
-        return None if isinstance(value, str) else "a string"
-    if isinstance(default, tuple):
-        return None if isinstance(value, (list, tuple)) else "a list"
-    return None
 
 
 def _is_class_of(module: str, base: str) -> Callable[[Any], bool]:
