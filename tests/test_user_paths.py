@@ -151,6 +151,12 @@ def test_evaluate_before_fit_leaves_no_inference_tensors(tmp_path):
     trainer.evaluate(loader)
     assert not any(p.is_inference() for p in model.parameters())
     trainer.fit(loader)
+    model2 = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    trainer = Trainer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=1,
+                      progress=False, channels_last=True, device="cpu")
+    assert trainer.predict(loader).shape == (32, 10)  # predict first, then train
+    assert not any(p.is_inference() for p in model2.parameters())
+    trainer.fit(loader)
 
 
 def test_packing_leaves_accelerator_tensors_where_they_are():

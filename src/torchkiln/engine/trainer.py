@@ -611,20 +611,20 @@ class Trainer:
     def test(self, loader: Iterable) -> dict[str, float]:
         return self.evaluate(loader, "test")
 
-    @torch.inference_mode()
     def predict(self, loader: Iterable) -> torch.Tensor | dict[str, torch.Tensor]:
         """Model outputs for every batch, concatenated on the CPU; a model that returns a dict (one
         entry per head) gives a dict of the same keys, each concatenated over the batches."""
-        self._setup()
+        self._setup()  # outside inference_mode (see _evaluate)
         self.model.eval()
         outs = []
         model = distributed.unwrap_ddp(self.model)
-        for batch in loader:
-            batch = move_to(batch, self.device, self.channels_last)
-            with self.stepper.autocast():
-                outputs, _ = self.task.forward(model, batch)
-            outs.append({k: v.float().cpu() for k, v in outputs.items()} if isinstance(outputs, dict)
-                        else outputs.float().cpu())
+        with torch.inference_mode():
+            for batch in loader:
+                batch = move_to(batch, self.device, self.channels_last)
+                with self.stepper.autocast():
+                    outputs, _ = self.task.forward(model, batch)
+                outs.append({k: v.float().cpu() for k, v in outputs.items()} if isinstance(outputs, dict)
+                            else outputs.float().cpu())
         if not outs:
             return torch.empty(0)
         if isinstance(outs[0], dict):

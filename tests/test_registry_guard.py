@@ -1,0 +1,152 @@
+"""Every name torchkiln offers builds from a config on the CLI path, in a fresh `kiln` process.
+
+Two fresh processes: one imports every module of the package and lists every registry's names (all
+that the package offers); the other goes through the CLI first (`kiln config check`), lists the
+names as the CLI path sees them, which must be the same (a name registered only by a module the CLI
+never imports fails here, as FocalLoss once did), and then checks one config per name: datasets,
+models, losses, metrics (for each task kind they apply to), tasks, optimizers, schedulers,
+transforms, samplers and collates.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import ROOT, small_config
+
+pytestmark = pytest.mark.slow
+DRIVER = str(Path(__file__).with_name("registry_driver.py"))
+
+# Arguments for the names that need some (everything else builds with none).
+LOSS_ARGS = {"AdaptiveLogSoftmaxWithLoss": None}  # None: not a loss of (outputs, targets); see below
+SCHEDULER_ARGS = {
+    "StepLR": {"step_size": 1}, "MultiStepLR": {"milestones": [1]}, "ExponentialLR": {"gamma": 0.9},
+    "CosineAnnealingLR": {"T_max": 2}, "CosineAnnealingWarmRestarts": {"T_0": 1},
+    "CyclicLR": {"base_lr": 0.001, "max_lr": 0.01, "cycle_momentum": False}, "OneCycleLR": {"max_lr": 0.01},
+    "LambdaLR": {"lr_lambda": "math:exp"}, "MultiplicativeLR": {"lr_lambda": "math:cos"},
+    "SequentialLR": {"schedulers": [{"type": "LinearLR", "args": {"total_iters": 1}},
+                                    {"type": "ExponentialLR", "args": {"gamma": 0.9}}], "milestones": [1]},
+}
+TRANSFORM_ARGS = {
+    "CenterCrop": {"size": 8}, "RandomCrop": {"size": 8}, "RandomResizedCrop": {"size": 8}, "Resize": {"size": 8},
+    "FiveCrop": {"size": 4}, "TenCrop": {"size": 4}, "Pad": {"padding": 1}, "GaussianBlur": {"kernel_size": 3},
+    "Normalize": {"mean": [0.5], "std": [0.25]}, "RandomAffine": {"degrees": 10}, "RandomRotation": {"degrees": 10},
+    "RandomAdjustSharpness": {"sharpness_factor": 2}, "RandomPosterize": {"bits": 4},
+    "RandomSolarize": {"threshold": 0.5}, "RandomResize": {"min_size": 6, "max_size": 10},
+    "RandomShortestSize": {"min_size": 8}, "ScaleJitter": {"target_size": [8, 8]}, "JPEG": {"quality": 90},
+    "ToDtype": {"dtype": "float32"}, "ConvertImageDtype": {"dtype": "float32"},
+    "RandomApply": {"transforms": [{"type": "RandomInvert"}]}, "RandomChoice": {"transforms": [{"type": "RandomInvert"}]},
+    "RandomOrder": {"transforms": [{"type": "RandomInvert"}]}, "Compose": {"transforms": [{"type": "RandomInvert"}]},
+    "Lambda": {"lambd": "torch:neg"}, "UniformTemporalSubsample": {"num_samples": 2},
+    "ConvertBoundingBoxFormat": {"format": "XYXY"}, "LinearTransformation": {
+        "transformation_matrix": np.eye(64).tolist(), "mean_vector": [0.0] * 64},
+    "CutMix": {"num_classes": 10}, "MixUp": {"num_classes": 10}, "SetClampingMode": {"clamping_mode": "soft"},
+}
+TASK_DATA = {  # a data set of each task kind
+    "classification": {"type": "Digits"}, "multilabel": {"type": "DigitsMultiLabel"},
+    "regression": {"type": "DigitsRegression"}, "ranking": {"type": "DigitsRanking"},
+}
+KIND_TASK = {"multiclass": "classification", "multilabel": "multilabel", "regression": "regression",
+             "ranking": "ranking"}
+MULTIHEAD = {"type": "multihead", "args": {"heads": {"digit": 10, "parity": 2}}}
+
+
+def _files(tmp: Path) -> dict[str, dict]:
+    """Small data on disk for the file-backed datasets."""
+    for split_class in ("a", "b"):
+        (tmp / "folder" / split_class).mkdir(parents=True, exist_ok=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp / "folder" / split_class / f"{i}.png")
+    rows = ["image,label"] + [f"folder/{c}/{i}.png,{c}" for c in ("a", "b") for i in range(6)]
+    (tmp / "images.csv").write_text("\n".join(rows) + "\n")
+    np.savez(tmp / "data.npz", x=np.random.default_rng(0).normal(size=(40, 4)).astype("float32"),
+             y=np.arange(40) % 2)
+    return {
+        "ImageFolder": {"root": str(tmp / "folder")},
+        "CsvImages": {"csv_file": str(tmp / "images.csv")},
+        "TensorFile": {"path": str(tmp / "data.npz")},
+    }
+
+
+def _cfg(tmp: Path, **sections) -> dict:
+    base = small_config(tmp, model={"type": "MLP", "args": {"hidden": [8]}},
+                        trainer={"epochs": 1}, logging={"progress": False})
+    base["model"]["args"].pop("num_classes", None)  # from the data
+    for key, value in sections.items():
+        base[key] = value
+    return base
+
+
+def _configs(tmp: Path, offered: dict[str, list[str]]) -> list[tuple[str, dict]]:
+    files = _files(tmp)
+    out: list[tuple[str, dict]] = [("default", _cfg(tmp))]
+    digits = _cfg(tmp)["data"]
+    for name in offered["dataset"]:
+        data = {**digits, "dataset": {"type": name, "args": files.get(name, {})}}
+        task = {"DigitsMultiLabel": "multilabel", "DigitsRegression": "regression", "DigitsRanking": "ranking",
+                "DigitsMultiHead": MULTIHEAD}.get(name, "classification")
+        out.append((f"dataset {name}", _cfg(tmp, data=data, task=task, metrics=[])))
+    for name in offered["model"]:
+        out.append((f"model {name}", _cfg(tmp, model={"type": name})))
+    out.append(("model timm:resnet18", _cfg(tmp, model={"type": "timm:resnet18", "args": {"in_chans": 1}})))
+    out.append(("model torchvision:resnet18", _cfg(tmp, model={"type": "torchvision:resnet18"})))
+    for name in offered["loss"]:
+        out.append((f"loss {name}", _cfg(tmp, loss={"type": name, "args": LOSS_ARGS.get(name) or {}})))
+    for name in offered["optimizer"]:
+        out.append((f"optimizer {name}", _cfg(tmp, optimizer={"type": name, "args": {"lr": 0.01}})))
+    for name in offered["scheduler"]:
+        out.append((f"scheduler {name}", _cfg(tmp, scheduler={"type": name, "args": SCHEDULER_ARGS.get(name, {})})))
+    from torchkiln.metrics import _TABLE  # the task kinds each metric name is registered for
+
+    for name in offered["metric"]:
+        for kind in _TABLE[name]:
+            task = KIND_TASK[kind]
+            data = {**digits, "dataset": TASK_DATA[task]}
+            out.append((f"metric {name} ({task})", _cfg(tmp, task=task, data=data, metrics=[name])))
+    for name in offered["task"]:
+        if name == "multihead":
+            data = {**digits, "dataset": {"type": "DigitsMultiHead"}}
+            out.append(("task multihead", _cfg(tmp, task=MULTIHEAD, data=data, metrics=[])))
+        else:
+            out.append((f"task {name}", _cfg(tmp, task=name, data={**digits, "dataset": TASK_DATA[name]}, metrics=[])))
+    for name in offered["transform"]:
+        step = {"type": name, "args": TRANSFORM_ARGS.get(name, {})}
+        data = {**digits, "transforms": {"train": [step], "eval": []}}
+        out.append((f"transform {name}", _cfg(tmp, data=data)))
+    for name in offered["collate"]:
+        out.append((f"collate {name}", _cfg(tmp, data={**digits, "collate": {"type": name}})))
+    for name in ("default", "balanced"):
+        out.append((f"sampler {name}", _cfg(tmp, data={**digits, "sampler": name})))
+    return out
+
+
+def test_every_offered_name_builds_from_a_config_on_the_cli_path(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    listed = subprocess.run([sys.executable, DRIVER, "names"], capture_output=True, text=True, env=env,
+                            timeout=300, check=True)
+    offered = json.loads(listed.stdout.strip().splitlines()[-1])
+    configs = []
+    for i, (label, cfg) in enumerate(_configs(tmp_path, offered)):
+        path = tmp_path / f"c{i:03d}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        configs.append({"label": label, "path": str(path)})
+    (tmp_path / "configs.json").write_text(json.dumps(configs))
+    proc = subprocess.run([sys.executable, DRIVER, "cli", str(tmp_path / "names.json"), str(tmp_path / "configs.json")],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    on_cli_path = json.loads((tmp_path / "names.json").read_text())
+    for kind, names in offered.items():
+        missing = sorted(set(names) - set(on_cli_path.get(kind, [])))
+        assert not missing, f"{kind} names registered only off the CLI path: {missing}"
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed = [f"{c['label']}: {r['code']} {r['error']}" for c, r in zip(configs, results) if r["code"] != 0]
+    assert not failed, "\n".join(failed)
+    assert len(results) > 200
