@@ -4,7 +4,13 @@ One name means the same quantity for every task kind that has it: `f1_macro` is 
 MulticlassF1Score for classification and a MultilabelF1Score for multi-label. `name@k` sets
 `top_k` (`ndcg@10`, `hit_rate@5`, `accuracy@5`). Per-class metrics (`*_per_class`) and
 `confusion_matrix` are not scalars: the Trainer logs per-class vectors as `name/<i>` and leaves
-matrices to the reports.
+matrices to the reports. Common names are accepted too: `roc_auc` (= `auroc`), and `f1`, `precision`,
+`recall`: the binary scores of class 1 for a two-class model (scikit-learn's defaults).
+
+Regression metrics keep float64 states (targets with a large offset lose digits in float32 sums);
+`rmse` of several targets is the mean of the per-target RMSEs, as in scikit-learn. Ranking metrics
+are torchkiln's (torchkiln.retrieval): float64 scores, and ties scored as the expected value over
+the tied items' orders, so the result does not depend on the order or batching of the samples.
 """
 
 from __future__ import annotations
@@ -13,15 +19,16 @@ import importlib
 import inspect
 from typing import Any
 
+import torch
 from torchmetrics import Metric, MetricCollection
 
-from torchkiln.errors import ConfigError
+from torchkiln.errors import ConfigError, did_you_mean
 from torchkiln.registry import METRICS, check_args, construct
 
 KINDS = ("multiclass", "multilabel", "regression", "ranking")
 _TABLE: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
 
-C, R, T = "torchmetrics.classification", "torchmetrics.regression", "torchmetrics.retrieval"
+C, R = "torchmetrics.classification", "torchmetrics.regression"
 
 
 def _cls(path: str) -> type[Metric]:
@@ -45,6 +52,8 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
         cls = _cls(path)
         params = inspect.signature(cls.__init__).parameters
         kw = {**fixed, **args}
+        if "num_targets" in params and num_classes is not None:
+            kw["num_targets"] = num_classes  # regression: the task passes its number of targets
         for key in ("num_classes", "num_labels"):
             if key in params:
                 if num_classes is None:
@@ -56,7 +65,10 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
             if "top_k" not in params:
                 raise ConfigError(f"metrics: '{name}' has no top_k (no '@k' form)")
             kw["top_k"] = top_k
-        return construct(cls, kw, "metrics", f"'{name}' for a {kind} task")
+        metric = construct(cls, kw, "metrics", f"'{name}' for a {kind} task")
+        if kind == "regression":
+            metric.set_dtype(torch.float64)
+        return metric
 
     factory.__name__ = name
     METRICS.register(factory, name=name)
@@ -73,8 +85,9 @@ _CM = "torchkiln.confusion:ConfusionMetric"
 _register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro"}),
           multilabel=(f"{C}:MultilabelAccuracy", {"average": "micro"}),  # label-wise (1 - Hamming loss)
           fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})})
-_register("balanced_accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "macro"}),
-          fast={"multiclass": (_CM, {"stat": "recall", "average": "macro"})})
+# scikit-learn's: mean recall over the classes in the targets (torchmetrics' macro accuracy also
+# counts a class that is only predicted)
+_register("balanced_accuracy", multiclass=(_CM, {"stat": "balanced_accuracy", "average": "macro"}))
 for _k in (2, 3, 5):
     _register(f"top{_k}_accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro", "top_k": _k}))
 _register("exact_match", multilabel=(f"{C}:MultilabelExactMatch", {}))  # sklearn's accuracy_score
@@ -84,8 +97,11 @@ for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted
         _register(f"{_name}_{_avg}", multiclass=(f"{C}:Multiclass{_stem}", {"average": _tm}),
                   multilabel=(f"{C}:Multilabel{_stem}", {"average": _tm}),
                   fast={"multiclass": (_CM, {"stat": _name, "average": _tm})})
-_register("auroc", multiclass=(f"{C}:MulticlassAUROC", {"average": "macro"}),
-          multilabel=(f"{C}:MultilabelAUROC", {"average": "macro"}))
+for _name in ("f1", "precision", "recall"):  # binary: class 1 of two, like scikit-learn's default
+    _register(_name, multiclass=(_CM, {"stat": _name, "average": "binary"}))
+for _name in ("auroc", "roc_auc"):  # for two classes, macro over both = the binary ROC-AUC
+    _register(_name, multiclass=(f"{C}:MulticlassAUROC", {"average": "macro"}),
+              multilabel=(f"{C}:MultilabelAUROC", {"average": "macro"}))
 _register("average_precision", multiclass=(f"{C}:MulticlassAveragePrecision", {"average": "macro"}),
           multilabel=(f"{C}:MultilabelAveragePrecision", {"average": "macro"}))
 _register("confusion_matrix", multiclass=(f"{C}:MulticlassConfusionMatrix", {}),
@@ -94,16 +110,13 @@ _register("confusion_matrix", multiclass=(f"{C}:MulticlassConfusionMatrix", {}),
 # -- regression --------------------------------------------------------------------------------
 _register("mae", regression=(f"{R}:MeanAbsoluteError", {}))
 _register("mse", regression=(f"{R}:MeanSquaredError", {}))
-_register("rmse", regression=(f"{R}:MeanSquaredError", {"squared": False}))
+_register("rmse", regression=("torchkiln.regression_metrics:PerTargetRMSE", {}))
 _register("r2", regression=(f"{R}:R2Score", {}))
 
-# -- ranking (grouped by query id; a query without a relevant item scores 0) -------------------
-_register("mrr", ranking=(f"{T}:RetrievalMRR", {}))
-_register("ndcg", ranking=(f"{T}:RetrievalNormalizedDCG", {}))
-_register("map", ranking=(f"{T}:RetrievalMAP", {}))
-_register("hit_rate", ranking=(f"{T}:RetrievalHitRate", {}))
-_register("precision_at", ranking=(f"{T}:RetrievalPrecision", {}))
-_register("recall_at", ranking=(f"{T}:RetrievalRecall", {}))
+# -- ranking (grouped by query id; a query without a relevant item scores 0; ties: expected value) --
+for _name, _measure in (("mrr", "mrr"), ("ndcg", "ndcg"), ("map", "map"), ("hit_rate", "hit_rate"),
+                        ("precision_at", "precision"), ("recall_at", "recall")):
+    _register(_name, ranking=("torchkiln.retrieval:RankingMetric", {"measure": _measure}))
 
 
 def parse_name(name: str, where: str = "metrics") -> tuple[str, int | None]:
@@ -134,7 +147,7 @@ def metric_dict(specs: list[str | dict[str, Any]], num_classes: int | None, kind
     for i, spec in enumerate(specs):
         name, args = _spec(spec)
         base, top_k = parse_name(name, f"{where}.{i}")
-        factory = METRICS.get(base, where=f"{where}.{i}")
+        factory = _factory(base, f"{where}.{i}", kind)
         if ":" in name:  # a user's torchmetrics.Metric class by import path
             metric = factory(**args)
             key = name.rpartition(":")[2]
@@ -145,11 +158,21 @@ def metric_dict(specs: list[str | dict[str, Any]], num_classes: int | None, kind
     return metrics
 
 
+def _factory(base: str, where: str, kind: str | None = None):
+    """The registered factory of a metric name; an unknown name is refused with the valid ones."""
+    if ":" not in base and base not in METRICS.names():
+        valid = names_for(kind) if kind in KINDS else METRICS.names()
+        what = f"metrics for a {kind} task" if kind in KINDS else "metric names"
+        raise ConfigError(f"{where}: unknown metric '{base}'{did_you_mean(base, valid)} ({what}: {', '.join(valid)};"
+                          " or an import path 'package.module:Name')")
+    return METRICS.get(base, where=where)
+
+
 def check_metric_specs(specs: list[str | dict[str, Any]], where: str = "metrics") -> None:
     for i, spec in enumerate(specs):
         name, args = _spec(spec)
         base, _ = parse_name(name, f"{where}.{i}")
-        factory = METRICS.get(base, where=f"{where}.{i}")
+        factory = _factory(base, f"{where}.{i}")
         if ":" in name:
             check_args(factory, args, f"{where}.{i}.args")
 
