@@ -36,12 +36,15 @@ def _cls(path: str) -> type[Metric]:
     return getattr(importlib.import_module(module), name)
 
 
-def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = None,
+def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = None, top_k: str | None = None,
               **kinds: tuple[str, dict[str, Any]]) -> None:
-    """`kinds` maps a task kind to ('module:Class', fixed keyword arguments); `fast`, by kind, a
-    cheaper class for the same quantity, used when the metric is asked for without arguments."""
+    """`kinds` maps a task kind to ('module:Class', fixed keyword arguments); `fast`, by kind, the
+    class used when the metric is asked for without arguments (cheaper, or torchkiln's convention
+    where torchmetrics' differs); with arguments or top_k, the metric is the `kinds` class, or the
+    `top_k` class ('module:Class') for a multi-class '@k' form."""
     _TABLE[name] = kinds
     fast = fast or {}
+    top_k_cls = top_k
 
     def factory(num_classes: int | None = None, kind: str = "multiclass", threshold: float = 0.5,
                 top_k: int | None = None, **args: Any) -> Metric:
@@ -49,6 +52,8 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
             raise ConfigError(f"metrics: '{name}' does not apply to a {kind} task; it is for"
                               f" {', '.join(kinds)} (metrics for {kind}: {', '.join(names_for(kind))})")
         path, fixed = fast[kind] if kind in fast and not args and top_k is None else kinds[kind]
+        if top_k is not None and top_k_cls is not None and kind == "multiclass":
+            path, fixed = top_k_cls, {}
         cls = _cls(path)
         params = inspect.signature(cls.__init__).parameters
         kw = {**fixed, **args}
@@ -82,14 +87,15 @@ def names_for(kind: str) -> list[str]:
 # Single-label accuracy, precision, recall and F1 come from one confusion matrix (torchkiln.confusion,
 # one bincount per update); with arguments (torchmetrics' ignore_index, ...) or top_k, torchmetrics'.
 _CM = "torchkiln.confusion:ConfusionMetric"
+# accuracy@k and topK_accuracy: torchkiln.topk (tied scores: the lower class index first, as argmax)
 _register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro"}),
           multilabel=(f"{C}:MultilabelAccuracy", {"average": "micro"}),  # label-wise (1 - Hamming loss)
-          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})})
+          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})}, top_k="torchkiln.topk:TopKAccuracy")
 # scikit-learn's: mean recall over the classes in the targets (torchmetrics' macro accuracy also
 # counts a class that is only predicted)
 _register("balanced_accuracy", multiclass=(_CM, {"stat": "balanced_accuracy", "average": "macro"}))
 for _k in (2, 3, 5):
-    _register(f"top{_k}_accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro", "top_k": _k}))
+    _register(f"top{_k}_accuracy", multiclass=("torchkiln.topk:TopKAccuracy", {"top_k": _k}))
 _register("exact_match", multilabel=(f"{C}:MultilabelExactMatch", {}))  # sklearn's accuracy_score
 _register("hamming_loss", multilabel=(f"{C}:MultilabelHammingDistance", {"average": "micro"}))
 for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted"), ("per_class", "none")):
@@ -99,11 +105,18 @@ for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted
                   fast={"multiclass": (_CM, {"stat": _name, "average": _tm})})
 for _name in ("f1", "precision", "recall"):  # binary: class 1 of two, like scikit-learn's default
     _register(_name, multiclass=(_CM, {"stat": _name, "average": "binary"}))
-for _name in ("auroc", "roc_auc"):  # for two classes, macro over both = the binary ROC-AUC
+# AUROC / AP: the macro mean over the classes where they are defined (torchkiln.curve_metrics); with
+# arguments, torchmetrics' (which counts an undefined class as 0). For two classes, the macro
+# AUROC over both is the binary ROC-AUC.
+_CURVES = "torchkiln.curve_metrics"
+for _name in ("auroc", "roc_auc"):
     _register(_name, multiclass=(f"{C}:MulticlassAUROC", {"average": "macro"}),
-              multilabel=(f"{C}:MultilabelAUROC", {"average": "macro"}))
+              multilabel=(f"{C}:MultilabelAUROC", {"average": "macro"}),
+              fast={"multiclass": (f"{_CURVES}:MacroAUROC", {}), "multilabel": (f"{_CURVES}:MultilabelMacroAUROC", {})})
 _register("average_precision", multiclass=(f"{C}:MulticlassAveragePrecision", {"average": "macro"}),
-          multilabel=(f"{C}:MultilabelAveragePrecision", {"average": "macro"}))
+          multilabel=(f"{C}:MultilabelAveragePrecision", {"average": "macro"}),
+          fast={"multiclass": (f"{_CURVES}:MacroAveragePrecision", {}),
+                "multilabel": (f"{_CURVES}:MultilabelMacroAveragePrecision", {})})
 _register("confusion_matrix", multiclass=(f"{C}:MulticlassConfusionMatrix", {}),
           multilabel=(f"{C}:MultilabelConfusionMatrix", {}))
 
@@ -111,7 +124,9 @@ _register("confusion_matrix", multiclass=(f"{C}:MulticlassConfusionMatrix", {}),
 _register("mae", regression=(f"{R}:MeanAbsoluteError", {}))
 _register("mse", regression=(f"{R}:MeanSquaredError", {}))
 _register("rmse", regression=("torchkiln.regression_metrics:PerTargetRMSE", {}))
-_register("r2", regression=(f"{R}:R2Score", {}))
+# r2: scikit-learn's, stable at any offset and spread (torchmetrics' R2Score treats a total sum of
+# squares below 1e-4 as 0 and scores 0); with arguments (adjusted, multioutput), torchmetrics'.
+_register("r2", regression=(f"{R}:R2Score", {}), fast={"regression": ("torchkiln.regression_metrics:R2", {})})
 
 # -- ranking (grouped by query id; a query without a relevant item scores 0; ties: expected value) --
 for _name, _measure in (("mrr", "mrr"), ("ndcg", "ndcg"), ("map", "map"), ("hit_rate", "hit_rate"),
