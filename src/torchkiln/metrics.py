@@ -31,6 +31,11 @@ _TABLE: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
 C, R = "torchmetrics.classification", "torchmetrics.regression"
 
 
+class ClassCountError(ConfigError):
+    """A metric that does not fit the model's class count (binary `f1` for ten classes, top-5 of
+    three): the config check, which knows no class count yet, leaves it to the real build."""
+
+
 def _cls(path: str) -> type[Metric]:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -57,6 +62,7 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
         cls = _cls(path)
         params = inspect.signature(cls.__init__).parameters
         kw = {**fixed, **args}
+        _check_class_count(name, num_classes, kw.get("average"), top_k or kw.get("top_k"))
         if "num_targets" in params and num_classes is not None:
             kw["num_targets"] = num_classes  # regression: the task passes its number of targets
         for key in ("num_classes", "num_labels"):
@@ -77,6 +83,16 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
 
     factory.__name__ = name
     METRICS.register(factory, name=name)
+
+
+def _check_class_count(name: str, num_classes: int | None, average: Any, top_k: int | None) -> None:
+    if num_classes is None:
+        return
+    if average == "binary" and num_classes != 2:
+        raise ClassCountError(f"metrics: '{name}' is the binary score of class 1 of two classes; this model has"
+                              f" {num_classes} (use {name}_macro, {name}_micro or {name}_weighted)")
+    if isinstance(top_k, int) and top_k > num_classes:
+        raise ClassCountError(f"metrics: '{name}' needs at least {top_k} classes; this model has {num_classes}")
 
 
 def names_for(kind: str) -> list[str]:
@@ -183,11 +199,11 @@ def _factory(base: str, where: str, kind: str | None = None):
     return METRICS.get(base, where=where)
 
 
-def check_metric_specs(specs: list[str | dict[str, Any]], where: str = "metrics") -> None:
+def check_metric_specs(specs: list[str | dict[str, Any]], where: str = "metrics", kind: str | None = None) -> None:
     for i, spec in enumerate(specs):
         name, args = _spec(spec)
         base, _ = parse_name(name, f"{where}.{i}")
-        factory = _factory(base, f"{where}.{i}")
+        factory = _factory(base, f"{where}.{i}", kind)
         if ":" in name:
             check_args(factory, args, f"{where}.{i}.args")
 
