@@ -338,3 +338,55 @@ def test_unknown_metric_lists_the_valid_names():
 
     assert f"metrics for a multiclass task: {', '.join(names_for('multiclass'))};" in message
     assert "\n" not in message
+
+
+def _sync_cases():
+    """(task, names, outputs, targets, num_classes) covering torchkiln's own metric classes."""
+    g = torch.Generator().manual_seed(11)
+    y = torch.randint(0, 4, (90,), generator=g)
+    logits = torch.randint(-2, 3, (90, 4), generator=g).float()
+    reg_y = 1e3 + torch.randn(90, 2, generator=g)
+    scores, rel, groups = _ranking_data(12, ties=True)
+    return [
+        (ClassificationTask(), ["balanced_accuracy", "f1_macro", "auroc", "average_precision", "accuracy@2"],
+         logits, y, 4),
+        (RegressionTask(targets=2), ["r2", "rmse", "mse"], reg_y + torch.randn(90, 2, generator=g), reg_y, None),
+        (RankingTask(), ["ndcg@3", "map", "mrr", "hit_rate@2", "precision_at@2", "recall_at"], scores,
+         (rel, groups), None),
+    ]
+
+
+def _part(targets, sl):
+    return tuple(t[sl] for t in targets) if isinstance(targets, tuple) else targets[sl]
+
+
+def _sync_worker(rank: int, world: int, out: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world)
+    results = []
+    for task, names, outputs, targets, c in _sync_cases():
+        metrics = task.build_metrics(names, c)
+        share = slice(0, 31) if rank == 0 else slice(31, None)  # uneven shares
+        task.update_metrics(metrics, outputs[share], _part(targets, share))
+        results.append({k: float(v) for k, v in metrics.compute().items()})
+    if rank == 0:
+        Path(out, "synced.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_own_metric_classes_sync_across_processes(tmp_path):
+    """Two gloo processes with uneven shares compute what one process computes over all samples."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    synced = json.loads((tmp_path / "synced.json").read_text())
+    for (task, names, outputs, targets, c), got in zip(_sync_cases(), synced):
+        want = epoch(task, names, outputs, targets, c)
+        for name in names:
+            assert got[name] == pytest.approx(float(want[name]), abs=1e-6), name

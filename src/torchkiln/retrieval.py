@@ -61,7 +61,7 @@ class RankingMetric(Metric):
         self.indexes.append(indexes.detach().long())
 
     def compute(self) -> Tensor:
-        if not self.preds:
+        if isinstance(self.preds, list) and not self.preds:  # (after a DDP sync, the states are tensors)
             return torch.tensor(0.0)
         scores, rel, query = dim_zero_cat(self.preds), dim_zero_cat(self.target), dim_zero_cat(self.indexes)
         return ranking_score(scores, rel, query, self.measure, self.top_k).float()
