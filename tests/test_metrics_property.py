@@ -28,6 +28,7 @@ from torchkiln.tasks import ClassificationTask, MultiLabelTask, RankingTask, Reg
 SETTINGS = settings(max_examples=int(os.environ.get("KILN_PROPERTY_EXAMPLES", "40")), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 REGIMES = ("normal", "ties", "very_negative", "very_large")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:sklearn")  # the references' ill-defined cases
 
 
 def scores(rng: np.random.Generator, shape, regime: str) -> np.ndarray:

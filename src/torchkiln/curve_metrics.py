@@ -9,6 +9,8 @@ the classes where the score is defined; 0 when there is none.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 from torchmetrics.classification import (
@@ -25,6 +27,13 @@ def _defined_mean(per_class: Tensor, positives: Tensor, negatives: Tensor, need_
     if not bool(defined.any()):
         return torch.zeros((), device=per_class.device)
     return per_class[defined].double().mean().float()
+
+
+def _per_class(metric, cls) -> Tensor:
+    """torchmetrics' per-class scores, without its warnings about the classes left out here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"No (positive|negative) samples")
+        return super(cls, metric).compute()
 
 
 def _multiclass_counts(metric, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -51,7 +60,7 @@ class MacroAUROC(MulticlassAUROC):
         super().__init__(num_classes=num_classes, average="none", thresholds=None, **kwargs)
 
     def compute(self) -> Tensor:
-        return _defined_mean(super().compute(), *_multiclass_counts(self, self.num_classes), need_negatives=True)
+        return _defined_mean(_per_class(self, MacroAUROC), *_multiclass_counts(self, self.num_classes), need_negatives=True)
 
 
 class MacroAveragePrecision(MulticlassAveragePrecision):
@@ -61,7 +70,8 @@ class MacroAveragePrecision(MulticlassAveragePrecision):
         super().__init__(num_classes=num_classes, average="none", thresholds=None, **kwargs)
 
     def compute(self) -> Tensor:
-        return _defined_mean(super().compute(), *_multiclass_counts(self, self.num_classes), need_negatives=False)
+        return _defined_mean(_per_class(self, MacroAveragePrecision), *_multiclass_counts(self, self.num_classes),
+                             need_negatives=False)
 
 
 class MultilabelMacroAUROC(MultilabelAUROC):
@@ -71,7 +81,7 @@ class MultilabelMacroAUROC(MultilabelAUROC):
         super().__init__(num_labels=num_labels, average="none", thresholds=None, **kwargs)
 
     def compute(self) -> Tensor:
-        return _defined_mean(super().compute(), *_multilabel_counts(self), need_negatives=True)
+        return _defined_mean(_per_class(self, MultilabelMacroAUROC), *_multilabel_counts(self), need_negatives=True)
 
 
 class MultilabelMacroAveragePrecision(MultilabelAveragePrecision):
@@ -81,4 +91,5 @@ class MultilabelMacroAveragePrecision(MultilabelAveragePrecision):
         super().__init__(num_labels=num_labels, average="none", thresholds=None, **kwargs)
 
     def compute(self) -> Tensor:
-        return _defined_mean(super().compute(), *_multilabel_counts(self), need_negatives=False)
+        return _defined_mean(_per_class(self, MultilabelMacroAveragePrecision), *_multilabel_counts(self),
+                             need_negatives=False)
