@@ -41,15 +41,14 @@ def _cls(path: str) -> type[Metric]:
     return getattr(importlib.import_module(module), name)
 
 
-def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = None, top_k: str | None = None,
+def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = None, top_k_class: str | None = None,
               **kinds: tuple[str, dict[str, Any]]) -> None:
     """`kinds` maps a task kind to ('module:Class', fixed keyword arguments); `fast`, by kind, the
     class used when the metric is asked for without arguments (cheaper, or torchkiln's convention
-    where torchmetrics' differs); with arguments or top_k, the metric is the `kinds` class, or the
-    `top_k` class ('module:Class') for a multi-class '@k' form."""
+    where torchmetrics' differs); with arguments or top_k, the metric is the `kinds` class, or
+    `top_k_class` ('module:Class') for a multi-class '@k' form."""
     _TABLE[name] = kinds
     fast = fast or {}
-    top_k_cls = top_k
 
     def factory(num_classes: int | None = None, kind: str = "multiclass", threshold: float = 0.5,
                 top_k: int | None = None, **args: Any) -> Metric:
@@ -57,8 +56,8 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
             raise ConfigError(f"metrics: '{name}' does not apply to a {kind} task; it is for"
                               f" {', '.join(kinds)} (metrics for {kind}: {', '.join(names_for(kind))})")
         path, fixed = fast[kind] if kind in fast and not args and top_k is None else kinds[kind]
-        if top_k is not None and top_k_cls is not None and kind == "multiclass":
-            path, fixed = top_k_cls, {}
+        if top_k is not None and top_k_class is not None and kind == "multiclass":
+            path, fixed = top_k_class, {}
         cls = _cls(path)
         params = inspect.signature(cls.__init__).parameters
         kw = {**fixed, **args}
@@ -106,7 +105,7 @@ _CM = "torchkiln.confusion:ConfusionMetric"
 # accuracy@k and topK_accuracy: torchkiln.topk (tied scores: the lower class index first, as argmax)
 _register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro"}),
           multilabel=(f"{C}:MultilabelAccuracy", {"average": "micro"}),  # label-wise (1 - Hamming loss)
-          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})}, top_k="torchkiln.topk:TopKAccuracy")
+          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})}, top_k_class="torchkiln.topk:TopKAccuracy")
 # scikit-learn's: mean recall over the classes in the targets (torchmetrics' macro accuracy also
 # counts a class that is only predicted)
 _register("balanced_accuracy", multiclass=(_CM, {"stat": "balanced_accuracy", "average": "macro"}))

@@ -28,7 +28,8 @@ class RankingTask(Task):
 
     Relevance may be graded (0, 1, 2, ...): NDCG uses the grades, MRR / MAP / hit rate count
     relevance > 0 as relevant. Metrics gather every sample of the epoch and group them by query id,
-    so a query split across batches is still scored as one list. Listwise losses (`grouped = True`,
+    so a query split across batches is still scored as one list; tied scores give the expected
+    value over the tied items' orders (torchkiln.retrieval). Listwise losses (`grouped = True`,
     like ListNetLoss) get (scores, relevance, query_id); others get (scores, relevance).
     """
 
