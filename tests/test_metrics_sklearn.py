@@ -126,7 +126,8 @@ def test_regression_metrics_equal_sklearn(outputs):
     yt, yp = y.numpy(), pred.numpy().reshape(y.shape)
     assert got["mae"] == pytest.approx(skm.mean_absolute_error(yt, yp), rel=1e-5)
     assert got["mse"] == pytest.approx(skm.mean_squared_error(yt, yp), rel=1e-5)
-    assert got["rmse"] == pytest.approx(np.sqrt(skm.mean_squared_error(yt, yp)), rel=1e-5)
+    # several targets: the mean of the per-target RMSEs, scikit-learn's uniform_average
+    assert got["rmse"] == pytest.approx(skm.root_mean_squared_error(yt, yp), rel=1e-5)
     assert got["r2"] == pytest.approx(skm.r2_score(yt, yp), rel=1e-5)
 
 
@@ -226,3 +227,166 @@ def test_confusion_metrics_leave_out_ignored_targets_and_refuse_foreign_ones():
     assert type(built["f1_macro"]).__name__ == "ConfusionMetric"
     assert type(build_metrics([{"type": "f1_macro", "args": {"ignore_index": 0}}], 4)["f1_macro"]).__name__ \
         == "MulticlassF1Score"
+
+
+def test_balanced_accuracy_ignores_a_class_only_predicted():
+    """scikit-learn: the mean recall over the classes in the targets (a class predicted but absent
+    from the targets has no recall); torchmetrics' macro accuracy counted it as 0 (0.50)."""
+    y, pred = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2, 1, 1])
+    got = epoch(ClassificationTask(), ["balanced_accuracy"], torch.nn.functional.one_hot(pred, 3).float(), y, 3)
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred)) == 0.75
+    # with torchmetrics-style arguments it is still scikit-learn's quantity
+    built = build_metrics([{"type": "balanced_accuracy", "args": {"ignore_index": 1}}], 3)
+    built.update(pred, y)
+    assert float(built.compute()["balanced_accuracy"]) == pytest.approx(skm.balanced_accuracy_score([0, 0], [0, 2]))
+
+
+def test_ranking_metrics_with_very_negative_scores():
+    """Log-likelihoods near -150 underflowed through exp in float32: MRR 0, NDCG wrong."""
+    scores, rel, groups = _ranking_data(7)
+    names = ["mrr", "ndcg", "map", "hit_rate@2", "precision_at@3", "recall_at@3"]
+    shifted = epoch(RankingTask(), names, scores - 150, (rel, groups))
+    plain = epoch(RankingTask(), names, scores, (rel, groups))
+    queries = list(_per_query(scores, rel, groups))
+    assert shifted["mrr"] == pytest.approx(np.mean([_mrr(s, r) for s, r in queries]), abs=1e-6)
+    assert shifted["ndcg"] == pytest.approx(np.mean([_ndcg(s, r) for s, r in queries]), abs=1e-6)
+    for name in names:
+        assert shifted[name] == pytest.approx(plain[name], abs=1e-7), name
+    huge = epoch(RankingTask(), names, scores * 1e30, (rel, groups))  # no overflow either
+    for name in names:
+        assert huge[name] == pytest.approx(plain[name], abs=1e-7), name
+
+
+def _expected_over_tied_orders(s, r, measure):
+    """The reference convention, by brute force: the mean over every order of the scores that
+    sorts them from high to low (ties in every order, all equally likely)."""
+    import itertools
+
+    values = []
+    for perm in itertools.permutations(range(len(s))):
+        if all(s[perm[i]] >= s[perm[i + 1]] for i in range(len(perm) - 1)):
+            values.append(measure(np.asarray(r)[list(perm)]))
+    return float(np.mean(values))
+
+
+def _rr(ranked):
+    hits = np.nonzero(ranked > 0)[0]
+    return 1.0 / (hits[0] + 1) if len(hits) else 0.0
+
+
+def _ap(ranked):
+    hits = np.nonzero(ranked > 0)[0]
+    return float(np.mean([(i + 1) / (p + 1) for i, p in enumerate(hits)])) if len(hits) else 0.0
+
+
+def test_mrr_and_map_with_ties_are_the_expected_value_and_ignore_sample_order():
+    """Tied scores: the expected value over the tied items' orders; shuffling samples or changing
+    the batch split gives the same numbers (torchmetrics' answer depended on arrival order)."""
+    g = torch.Generator().manual_seed(8)
+    groups = torch.arange(30).repeat_interleave(5)
+    rel = (torch.rand(150, generator=g) < 0.35).float()
+    scores = torch.randint(0, 2, (150,), generator=g).float()  # heavy ties
+    queries = [(scores[groups == q].numpy(), rel[groups == q].numpy()) for q in range(30)]
+    want = {"mrr": np.mean([_expected_over_tied_orders(s, r, _rr) for s, r in queries]),
+            "map": np.mean([_expected_over_tied_orders(s, r, _ap) for s, r in queries])}
+    results = []
+    for seed in range(3):
+        perm = torch.randperm(150, generator=torch.Generator().manual_seed(seed))
+        results.append(epoch(RankingTask(), ["mrr", "map"], scores[perm], (rel[perm], groups[perm])))
+    one = RankingTask().build_metrics(["mrr", "map"], None)
+    RankingTask().update_metrics(one, scores, (rel, groups))  # one batch, original order
+    results.append({k: v.numpy() for k, v in one.compute().items()})
+    for got in results:
+        assert got["mrr"] == pytest.approx(want["mrr"], abs=1e-6)
+        assert got["map"] == pytest.approx(want["map"], abs=1e-6)
+        assert got == results[0]
+
+
+def test_r2_keeps_its_digits_on_targets_with_a_large_offset():
+    """float32 running sums drifted ~1e-4 on targets near 100 (1.8e-2 near 1000)."""
+    g = torch.Generator().manual_seed(9)
+    for offset in (1e2, 1e3, 1e4):
+        y = offset + torch.randn(1200, generator=g)
+        pred = y + 0.3 * torch.randn(1200, generator=g)
+        got = epoch(RegressionTask(), ["r2", "mse", "rmse", "mae"], pred, y)
+        yt, yp = y.double().numpy(), pred.double().numpy()
+        assert got["r2"] == pytest.approx(skm.r2_score(yt, yp), abs=1e-8)
+        assert got["mse"] == pytest.approx(skm.mean_squared_error(yt, yp), rel=1e-6)
+
+
+def test_common_metric_names_and_binary_scores():
+    g = torch.Generator().manual_seed(10)
+    y = torch.randint(0, 2, (90,), generator=g)
+    logits = torch.randn(90, 2, generator=g) + torch.nn.functional.one_hot(y, 2)
+    got = epoch(ClassificationTask(), ["roc_auc", "auroc", "f1", "precision", "recall"], logits, y, 2)
+    yt, pred, prob = y.numpy(), logits.argmax(1).numpy(), softmax(logits)[:, 1]
+    assert got["roc_auc"] == got["auroc"] == pytest.approx(skm.roc_auc_score(yt, prob), abs=1e-6)
+    assert got["f1"] == pytest.approx(skm.f1_score(yt, pred), abs=1e-6)
+    assert got["precision"] == pytest.approx(skm.precision_score(yt, pred), abs=1e-6)
+    assert got["recall"] == pytest.approx(skm.recall_score(yt, pred), abs=1e-6)
+    with pytest.raises(ConfigError, match="binary score of class 1 of two classes; this model has 5"
+                                          ".*f1_macro"):
+        build_metrics(["f1"], 5)
+
+
+def test_unknown_metric_lists_the_valid_names():
+    with pytest.raises(ConfigError) as err:
+        build_metrics(["roc"], 4, where="metrics")
+    message = str(err.value)
+    assert "unknown metric 'roc'" in message and "did you mean 'auroc'" in message
+    from torchkiln.metrics import names_for
+
+    assert f"metrics for a multiclass task: {', '.join(names_for('multiclass'))};" in message
+    assert "\n" not in message
+
+
+def _sync_cases():
+    """(task, names, outputs, targets, num_classes) covering torchkiln's own metric classes."""
+    g = torch.Generator().manual_seed(11)
+    y = torch.randint(0, 4, (90,), generator=g)
+    logits = torch.randint(-2, 3, (90, 4), generator=g).float()
+    reg_y = 1e3 + torch.randn(90, 2, generator=g)
+    scores, rel, groups = _ranking_data(12, ties=True)
+    return [
+        (ClassificationTask(), ["balanced_accuracy", "f1_macro", "auroc", "average_precision", "accuracy@2"],
+         logits, y, 4),
+        (RegressionTask(targets=2), ["r2", "rmse", "mse"], reg_y + torch.randn(90, 2, generator=g), reg_y, None),
+        (RankingTask(), ["ndcg@3", "map", "mrr", "hit_rate@2", "precision_at@2", "recall_at"], scores,
+         (rel, groups), None),
+    ]
+
+
+def _part(targets, sl):
+    return tuple(t[sl] for t in targets) if isinstance(targets, tuple) else targets[sl]
+
+
+def _sync_worker(rank: int, world: int, out: str) -> None:
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world)
+    results = []
+    for task, names, outputs, targets, c in _sync_cases():
+        metrics = task.build_metrics(names, c)
+        share = slice(0, 31) if rank == 0 else slice(31, None)  # uneven shares
+        task.update_metrics(metrics, outputs[share], _part(targets, share))
+        results.append({k: float(v) for k, v in metrics.compute().items()})
+    if rank == 0:
+        Path(out, "synced.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_own_metric_classes_sync_across_processes(tmp_path):
+    """Two gloo processes with uneven shares compute what one process computes over all samples."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    synced = json.loads((tmp_path / "synced.json").read_text())
+    for (task, names, outputs, targets, c), got in zip(_sync_cases(), synced):
+        want = epoch(task, names, outputs, targets, c)
+        for name in names:
+            assert got[name] == pytest.approx(float(want[name]), abs=1e-6), name

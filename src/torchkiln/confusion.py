@@ -6,10 +6,12 @@ all functions of the C x C confusion matrix. Each metric here keeps that matrix 
 torchmetrics classes they replace check their arguments and compute stat scores on every update:
 on the default digits run the train and val metrics cost ~1.8 ms an epoch, ~1.4% of it.
 
-Averages follow torchmetrics and scikit-learn (zero_division=0): a macro average leaves out the
-classes that neither occur nor are predicted; a weighted one weighs each class by its support.
-Targets below 0 (CrossEntropyLoss's ignore_index, -100 by default) are left out; a target at or
-above `num_classes` is an error, raised when the metric is computed.
+Averages follow scikit-learn (zero_division=0): a macro average leaves out the classes that neither
+occur nor are predicted; a weighted one weighs each class by its support; balanced accuracy is the
+mean recall over the classes that occur in the targets (a class only predicted does not count);
+`binary` is the score of class 1 of two (scikit-learn's `pos_label=1`). Targets below 0
+(CrossEntropyLoss's ignore_index, -100 by default) and targets equal to `ignore_index` are left
+out; a target at or above `num_classes` is an error, raised when the metric is computed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
-AVERAGES = ("micro", "macro", "weighted", "none")
-STATS = ("accuracy", "precision", "recall", "f1")
+AVERAGES = ("micro", "macro", "weighted", "none", "binary")
+STATS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
 
 
 class ConfusionMetric(Metric):
@@ -32,7 +34,8 @@ class ConfusionMetric(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, num_classes: int, stat: str = "accuracy", average: str = "micro", **kwargs):
+    def __init__(self, num_classes: int, stat: str = "accuracy", average: str = "micro",
+                 ignore_index: int | None = None, **kwargs):
         super().__init__(**kwargs)
         if stat not in STATS:
             raise ValueError(f"stat: expected one of {', '.join(STATS)}; found {stat!r}")
@@ -40,6 +43,10 @@ class ConfusionMetric(Metric):
             raise ValueError(f"average: expected one of {', '.join(AVERAGES)}; found {average!r}")
         if int(num_classes) < 1:
             raise ValueError(f"num_classes: expected a positive integer; found {num_classes!r}")
+        if average == "binary" and int(num_classes) != 2:
+            raise ValueError(f"'{stat}' is the binary score of class 1 of two classes; this model has"
+                             f" {num_classes} (use {stat}_macro, {stat}_micro or {stat}_weighted)")
+        self.ignore_index = ignore_index
         self.num_classes = int(num_classes)
         self.stat = stat
         self.average = average
@@ -50,6 +57,8 @@ class ConfusionMetric(Metric):
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         c = self.num_classes
         target = target.reshape(-1).long()
+        if self.ignore_index is not None:
+            target = torch.where(target == self.ignore_index, -1, target)
         labels = preds.argmax(dim=1) if preds.dim() == 2 else preds
         labels = labels.reshape(-1).long()
         if labels.shape != target.shape:
@@ -82,16 +91,22 @@ def per_class_scores(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def confusion_score(confmat: torch.Tensor, stat: str, average: str) -> torch.Tensor:
     """`stat` from a confusion matrix (rows: targets, columns: predictions)."""
+    if stat == "balanced_accuracy":  # scikit-learn: mean recall over the classes in the targets
+        scores = per_class_scores(confmat)
+        present = scores["support"] > 0
+        return _ratio((scores["recall"] * present).sum(), present.sum()).float()
     if average == "micro":
         # Single-label: every sample is one prediction, so micro precision = recall = F1 = accuracy.
         m = confmat.double()
         return _ratio(m.diagonal().sum(), m.sum()).float()
     scores = per_class_scores(confmat)
     support, predicted = scores["support"], scores["predicted"]
-    # accuracy averaged over classes is balanced accuracy, i.e. recall
+    # accuracy averaged over classes is recall (torchmetrics' macro accuracy)
     per_class = scores["recall" if stat == "accuracy" else stat]
     if average == "none":
         return per_class.float()
+    if average == "binary":
+        return per_class[1].float()
     if average == "weighted":
         return _ratio((per_class * support).sum(), support.sum()).float()
     seen = (support + predicted) > 0  # macro: classes that occur or are predicted

@@ -204,6 +204,9 @@ class RegressionTask(Task):
     def num_outputs(self, num_classes: int | None) -> int | None:
         return self.targets
 
+    def build_metrics(self, specs: list[Any], num_classes: int | None):
+        return super().build_metrics(specs, self.targets)  # per-target metrics need the target count
+
     def loss(self, loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         outputs, targets = outputs.reshape(targets.shape).float(), targets.float()
         if self.target_scale is not None:
@@ -212,7 +215,8 @@ class RegressionTask(Task):
         return loss_fn(outputs, targets)
 
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        metrics.update(outputs.detach().float().reshape(targets.shape), targets.float())
+        # float64: the metrics' sums of squares lose digits in float32 on targets with a large offset
+        metrics.update(outputs.detach().double().reshape(targets.shape), targets.double())
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.squeeze(1) if outputs.dim() == 2 and outputs.shape[1] == 1 else outputs

@@ -30,7 +30,13 @@ class MultiLabelTask(Task):
         return loss_fn(outputs, targets.to(outputs.dtype))
 
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        metrics.update(outputs.detach().float().sigmoid(), targets.long())
+        # Metrics with a threshold get this task's 0/1 predictions (torchmetrics' own rule is
+        # prob > threshold, which differs at the threshold itself); AUROC / AP the probabilities.
+        probs = outputs.detach().float().sigmoid()
+        labels = (probs >= self.threshold).long()
+        targets = targets.long()
+        for metric in metrics.values() if hasattr(metrics, "values") else [metrics]:
+            metric.update(labels if hasattr(metric, "threshold") else probs, targets)
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return (outputs.float().sigmoid() >= self.threshold).long()

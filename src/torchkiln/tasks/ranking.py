@@ -15,8 +15,8 @@ from torchkiln.tasks.base import Task
 def positive_scores(scores: torch.Tensor) -> torch.Tensor:
     """A strictly increasing map onto (0, inf): exp(s) below 0, 1 + s above (float64, no overflow).
 
-    torchmetrics' retrieval MAP and MRR count an item whose score is <= 0 as not retrieved; the
-    metrics depend only on the order of the scores, which this keeps.
+    For a user's torchmetrics retrieval class (by import path), which counts an item whose score is
+    <= 0 as not retrieved; torchkiln's own ranking metrics take the scores as they are.
     """
     s = scores.double()
     return torch.where(s < 0, s.clamp(max=0).exp(), s + 1)
@@ -28,7 +28,8 @@ class RankingTask(Task):
 
     Relevance may be graded (0, 1, 2, ...): NDCG uses the grades, MRR / MAP / hit rate count
     relevance > 0 as relevant. Metrics gather every sample of the epoch and group them by query id,
-    so a query split across batches is still scored as one list. Listwise losses (`grouped = True`,
+    so a query split across batches is still scored as one list; tied scores give the expected
+    value over the tied items' orders (torchkiln.retrieval). Listwise losses (`grouped = True`,
     like ListNetLoss) get (scores, relevance, query_id); others get (scores, relevance).
     """
 
@@ -71,10 +72,14 @@ class RankingTask(Task):
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: Any) -> None:
         from torchmetrics.retrieval import RetrievalNormalizedDCG
 
+        from torchkiln.retrieval import RankingMetric
+
         relevance, group = targets
-        scores = positive_scores(outputs.detach().reshape(-1))
+        scores = outputs.detach().reshape(-1).double()
         relevance, group = relevance.reshape(-1), group.reshape(-1).long()
-        binary = relevance > 0
         for _, metric in metrics.items(keep_base=True):
-            graded = isinstance(metric, RetrievalNormalizedDCG)
-            metric.update(scores, relevance.float() if graded else binary, indexes=group)
+            if isinstance(metric, RankingMetric):  # graded relevance; float64 scores; ties by expectation
+                metric.update(scores, relevance, indexes=group)
+            else:
+                graded = isinstance(metric, RetrievalNormalizedDCG)
+                metric.update(positive_scores(scores), relevance.float() if graded else relevance > 0, indexes=group)

@@ -1,0 +1,97 @@
+"""Regression metrics kept in float64 whose multi-target convention follows scikit-learn."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+
+class PerTargetRMSE(Metric):
+    """RMSE of each target, averaged over targets: scikit-learn's `root_mean_squared_error`
+    (multioutput='uniform_average'), not the RMSE over all elements. One target: the plain RMSE.
+
+    `update(preds, target)`: (N,) or (N, T), with T = `num_targets`.
+    """
+
+    is_differentiable = True
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, num_targets: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_targets) < 1:
+            raise ValueError(f"num_targets: expected a positive integer; found {num_targets!r}")
+        self.num_targets = int(num_targets)
+        self.add_state("sum_squared_error", torch.zeros(self.num_targets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        rows = target.shape[0] if target.dim() else 1
+        target = target.double().reshape(rows, -1)
+        preds = preds.double().reshape(target.shape)
+        if target.shape[1] != self.num_targets:
+            raise ValueError(f"rmse: {target.shape[1]} targets per sample, built for {self.num_targets}"
+                             " (set the task's `targets`)")
+        self.sum_squared_error += (preds - target).square().sum(0)
+        self.total += rows
+
+    def compute(self) -> Tensor:
+        return (self.sum_squared_error / self.total).sqrt().mean().float()
+
+
+class R2(Metric):
+    """scikit-learn's `r2_score`: per target 1 - SSE / total sum of squares (1 for a perfect fit of
+    constant targets, 0 for an imperfect one), averaged over targets.
+
+    The total sum of squares is merged from per-update means and sums of squared deviations (Chan
+    et al.), not from sums of y and y^2, so neither a large offset nor a small spread loses digits.
+    """
+
+    is_differentiable = True
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_targets: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_targets) < 1:
+            raise ValueError(f"num_targets: expected a positive integer; found {num_targets!r}")
+        self.num_targets = int(num_targets)
+        self.add_state("sum_squared_error", torch.zeros(self.num_targets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", [], dist_reduce_fx="cat")  # per update: rows
+        self.add_state("means", [], dist_reduce_fx="cat")  # per update: (T,) mean of the targets
+        self.add_state("deviations", [], dist_reduce_fx="cat")  # per update: (T,) sum of squared deviations
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        rows = target.shape[0] if target.dim() else 1
+        target = target.double().reshape(rows, -1)
+        preds = preds.double().reshape(target.shape)
+        if target.shape[1] != self.num_targets:
+            raise ValueError(f"r2: {target.shape[1]} targets per sample, built for {self.num_targets}"
+                             " (set the task's `targets`)")
+        if rows == 0:
+            return
+        mean = target.mean(0)
+        self.sum_squared_error += (preds - target).square().sum(0)
+        self.counts.append(torch.tensor([rows], dtype=torch.float64, device=target.device))
+        self.means.append(mean[None])
+        self.deviations.append((target - mean).square().sum(0)[None])
+
+    def compute(self) -> Tensor:
+        if isinstance(self.counts, list) and not self.counts:
+            return torch.tensor(float("nan"))
+        counts = _cat(self.counts)[:, None]
+        means, deviations = _cat(self.means).reshape(-1, self.num_targets), _cat(self.deviations).reshape(-1, self.num_targets)
+        total = counts.sum()
+        if float(total) < 2:
+            return torch.tensor(float("nan"))  # as scikit-learn: undefined for one sample
+        mean = (counts * means).sum(0) / total
+        mean = torch.where((means == means[:1]).all(0), means[0], mean)  # constant targets: exact
+        tss = deviations.sum(0) + (counts * (means - mean).square()).sum(0)
+        sse = self.sum_squared_error
+        score = torch.where(tss > 0, 1 - sse / tss.clamp(min=1e-300), torch.where(sse > 0, 0.0, 1.0))
+        return score.mean()
+
+
+def _cat(values) -> Tensor:
+    return torch.cat(values) if isinstance(values, list) else values
