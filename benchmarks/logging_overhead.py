@@ -112,7 +112,7 @@ def pictures_cost(loader) -> float:
     collector = ValidationCollector(max_images=16)
     for x, y in loader:
         collector.update(x, torch.randn(len(y), 10), y)
-    sample = collector.result()
+    (sample,) = collector.result()  # one view: single-label classification
     images.confusion_image(sample)  # fonts and glyphs, once per process
     start = time.perf_counter()
     for _ in range(10):

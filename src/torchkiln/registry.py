@@ -13,8 +13,11 @@ from torchkiln.errors import ConfigError, did_you_mean
 class Registry:
     """Holds factories by name; `fallbacks` are modules searched for names not registered."""
 
-    def __init__(self, kind: str, fallbacks: Iterable[str] = (), predicate: Callable | None = None):
+    def __init__(self, kind: str, fallbacks: Iterable[str] = (), predicate: Callable | None = None,
+                 unavailable: dict[str, str] | None = None):
         self.kind = kind
+        # Names a fallback module has that cannot be built from a config, with what to do instead.
+        self.unavailable = dict(unavailable or {})
         self._items: dict[str, Callable] = {}
         self._schemes: dict[str, Callable[[str, str], Callable]] = {}
         self._fallbacks = tuple(fallbacks)
@@ -39,7 +42,7 @@ class Registry:
         for modname in self._fallbacks:
             mod = importlib.import_module(modname)
             for attr in dir(mod):
-                if attr.startswith("_"):
+                if attr.startswith("_") or attr in self.unavailable:
                     continue
                 obj = getattr(mod, attr)
                 if self._predicate(obj):
@@ -58,6 +61,8 @@ class Registry:
             return import_path(name, where)
         if name in self._items:
             return self._items[name]
+        if name in self.unavailable:
+            raise ConfigError(f"{where}: {self.kind} '{name}' cannot be built from a config: {self.unavailable[name]}")
         fallback = self._fallback_names()
         if name in fallback:
             return fallback[name]
@@ -147,14 +152,27 @@ def load_builtins() -> None:
 
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
-LOSSES = Registry("loss", fallbacks=["torch.nn"], predicate=lambda o: inspect.isclass(o) and o.__name__.endswith("Loss"))
-OPTIMIZERS = Registry("optimizer", fallbacks=["torch.optim"], predicate=_is_class_of("torch.optim", "Optimizer"))
+LOSSES = Registry(
+    "loss", fallbacks=["torch.nn"], predicate=lambda o: inspect.isclass(o) and o.__name__.endswith("Loss"),
+    unavailable={
+        "AdaptiveLogSoftmaxWithLoss": "it is an output layer with its own weights (in_features, n_classes,"
+        " cutoffs) that takes hidden features, not a loss of (outputs, targets); put it in your model",
+        "LinearCrossEntropyLoss": "it holds the final linear layer's weights and takes hidden features, not"
+        " a loss of (outputs, targets); put it in your model, or use CrossEntropyLoss",
+    },
+)
+OPTIMIZERS = Registry(
+    "optimizer", fallbacks=["torch.optim"], predicate=_is_class_of("torch.optim", "Optimizer"),
+    unavailable={"Muon": "it updates 2-D weight matrices only, and a model's biases and norms need another"
+                 " optimizer beside it; use two optimizers through the Python API"},
+)
 SCHEDULERS = Registry(
     "scheduler",
     fallbacks=["torch.optim.lr_scheduler"],
     predicate=lambda o: inspect.isclass(o)
     and o.__module__ == "torch.optim.lr_scheduler"
-    and (o.__name__.endswith("LR") or o.__name__ in {"ReduceLROnPlateau", "CosineAnnealingWarmRestarts"}),
+    and (o.__name__.endswith("LR")
+         or o.__name__ in {"ReduceLROnPlateau", "CosineAnnealingWarmRestarts", "ChainedScheduler"}),
 )
 METRICS = Registry("metric")
 TASKS = Registry("task")

@@ -311,6 +311,31 @@ def _check_one_cycle_length(args: dict[str, Any], needed: int, epochs: int) -> N
             f" (and re-plans it when a run is continued), or make it at least {needed} steps")
 
 
+def _scheduler_args(args: dict[str, Any], optimizer: torch.optim.Optimizer, where: str) -> dict[str, Any]:
+    """Scheduler arguments that are not plain data in a config: `lr_lambda` (LambdaLR,
+    MultiplicativeLR) as import paths of functions, one or one per param group; `schedulers`
+    (SequentialLR, ChainedScheduler) as a list of {type, args}, built on the same optimizer."""
+    from torchkiln.registry import import_path
+
+    out = dict(args)
+    fn = out.get("lr_lambda")
+    if isinstance(fn, str):
+        out["lr_lambda"] = import_path(fn, f"{where}.lr_lambda")
+    elif isinstance(fn, list) and all(isinstance(f, str) for f in fn):
+        out["lr_lambda"] = [import_path(f, f"{where}.lr_lambda.{i}") for i, f in enumerate(fn)]
+    inner = out.get("schedulers")
+    if isinstance(inner, list) and all(isinstance(c, dict) and "type" in c for c in inner):
+        built = []
+        for i, c in enumerate(inner):
+            sub = f"{where}.schedulers.{i}"
+            factory = SCHEDULERS.get(c["type"], f"{sub}.type")
+            sub_args = _scheduler_args(dict(c.get("args") or {}), optimizer, f"{sub}.args")
+            check_args(factory, sub_args, f"{sub}.args", skip=("optimizer",))
+            built.append(construct(factory, {"optimizer": optimizer, **sub_args}, sub, c["type"]))
+        out["schedulers"] = built
+    return out
+
+
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_epoch: int,
                     mode: str | None = None, monitor: str | None = None) -> tuple[Any, dict]:
     """The torch scheduler and the Trainer keyword arguments that say how to drive it; `mode`
@@ -331,6 +356,7 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_e
             _check_one_cycle_length(args, needed, cfg.trainer.epochs)
     if s.type in ("OneCycleLR", "CyclicLR"):
         _keep_lr_mults(args, optimizer, cfg.optimizer.args.get("lr"))
+    args = _scheduler_args(args, optimizer, "scheduler.args")
     scheduler = build(Component(type=s.type, args=args), SCHEDULERS, "scheduler", optimizer=optimizer)
     warmup = 0
     if s.warmup is not None:

@@ -77,11 +77,26 @@ def _convert(key: str, value: Any, where: str) -> Any:
     return value
 
 
+def _lists_to_tensors(factory: Callable, kwargs: dict[str, Any]) -> None:
+    """Numbers in nested lists become tensors where the parameter takes only a tensor
+    (LinearTransformation's matrix and mean), and import paths become the functions they name
+    (Lambda's `lambd`)."""
+    from torchkiln.argtypes import hints_of
+
+    hints = hints_of(factory)
+    for key, value in kwargs.items():
+        if isinstance(value, list) and getattr(hints.get(key), "__name__", "") == "Tensor":
+            kwargs[key] = torch.tensor(value, dtype=torch.float32)
+        elif key == "lambd" and isinstance(value, str):
+            kwargs[key] = import_path(value, f"data.transforms: {factory.__name__}.lambd")
+
+
 def build_transform(step: Any, where: str) -> Callable:
     name, args = _spec(step)
     factory = resolve_transform(name, f"{where}.type")
     check_args(factory, args, f"{where}.args")
     kwargs = {k: _convert(k, v, f"{where}.args") for k, v in args.items()}
+    _lists_to_tensors(factory, kwargs)
     return construct(factory, kwargs, where, name)
 
 
