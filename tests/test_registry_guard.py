@@ -27,6 +27,19 @@ DRIVER = str(Path(__file__).with_name("registry_driver.py"))
 
 # Arguments for the names that need some (everything else builds with none).
 LOSS_ARGS: dict[str, dict] = {}
+LOSS_TASK = {  # the task whose outputs and targets each loss takes (classification otherwise)
+    **dict.fromkeys(["L1Loss", "MSELoss", "HuberLoss", "SmoothL1Loss", "PoissonNLLLoss", "HingeEmbeddingLoss"],
+                    "regression"),
+    **dict.fromkeys(["BCELoss", "BCEWithLogitsLoss", "MultiLabelSoftMarginLoss", "SoftMarginLoss", "KLDivLoss"],
+                    "multilabel"),
+    "ListNetLoss": "ranking",
+}
+SIGMOID_MODEL = (  # a user's module beside the configs: probabilities out, for BCELoss
+    "import torch\n\n\n"
+    "class SigmoidMLP(torch.nn.Sequential):\n"
+    "    def __init__(self, num_classes: int = 10):\n"
+    "        super().__init__(torch.nn.Flatten(), torch.nn.Linear(64, num_classes), torch.nn.Sigmoid())\n"
+)
 SCHEDULER_ARGS = {
     "StepLR": {"step_size": 1}, "MultiStepLR": {"milestones": [1]}, "ExponentialLR": {"gamma": 0.9},
     "CosineAnnealingLR": {"T_max": 2}, "CosineAnnealingWarmRestarts": {"T_0": 1},
@@ -37,6 +50,7 @@ SCHEDULER_ARGS = {
     "ChainedScheduler": {"schedulers": [{"type": "ConstantLR"}, {"type": "ExponentialLR", "args": {"gamma": 0.9}}]},
 }
 TRANSFORM_ARGS = {
+    "ElasticTransform": {"sigma": 1.0}, "Grayscale": {"num_output_channels": 3},
     "CenterCrop": {"size": 8}, "RandomCrop": {"size": 8}, "RandomResizedCrop": {"size": 8}, "Resize": {"size": 8},
     "FiveCrop": {"size": 4}, "TenCrop": {"size": 4}, "Pad": {"padding": 1}, "GaussianBlur": {"kernel_size": 3},
     "Normalize": {"mean": [0.5], "std": [0.25]}, "RandomAffine": {"degrees": 10}, "RandomRotation": {"degrees": 10},
@@ -48,7 +62,7 @@ TRANSFORM_ARGS = {
     "RandomOrder": {"transforms": [{"type": "RandomInvert"}]}, "Compose": {"transforms": [{"type": "RandomInvert"}]},
     "Lambda": {"lambd": "torch:neg"}, "UniformTemporalSubsample": {"num_samples": 2},
     "ConvertBoundingBoxFormat": {"format": "XYXY"}, "LinearTransformation": {
-        "transformation_matrix": np.eye(64).tolist(), "mean_vector": [0.0] * 64},
+        "transformation_matrix": np.eye(48).tolist(), "mean_vector": [0.0] * 48},  # 3 x 4 x 4 inputs
     "CutMix": {"num_classes": 10}, "MixUp": {"num_classes": 10}, "SetClampingMode": {"clamping_mode": "soft"},
 }
 TASK_DATA = {  # a data set of each task kind
@@ -57,15 +71,19 @@ TASK_DATA = {  # a data set of each task kind
 }
 KIND_TASK = {"multiclass": "classification", "multilabel": "multilabel", "regression": "regression",
              "ranking": "ranking"}
-MULTIHEAD = {"type": "multihead", "args": {"heads": {"digit": 10, "parity": 2}}}
+MULTIHEAD = {"type": "multihead", "args": {"heads": {"mod3": 3, "parity": 2, "quarter": 3}}}  # DigitsMultiHead
+IMAGES_CNN = {"type": "SmallCNN", "args": {"in_channels": 3, "width": 8}}
 
 
 def _files(tmp: Path) -> dict[str, dict]:
     """Small data on disk for the file-backed datasets."""
+    (tmp / "guard_models.py").write_text(SIGMOID_MODEL)
+    rng = np.random.default_rng(0)
     for split_class in ("a", "b"):
         (tmp / "folder" / split_class).mkdir(parents=True, exist_ok=True)
         for i in range(6):
-            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp / "folder" / split_class / f"{i}.png")
+            pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp / "folder" / split_class / f"{i}.png")
     rows = ["image,label"] + [f"folder/{c}/{i}.png,{c}" for c in ("a", "b") for i in range(6)]
     (tmp / "images.csv").write_text("\n".join(rows) + "\n")
     np.savez(tmp / "data.npz", x=np.random.default_rng(0).normal(size=(40, 4)).astype("float32"),
@@ -91,17 +109,24 @@ def _configs(tmp: Path, offered: dict[str, list[str]]) -> list[tuple[str, dict]]
     files = _files(tmp)
     out: list[tuple[str, dict]] = [("default", _cfg(tmp))]
     digits = _cfg(tmp)["data"]
+    images = {**digits, "dataset": {"type": "CsvImages", "args": files["CsvImages"]}}
+    tabular = {"type": "MLP", "args": {"in_features": 4, "hidden": [8]}}
     for name in offered["dataset"]:
         data = {**digits, "dataset": {"type": name, "args": files.get(name, {})}}
         task = {"DigitsMultiLabel": "multilabel", "DigitsRegression": "regression", "DigitsRanking": "ranking",
                 "DigitsMultiHead": MULTIHEAD}.get(name, "classification")
-        out.append((f"dataset {name}", _cfg(tmp, data=data, task=task, metrics=[])))
+        model = IMAGES_CNN if name in ("CsvImages", "ImageFolder") else tabular if name == "TensorFile" else None
+        extra = {"model": model} if model else {}
+        out.append((f"dataset {name}", _cfg(tmp, data=data, task=task, metrics=[], **extra)))
     for name in offered["model"]:
         out.append((f"model {name}", _cfg(tmp, model={"type": name})))
     out.append(("model timm:resnet18", _cfg(tmp, model={"type": "timm:resnet18", "args": {"in_chans": 1}})))
-    out.append(("model torchvision:resnet18", _cfg(tmp, model={"type": "torchvision:resnet18"})))
+    out.append(("model torchvision:resnet18", _cfg(tmp, model={"type": "torchvision:resnet18"}, data=images)))
     for name in offered["loss"]:
-        out.append((f"loss {name}", _cfg(tmp, loss={"type": name, "args": LOSS_ARGS.get(name, {})})))
+        task = LOSS_TASK.get(name, "classification")
+        extra = {"model": {"type": "guard_models:SigmoidMLP"}} if name == "BCELoss" else {}
+        out.append((f"loss {name}", _cfg(tmp, loss={"type": name, "args": LOSS_ARGS.get(name, {})}, task=task,
+                                         data={**digits, "dataset": TASK_DATA[task]}, metrics=[], **extra)))
     for name in offered["optimizer"]:
         out.append((f"optimizer {name}", _cfg(tmp, optimizer={"type": name, "args": {"lr": 0.01}})))
     for name in offered["scheduler"]:
@@ -114,21 +139,35 @@ def _configs(tmp: Path, offered: dict[str, list[str]]) -> list[tuple[str, dict]]
             task = KIND_TASK[kind]
             binary = name in ("f1", "precision", "recall")  # the binary scores: a two-class data set
             data = {**digits, "dataset": two_classes if binary else TASK_DATA[task]}
-            out.append((f"metric {name} ({task})", _cfg(tmp, task=task, data=data, metrics=[name])))
+            extra = {"model": tabular} if binary else {}
+            out.append((f"metric {name} ({task})", _cfg(tmp, task=task, data=data, metrics=[name], **extra)))
     for name in offered["task"]:
         if name == "multihead":
             data = {**digits, "dataset": {"type": "DigitsMultiHead"}}
             out.append(("task multihead", _cfg(tmp, task=MULTIHEAD, data=data, metrics=[])))
         else:
             out.append((f"task {name}", _cfg(tmp, task=name, data={**digits, "dataset": TASK_DATA[name]}, metrics=[])))
-    for name in offered["transform"]:
+    for name in offered["transform"]:  # on decoded images, then to one size so that they batch
+        size = 4 if name == "LinearTransformation" else 16
+        steps = [{"type": "Resize", "args": {"size": size}}, {"type": "CenterCrop", "args": {"size": size}}]
         step = {"type": name, "args": TRANSFORM_ARGS.get(name, {})}
-        data = {**digits, "transforms": {"train": [step], "eval": []}}
-        out.append((f"transform {name}", _cfg(tmp, data=data)))
+        steps = steps + [step] if name == "LinearTransformation" else [step, *steps]
+        data = {**images, "transforms": {"train": steps, "eval": []}}
+        out.append((f"transform {name}", _cfg(tmp, data=data, model=IMAGES_CNN)))
     for name in offered["collate"]:
         out.append((f"collate {name}", _cfg(tmp, data={**digits, "collate": {"type": name}})))
     for name in ("default", "balanced"):
         out.append((f"sampler {name}", _cfg(tmp, data={**digits, "sampler": name})))
+    # Names of torch's and torchvision's that cannot work from a config: refused, saying why.
+    from torchkiln.data.transforms import NOT_PER_SAMPLE
+    from torchkiln.registry import LOSSES, OPTIMIZERS
+
+    for name in LOSSES.unavailable:
+        out.append((f"refused loss {name}", _cfg(tmp, loss={"type": name})))
+    for name in OPTIMIZERS.unavailable:
+        out.append((f"refused optimizer {name}", _cfg(tmp, optimizer={"type": name, "args": {"lr": 0.01}})))
+    for name in NOT_PER_SAMPLE:
+        out.append((f"refused transform {name}", _cfg(tmp, data={**digits, "transforms": {"train": [{"type": name}]}})))
     return out
 
 
@@ -151,6 +190,10 @@ def test_every_offered_name_builds_from_a_config_on_the_cli_path(tmp_path):
         missing = sorted(set(names) - set(on_cli_path.get(kind, [])))
         assert not missing, f"{kind} names registered only off the CLI path: {missing}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    failed = [f"{c['label']}: {r['code']} {r['error']}" for c, r in zip(configs, results) if r["code"] != 0]
+    failed = [f"{c['label']}: {r['code']} {r['error']}" for c, r in zip(configs, results)
+              if r["code"] != 0 and not c["label"].startswith("refused ")]
     assert not failed, "\n".join(failed)
-    assert len(results) > 180
+    refused = [(c, r) for c, r in zip(configs, results) if c["label"].startswith("refused ")]
+    for c, r in refused:
+        assert r["code"] == 2 and "cannot be" in r["error"] and "\n" not in r["error"], (c["label"], r)
+    assert len(results) - len(refused) > 160 and len(refused) >= 15

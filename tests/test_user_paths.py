@@ -257,3 +257,38 @@ def test_threads_setting_reaches_torch(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"model": {"type": "MLP", "args": {"in_features": 10, "num_classes": 10}}}, "model"),
+    ({"loss": {"type": "MSELoss"}}, "loss"),
+])
+def test_a_model_or_loss_that_does_not_fit_the_data_is_one_line_before_the_run(tmp_path, section, key):
+    path = write_config(tmp_path, small_config(tmp_path, **section))
+    proc = kiln("train", "-c", str(path), cwd=tmp_path)
+    _one_line_error(proc, f"{path}: {key}: one batch of the training data does not go through")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path):
+    """Same weights after training with and without the one-batch probe (it restores the RNGs and
+    moves no BatchNorm statistics)."""
+    from torchkiln import probe as probe_module
+    from torchkiln.run import build_parts
+
+    cfg = resolve(small_config(tmp_path, model={"type": "SmallCNN", "args": {"num_classes": 10}},
+                               data={"transforms": {"train": [{"type": "RandomAffine", "args": {"degrees": 15}}]}},
+                               trainer={"epochs": 1}))
+    weights = []
+    for skip in (False, True):
+        real = probe_module.probe
+        if skip:
+            probe_module.probe = lambda *a, **k: None
+        try:
+            trainer, loaders, _ = build_parts(cfg, progress=False)
+        finally:
+            probe_module.probe = real
+        trainer.fit(loaders["train"], loaders["val"])
+        weights.append({k: v.clone() for k, v in trainer.raw_model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

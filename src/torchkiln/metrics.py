@@ -61,7 +61,8 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
         cls = _cls(path)
         params = inspect.signature(cls.__init__).parameters
         kw = {**fixed, **args}
-        _check_class_count(name, num_classes, kw.get("average"), top_k or kw.get("top_k"))
+        if kind in ("multiclass", "multilabel"):  # ranking's @k counts items, not classes
+            _check_class_count(name, num_classes, kw.get("average"), top_k or kw.get("top_k"))
         if "num_targets" in params and num_classes is not None:
             kw["num_targets"] = num_classes  # regression: the task passes its number of targets
         for key in ("num_classes", "num_labels"):

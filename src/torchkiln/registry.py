@@ -159,6 +159,13 @@ LOSSES = Registry(
         " cutoffs) that takes hidden features, not a loss of (outputs, targets); put it in your model",
         "LinearCrossEntropyLoss": "it holds the final linear layer's weights and takes hidden features, not"
         " a loss of (outputs, targets); put it in your model, or use CrossEntropyLoss",
+        **{name: f"it takes {args}, not the (outputs, targets) that a task gives its loss; compute it in a loss"
+           " module of your own (an import path) that takes (outputs, targets)" for name, args in (
+               ("CTCLoss", "(log_probs, targets, input_lengths, target_lengths)"),
+               ("CosineEmbeddingLoss", "(x1, x2, y)"), ("MarginRankingLoss", "(x1, x2, y)"),
+               ("GaussianNLLLoss", "(input, target, var)"), ("TripletMarginLoss", "(anchor, positive, negative)"),
+               ("TripletMarginWithDistanceLoss", "(anchor, positive, negative)"),
+               ("MultiLabelMarginLoss", "class indices padded with -1 as targets"))},
     },
 )
 OPTIMIZERS = Registry(

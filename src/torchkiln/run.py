@@ -128,11 +128,12 @@ class _Held(logging.Handler):
 
 
 @contextlib.contextmanager
-def held_log():
+def held_log(rank0: bool = True):
+    """Collect the records of the build for train.log (rank 0's: other ranks keep their quieter level)."""
     held = _Held()
     log.addHandler(held)
     level = log.level
-    if level == logging.NOTSET or level > logging.INFO:
+    if rank0 and (level == logging.NOTSET or level > logging.INFO):
         log.setLevel(logging.INFO)
     try:
         yield held.records
@@ -241,7 +242,7 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
     distributed.init_from_env(cfg.trainer.device, cfg.trainer.dist_timeout)
     rank0 = distributed.is_rank0()
     check_precision(cfg.trainer.precision, resolve_device(distributed.rank_device(cfg.trainer.device)))
-    with held_log() as earlier:
+    with held_log(rank0) as earlier:
         if resume is not None:
             resume = Path(resume)
             state = state if state is not None else _load_resumable(resume)
@@ -415,6 +416,9 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
         sync_batchnorm=t.sync_batchnorm, config=resolved, freezer=freezer, **sched_kwargs,
     )
     trainer.check_monitor(has_val)
+    from torchkiln.probe import probe
+
+    probe(model, loss, task, loaders["train"])
     return trainer, loaders, data
 
 

@@ -30,10 +30,23 @@ def _is_transform(obj: Any) -> bool:
     return inspect.isclass(obj) and issubclass(obj, v2.Transform) and obj is not v2.Transform
 
 
+# v2 steps that cannot be a per-sample step of a classification/regression pipeline, and why.
+NOT_PER_SAMPLE = {
+    **{n: "it mixes whole batches (inputs and labels), so it is not a per-sample step" for n in ("CutMix", "MixUp")},
+    **{n: "it returns a tuple of crops, which cannot be batched as one input; use RandomCrop or CenterCrop"
+       for n in ("FiveCrop", "TenCrop")},
+    "ToPILImage": "it gives PIL images, which cannot be batched; images reach the transforms as tensors already",
+    **{n: "it needs bounding boxes or keypoints (detection data)"
+       for n in ("RandomIoUCrop", "SanitizeBoundingBoxes", "SanitizeKeyPoints")},
+    "UniformTemporalSubsample": "it is for videos (T, C, H, W)",
+}
+
+
 def transform_names() -> list[str]:
     from torchvision.transforms import v2
 
-    return sorted(n for n in dir(v2) if not n.startswith("_") and _is_transform(getattr(v2, n)))
+    return sorted(n for n in dir(v2) if not n.startswith("_") and _is_transform(getattr(v2, n))
+                  and n not in NOT_PER_SAMPLE)
 
 
 def resolve_transform(name: str, where: str) -> Callable:
@@ -41,6 +54,8 @@ def resolve_transform(name: str, where: str) -> Callable:
         return import_path(name, where)
     from torchvision.transforms import v2
 
+    if name in NOT_PER_SAMPLE:
+        raise ConfigError(f"{where}: transform '{name}' cannot be a data.transforms step: {NOT_PER_SAMPLE[name]}")
     obj = getattr(v2, name, None)
     if obj is None or not (_is_transform(obj) or name == "Compose"):
         raise ConfigError(f"{where}: unknown transform '{name}'{did_you_mean(name, transform_names())}"
@@ -100,13 +115,19 @@ def build_transform(step: Any, where: str) -> Callable:
     return construct(factory, kwargs, where, name)
 
 
+# Steps that take float images only: on decoded (uint8) images, the conversion to float32 in [0, 1]
+# comes just before the first of them instead of after the last step.
+FLOAT_ONLY = {"Normalize", "GaussianNoise", "LinearTransformation"}
+
+
 def build_pipeline(steps: list[Any], where: str, to_float: bool = False) -> Callable | None:
     """A v2.Compose of the steps (plus ToDtype(float32, scale=True) for decoded images), or None."""
     from torchvision.transforms import v2
 
     built = [build_transform(s, f"{where}.{i}") for i, s in enumerate(steps)]
-    if to_float:
-        built.append(v2.ToDtype(torch.float32, scale=True))
+    if to_float:  # decoded images are uint8 until here: floats from the first step that needs them
+        at = next((i for i, s in enumerate(steps) if _spec(s)[0] in FLOAT_ONLY), len(built))
+        built.insert(at, v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(built) if built else None
 
 
