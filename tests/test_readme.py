@@ -38,6 +38,9 @@ def blocks(lang: str) -> list[str]:
 
 
 def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`; a {type, args} of another type replaces the whole component."""
+    if "type" in over and over.get("type") != base.get("type"):
+        return dict(over)
     out = dict(base)
     for k, v in over.items():
         out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
@@ -77,7 +80,7 @@ def _data_files(home: Path) -> None:
         rows.append(f"images/{i}.png,{label}")
     (home / "data" / "train.csv").write_text("\n".join(rows) + "\n")
     # The README's np.savez line, with the arrays it assumes.
-    features, relevance = rng.normal(size=(120, 6)), rng.integers(0, 3, 120)
+    features, relevance = rng.normal(size=(120, 20)), rng.integers(0, 3, 120)
     query_ids = np.repeat(np.arange(12), 10)
     namespace = {"np": np, "features": features, "relevance": relevance, "query_ids": query_ids}
     (python_savez,) = [b for b in blocks("python") if "np.savez" in b]

@@ -5,14 +5,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import kiln, small_config, write_config
+from conftest import small_config, write_config
 from torchkiln.config.load import resolve
+
+
+@pytest.fixture
+def kiln(cli):
+    """`kiln ARGS` in this process (the fresh-process paths are test_readme's and test_registry_guard's):
+    returns what a subprocess would, exit code and streams."""
+
+    def run(*args: str, cwd=None, check: bool = False) -> SimpleNamespace:
+        code, out, err = cli(*args)
+        if check:
+            assert code == 0, err[-2000:]
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
 
 
 def _one_line_error(proc, *parts: str) -> str:
@@ -27,7 +42,7 @@ def _one_line_error(proc, *parts: str) -> str:
 # ------------------------------------------------------------------------------------------
 # 1. losses by name from a config, on the CLI path
 # ------------------------------------------------------------------------------------------
-def test_torchkiln_losses_and_a_weighted_list_train_from_a_config(tmp_path):
+def test_torchkiln_losses_and_a_weighted_list_train_from_a_config(tmp_path, kiln):
     loss = [{"type": "FocalLoss", "args": {"gamma": 2}, "weight": 1.0},
             {"type": "LabelSmoothingLoss", "args": {"smoothing": 0.1}, "weight": 0.5},
             {"type": "F1Loss", "weight": 0.2}]
@@ -48,7 +63,7 @@ def _lrs(run_dir: Path) -> list[float]:
     return [r["lr/group0"] for r in rows if "epoch" not in r]
 
 
-def test_a_finished_onecycle_run_continues_with_more_epochs_on_a_new_plan(tmp_path):
+def test_a_finished_onecycle_run_continues_with_more_epochs_on_a_new_plan(tmp_path, kiln):
     cfg = small_config(tmp_path, scheduler={"type": "OneCycleLR", "args": {"max_lr": 0.02}},
                        trainer={"epochs": 1, "monitor": "val/accuracy"},
                        logging={"progress": False, "plots": False, "tensorboard": False, "every_n_steps": 1})
@@ -69,7 +84,7 @@ def test_a_finished_onecycle_run_continues_with_more_epochs_on_a_new_plan(tmp_pa
     assert "re-planned" in (run_dir / "train.log").read_text()
 
 
-def test_a_onecycle_length_shorter_than_the_run_is_refused_before_anything_runs(tmp_path):
+def test_a_onecycle_length_shorter_than_the_run_is_refused_before_anything_runs(tmp_path, kiln):
     cfg = small_config(tmp_path, scheduler={"type": "OneCycleLR", "args": {"max_lr": 0.02, "total_steps": 5}},
                        trainer={"epochs": 1})
     proc = kiln("train", "-c", str(write_config(tmp_path, cfg)), cwd=tmp_path)
@@ -98,7 +113,7 @@ def test_plateau_mode_follows_the_monitor_and_does_not_cut_an_improving_accuracy
     assert build_parts(resolve(loss_cfg), progress=False)[0].schedule.scheduler.mode == "min"
 
 
-def test_plateau_mode_contradicting_the_monitor_is_a_config_error(tmp_path):
+def test_plateau_mode_contradicting_the_monitor_is_a_config_error(tmp_path, kiln):
     cfg = small_config(tmp_path, scheduler={"type": "ReduceLROnPlateau", "args": {"mode": "min"}})
     proc = kiln("config", "check", "-c", str(write_config(tmp_path, cfg)), cwd=tmp_path)
     _one_line_error(proc, "scheduler.args.mode", "val/accuracy", "max")
@@ -112,7 +127,7 @@ def test_plateau_mode_contradicting_the_monitor_is_a_config_error(tmp_path):
     ("trainer.monitor=val/acc", ("trainer.monitor", "did you mean 'val/accuracy'")),
     ("data.batch_size=abc", ("data.batch_size",)),
 ])
-def test_a_bad_value_names_its_key_and_leaves_no_run_directory(tmp_path, override, parts):
+def test_a_bad_value_names_its_key_and_leaves_no_run_directory(tmp_path, override, parts, kiln):
     path = write_config(tmp_path, small_config(tmp_path))
     proc = kiln("train", "-c", str(path), override, cwd=tmp_path)
     line = _one_line_error(proc, *parts)
@@ -173,7 +188,7 @@ def test_packing_leaves_accelerator_tensors_where_they_are():
 # ------------------------------------------------------------------------------------------
 # 8 and 10. smaller things
 # ------------------------------------------------------------------------------------------
-def test_report_tells_an_early_stop_and_draws_the_per_step_lr(tmp_path):
+def test_report_tells_an_early_stop_and_draws_the_per_step_lr(tmp_path, kiln):
     from torchkiln.report import load_run, report
 
     cfg = small_config(tmp_path, scheduler={"type": "OneCycleLR", "args": {"max_lr": 0.02}},
@@ -188,7 +203,7 @@ def test_report_tells_an_early_stop_and_draws_the_per_step_lr(tmp_path):
     assert "stopped early (epoch 2)" in result["text"]
 
 
-def test_exported_model_json_is_enough_to_rebuild_the_model(tmp_path):
+def test_exported_model_json_is_enough_to_rebuild_the_model(tmp_path, kiln):
     cfg = small_config(tmp_path, model={"type": "MLP", "args": {"hidden": [16]}},
                        data={"transforms": {"eval": [{"type": "ToDtype", "args": {"dtype": "float32"}}]}},
                        trainer={"epochs": 1}, logging={"progress": False, "plots": False, "tensorboard": False})
@@ -263,7 +278,7 @@ def test_threads_setting_reaches_torch(tmp_path):
     ({"model": {"type": "MLP", "args": {"in_features": 10, "num_classes": 10}}}, "model"),
     ({"loss": {"type": "MSELoss"}}, "loss"),
 ])
-def test_a_model_or_loss_that_does_not_fit_the_data_is_one_line_before_the_run(tmp_path, section, key):
+def test_a_model_or_loss_that_does_not_fit_the_data_is_one_line_before_the_run(tmp_path, section, key, kiln):
     path = write_config(tmp_path, small_config(tmp_path, **section))
     proc = kiln("train", "-c", str(path), cwd=tmp_path)
     _one_line_error(proc, f"{path}: {key}: one batch of the training data does not go through")

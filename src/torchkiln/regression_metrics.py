@@ -7,7 +7,29 @@ from torch import Tensor
 from torchmetrics import Metric
 
 
-class PerTargetRMSE(Metric):
+class _PerTarget(Metric):
+    """The squared errors of each of `num_targets` targets, in float64."""
+
+    def __init__(self, num_targets: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_targets) < 1:
+            raise ValueError(f"num_targets: expected a positive integer; found {num_targets!r}")
+        self.num_targets = int(num_targets)
+        self.add_state("sum_squared_error", torch.zeros(self.num_targets, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _rows(self, preds: Tensor, target: Tensor, name: str) -> tuple[Tensor, Tensor, int]:
+        """(preds, target) as float64 (N, T), and N; the squared errors are added."""
+        rows = target.shape[0] if target.dim() else 1
+        target = target.double().reshape(rows, -1)
+        preds = preds.double().reshape(target.shape)
+        if target.shape[1] != self.num_targets:
+            raise ValueError(f"{name}: {target.shape[1]} targets per sample, built for {self.num_targets}"
+                             " (set the task's `targets`)")
+        self.sum_squared_error += (preds - target).square().sum(0)
+        return preds, target, rows
+
+
+class PerTargetRMSE(_PerTarget):
     """RMSE of each target, averaged over targets: scikit-learn's `root_mean_squared_error`
     (multioutput='uniform_average'), not the RMSE over all elements. One target: the plain RMSE.
 
@@ -19,28 +41,17 @@ class PerTargetRMSE(Metric):
     full_state_update = False
 
     def __init__(self, num_targets: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        if int(num_targets) < 1:
-            raise ValueError(f"num_targets: expected a positive integer; found {num_targets!r}")
-        self.num_targets = int(num_targets)
-        self.add_state("sum_squared_error", torch.zeros(self.num_targets, dtype=torch.float64), dist_reduce_fx="sum")
+        super().__init__(num_targets, **kwargs)
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        rows = target.shape[0] if target.dim() else 1
-        target = target.double().reshape(rows, -1)
-        preds = preds.double().reshape(target.shape)
-        if target.shape[1] != self.num_targets:
-            raise ValueError(f"rmse: {target.shape[1]} targets per sample, built for {self.num_targets}"
-                             " (set the task's `targets`)")
-        self.sum_squared_error += (preds - target).square().sum(0)
-        self.total += rows
+        self.total += self._rows(preds, target, "rmse")[2]
 
     def compute(self) -> Tensor:
         return (self.sum_squared_error / self.total).sqrt().mean().float()
 
 
-class R2(Metric):
+class R2(_PerTarget):
     """scikit-learn's `r2_score`: per target 1 - SSE / total sum of squares (1 for a perfect fit of
     constant targets, 0 for an imperfect one), averaged over targets.
 
@@ -53,26 +64,16 @@ class R2(Metric):
     full_state_update = False
 
     def __init__(self, num_targets: int = 1, **kwargs):
-        super().__init__(**kwargs)
-        if int(num_targets) < 1:
-            raise ValueError(f"num_targets: expected a positive integer; found {num_targets!r}")
-        self.num_targets = int(num_targets)
-        self.add_state("sum_squared_error", torch.zeros(self.num_targets, dtype=torch.float64), dist_reduce_fx="sum")
+        super().__init__(num_targets, **kwargs)
         self.add_state("counts", [], dist_reduce_fx="cat")  # per update: rows
         self.add_state("means", [], dist_reduce_fx="cat")  # per update: (T,) mean of the targets
         self.add_state("deviations", [], dist_reduce_fx="cat")  # per update: (T,) sum of squared deviations
 
     def update(self, preds: Tensor, target: Tensor) -> None:
-        rows = target.shape[0] if target.dim() else 1
-        target = target.double().reshape(rows, -1)
-        preds = preds.double().reshape(target.shape)
-        if target.shape[1] != self.num_targets:
-            raise ValueError(f"r2: {target.shape[1]} targets per sample, built for {self.num_targets}"
-                             " (set the task's `targets`)")
+        preds, target, rows = self._rows(preds, target, "r2")
         if rows == 0:
             return
         mean = target.mean(0)
-        self.sum_squared_error += (preds - target).square().sum(0)
         self.counts.append(torch.tensor([rows], dtype=torch.float64, device=target.device))
         self.means.append(mean[None])
         self.deviations.append((target - mean).square().sum(0)[None])
