@@ -85,3 +85,15 @@ def cfg_factory(tmp_path):
         return small_config(tmp_path, **sections)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A run in this process may set torch's thread count (trainer.threads, fuzzed configs): the
+    next test gets the count back (70 threads on 2 cores made every later test several times slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -56,6 +56,16 @@ def _set(cfg: dict, path: tuple, value) -> dict:
 
 
 def _run(args: list[str]) -> tuple[int, str]:
+    import torch
+
+    threads = torch.get_num_threads()  # a fuzzed trainer.threads sets this process's count
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: list[str]) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
