@@ -12,7 +12,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from torchkiln.config.load import apply_overrides, dump_yaml, read_file, resolve, to_plain
+from torchkiln.config.load import (
+    apply_overrides,
+    config_errors_from,
+    dump_yaml,
+    read_file,
+    resolve,
+    to_plain,
+)
 from torchkiln.config.schema import Config
 from torchkiln.errors import CheckpointError, ConfigError
 
@@ -130,11 +137,11 @@ class _Held(logging.Handler):
 @contextlib.contextmanager
 def held_log(rank0: bool = True):
     """Collect the records of the build for train.log (rank 0's: other ranks keep their quieter level)."""
+    from torchkiln.loggers.summary import at_least_info
+
     held = _Held()
     log.addHandler(held)
-    level = log.level
-    if rank0 and (level == logging.NOTSET or level > logging.INFO):
-        log.setLevel(logging.INFO)
+    level = at_least_info() if rank0 else log.level
     try:
         yield held.records
     finally:
@@ -145,15 +152,13 @@ def held_log(rank0: bool = True):
 @contextlib.contextmanager
 def file_log(run_dir: Path, earlier: list[logging.LogRecord] = ()):
     """train.log in `run_dir` for the run's records (`earlier`: those logged before it existed)."""
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    handler.setLevel(logging.INFO)
+    from torchkiln.loggers.summary import at_least_info, train_log_handler
+
+    handler = train_log_handler(run_dir / "train.log")
     for record in earlier:
         handler.handle(record)
     log.addHandler(handler)
-    level = log.level
-    if level == logging.NOTSET or level > logging.INFO:  # the Python API, without the CLI's set-up
-        log.setLevel(logging.INFO)
+    level = at_least_info()
     try:
         yield
     finally:
@@ -216,12 +221,8 @@ def train(cfg: Config, resume: Path | None = None, progress: bool = True,
     already loaded) the run continues in that checkpoint's run directory. `source` (the config
     file) prefixes config errors; `loggers` are added to the run's own.
     """
-    try:
+    with config_errors_from(source):
         return _train(cfg, resume, progress, state, loggers)
-    except ConfigError as exc:
-        if source and not str(exc).startswith(f"{source}:"):
-            raise ConfigError(f"{source}: {exc}") from exc
-        raise
 
 
 def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, Any] | None,
@@ -299,13 +300,9 @@ def check(cfg: Config, source: str | None = None) -> list[str]:
     metrics, monitor) as `kiln train` would, write nothing, and describe what was built."""
     from torchkiln.config.build import check_components
 
-    try:
+    with config_errors_from(source):
         check_components(cfg)
         trainer, loaders, data = build_parts(cfg, progress=False)
-    except ConfigError as exc:
-        if source and not str(exc).startswith(f"{source}:"):
-            raise ConfigError(f"{source}: {exc}") from exc
-        raise
     sizes = ", ".join(f"{len(loaders[k].dataset)} {k}" for k in ("train", "val", "test") if k in loaders)
     classes = f", {data.num_classes} classes" if data.num_classes else ""
     params = sum(p.numel() for p in trainer.raw_model.parameters())

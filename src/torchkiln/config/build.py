@@ -20,18 +20,13 @@ from torchkiln.registry import (
     SCHEDULERS,
     check_args,
     construct,
+    load_builtins,
 )
-
-
-def _register_builtins() -> None:
-    from torchkiln.registry import load_builtins
-
-    load_builtins()
 
 
 def check_components(cfg: Config) -> None:
     """Every name resolves and every argument is accepted: a typo fails here, not mid-run."""
-    _register_builtins()
+    load_builtins()
     from torchkiln.metrics import check_metric_specs
     from torchkiln.tasks import build_task
 
@@ -125,7 +120,7 @@ def build_data(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test"),
                normalization: dict[str, Any] | None = None) -> Data:
     from torchkiln.data.setup import build_data as _build_data
 
-    _register_builtins()
+    load_builtins()
     return _build_data(cfg, Data, normalization)
 
 
@@ -166,7 +161,7 @@ def check_model_config(cfg: Config) -> None:
 
 def build_model(cfg: Config, num_classes: int | None = None, pretrained: bool = True) -> nn.Module:
     """The model, with `model.pretrained` loaded (unless `pretrained` is False)."""
-    _register_builtins()
+    load_builtins()
     args = dict(cfg.model.args)
     if args.get("num_classes", 0) is None:  # num_classes: null stands for "from the data"
         del args["num_classes"]

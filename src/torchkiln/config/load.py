@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -180,16 +181,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return resolve(data, source)
 
 
+@contextlib.contextmanager
+def config_errors_from(source: str | None):
+    """A ConfigError raised inside names `source` (the config file) first, once."""
+    try:
+        yield
+    except ConfigError as exc:
+        if source and not str(exc).startswith(f"{source}:"):
+            raise ConfigError(f"{source}: {exc}") from exc
+        raise
+
+
 def load_checked(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """load_config, then resolve every component name and argument; errors name the file."""
     from torchkiln.config.build import check_components
 
     cfg = load_config(path, overrides)
-    try:
+    with config_errors_from(str(path) if path is not None else str(default_config_path())):
         check_components(cfg)
-    except ConfigError as exc:
-        source = str(path) if path is not None else str(default_config_path())
-        raise ConfigError(f"{source}: {exc}") from exc
     return cfg
 
 

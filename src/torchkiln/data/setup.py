@@ -17,12 +17,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("torchkiln")
 
 
-def register_datasets() -> None:
-    from torchkiln.registry import load_builtins
-
-    load_builtins()
-
-
 def build_dataset(comp: Any, where: str, data_cfg: Any) -> Dataset:
     """Build one dataset; `data.on_error` / `data.max_skipped` reach datasets that accept them."""
     from torchkiln.config.build import build
@@ -64,8 +58,9 @@ def build_data(cfg: Any, data_cls: type, normalization: dict[str, Any] | None = 
     """Datasets per split; `normalization` (a run's stored statistics) replaces fitting them."""
     from torchkiln.data.groups import dataset_groups
     from torchkiln.data.splits import split_dataset
+    from torchkiln.registry import load_builtins
 
-    register_datasets()
+    load_builtins()
     d = cfg.data
     dataset = build_dataset(d.dataset, "data.dataset", d)
     if _task_is(cfg, "RankingTask") and dataset_groups(dataset) is None:

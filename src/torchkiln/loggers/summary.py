@@ -13,6 +13,23 @@ from torchkiln.loggers.base import Logger
 log = logging.getLogger("torchkiln")
 
 
+def train_log_handler(path: Path) -> logging.Handler:
+    """The handler that writes train.log (the CLI's run and the API's LogFile alike)."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    return handler
+
+
+def at_least_info() -> int:
+    """Let INFO records through the torchkiln logger (the Python API sets no level); returns the
+    level to put back."""
+    level = log.level
+    if level == logging.NOTSET or level > logging.INFO:
+        log.setLevel(logging.INFO)
+    return level
+
+
 def write_summary(run_dir: Path, summary: dict[str, Any], name: str | None = None, curves: bool = True) -> None:
     """summary.json, and the curves of every epoch so far (read from last.ckpt, so a resumed run
     draws its whole history)."""
@@ -49,13 +66,9 @@ class LogFile(Logger):
 
     def start(self, info, resume_epoch=None, resume_step=0):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handler = logging.FileHandler(self.path, encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        self._handler.setLevel(logging.INFO)
+        self._handler = train_log_handler(self.path)
         log.addHandler(self._handler)
-        self._level = log.level
-        if self._level == logging.NOTSET or self._level > logging.INFO:
-            log.setLevel(logging.INFO)
+        self._level = at_least_info()
         log.info("fit: %s epochs, monitor %s (%s), initial-parameter fingerprint %s", info.get("epochs"),
                  info.get("monitor"), info.get("mode"), info.get("fingerprint"))
 
