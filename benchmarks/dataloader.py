@@ -19,8 +19,8 @@ from torch.utils.data import Dataset, Subset
 
 from torchkiln.data.collate import DefaultCollate
 from torchkiln.data.digits import Digits
-from torchkiln.data.loaders import make_loader
-from torchkiln.engine.trainer import move_to, set_loader_epoch
+from torchkiln.data.loaders import make_loader, set_loader_epoch
+from torchkiln.engine.device import move_to
 from torchkiln.repro import cpu_model
 
 

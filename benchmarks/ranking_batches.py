@@ -54,7 +54,7 @@ def items_per_query(cfg_data: dict) -> float:
     """Mean over the first epoch's training batches of (items in the batch / queries in it)."""
     from torchkiln.config.build import build_data, build_loaders
     from torchkiln.config.load import resolve
-    from torchkiln.engine.trainer import set_loader_epoch
+    from torchkiln.data.loaders import set_loader_epoch
 
     cfg = resolve(cfg_data)
     loader = build_loaders(cfg, build_data(cfg))["train"]

@@ -342,7 +342,7 @@ class RandomlyAugmented(torch.utils.data.Dataset):
 
 
 def _epoch(loader, epoch: int, skip: int = 0) -> list[torch.Tensor]:
-    from torchkiln.engine.trainer import set_loader_epoch
+    from torchkiln.data.loaders import set_loader_epoch
 
     set_loader_epoch(loader, epoch, skip=skip)
     return [torch.cat([x, noise], dim=1) for x, noise in loader]

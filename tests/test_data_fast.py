@@ -10,8 +10,7 @@ from torch.utils.data import DataLoader
 from conftest import small_config
 from torchkiln.config.build import build_data, build_loaders
 from torchkiln.config.load import resolve
-from torchkiln.data.loaders import FastLoader
-from torchkiln.engine.trainer import set_loader_epoch
+from torchkiln.data.loaders import FastLoader, set_loader_epoch
 from torchkiln.errors import ConfigError
 from torchkiln.run import build_trainer
 

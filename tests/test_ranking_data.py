@@ -16,10 +16,10 @@ from conftest import ROOT, kiln, small_config, write_config
 from torchkiln.config.build import build_data, build_loaders
 from torchkiln.config.load import resolve
 from torchkiln.data.groups import dataset_groups
+from torchkiln.data.loaders import set_loader_epoch
 from torchkiln.data.query_sampler import QueryBatchSampler, queries_per_batch
 from torchkiln.data.splits import split_dataset
 from torchkiln.data.tensorfile import TensorFile
-from torchkiln.engine.trainer import set_loader_epoch
 from torchkiln.errors import ConfigError, DataError
 from torchkiln.run import build_trainer
 

@@ -140,8 +140,7 @@ def test_a_bad_value_names_its_key_and_leaves_no_run_directory(tmp_path, overrid
 # 7. from a reading of the code
 # ------------------------------------------------------------------------------------------
 def test_padded_shards_weigh_accumulated_batches_alike_on_every_rank():
-    from torchkiln.data.loaders import ResumableBatchSampler
-    from torchkiln.engine.trainer import epoch_batch_sizes
+    from torchkiln.data.loaders import ResumableBatchSampler, epoch_batch_sizes
 
     data = TensorDataset(torch.zeros(11, 1))
     sizes = []

@@ -19,7 +19,7 @@ from torchkiln.errors import ConfigError, KilnError
 def first_samples(loader: Any, n: int = 2) -> Any | None:
     """A batch of the first `n` samples of the loader's dataset, on the CPU, as the loader makes it."""
     from torchkiln.data.loaders import FastLoader
-    from torchkiln.engine.trainer import move_to
+    from torchkiln.engine.device import move_to
 
     if isinstance(loader, FastLoader):
         idx = torch.arange(min(n, len(loader.dataset)), device=loader.tensors[0].device)

@@ -19,7 +19,7 @@ from torchkiln.tasks.base import ReportView
 @torch.inference_mode()
 def collect(trainer: Any, loader: Iterable) -> tuple[Any, Any]:
     """The model's outputs and the targets for every batch of `loader`, concatenated on the CPU."""
-    from torchkiln.engine.trainer import move_to
+    from torchkiln.engine.device import move_to
 
     trainer._setup()
     trainer.model.eval()

@@ -237,8 +237,8 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
     import torch
 
     from torchkiln.engine import distributed
+    from torchkiln.engine.device import resolve_device
     from torchkiln.engine.step import check_precision
-    from torchkiln.engine.trainer import resolve_device
 
     distributed.init_from_env(cfg.trainer.device, cfg.trainer.dist_timeout)
     rank0 = distributed.is_rank0()

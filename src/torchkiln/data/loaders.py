@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from torchkiln.errors import CheckpointError
 
 
 class SeededBatch(list):
@@ -270,3 +272,39 @@ def make_batch_sampler(n: int, batch_size: int, *, train: bool, seed: int, shuff
     return ResumableBatchSampler(n, batch_size, shuffle=shuffle and train, seed=seed,
                                  drop_last=drop_last and train, rank=rank, world_size=world_size,
                                  pad=train)
+
+
+def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
+    """Fix the loader's order (and its workers' seeds) for this epoch; drop its first `skip` batches."""
+    if not isinstance(loader, DataLoader) and getattr(loader, "batch_sampler", None) is None:
+        return
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    for s in (sampler, getattr(sampler, "sampler", None)):
+        if s is not None and hasattr(s, "set_epoch"):
+            s.set_epoch(epoch)
+    if skip:
+        if not hasattr(sampler, "skip"):
+            raise CheckpointError(
+                "cannot resume mid-epoch: the training loader's sampler cannot skip batches;"
+                " build it with torchkiln.data.loaders.make_loader"
+            )
+        sampler.skip(skip)
+    gen = getattr(loader, "generator", None)
+    seed = getattr(sampler, "seed", None)
+    if gen is not None and seed is not None:
+        gen.manual_seed(seed + 1_000_003 * (epoch + 1))
+
+
+def epoch_batch_sizes(loader: Iterable, n_batches: int) -> list[int] | None:
+    """The sizes of the epoch's batches when the loader's batch sampler tells them ahead, so that
+    accumulation weighs micro-batches by samples (a short last batch counts for what it holds)."""
+    bs = getattr(loader, "batch_sampler", None)
+    if callable(getattr(bs, "batch_sizes", None)):  # torchkiln's samplers know their own
+        sizes = list(bs.batch_sizes())
+        return sizes if len(sizes) == n_batches else None
+    size = getattr(bs, "batch_size", None)
+    if not isinstance(size, int) or size < 1 or not hasattr(getattr(bs, "sampler", None), "__len__"):
+        return None
+    full, rest = divmod(len(bs.sampler), size)
+    sizes = [size] * full + ([rest] if rest and not getattr(bs, "drop_last", False) else [])
+    return sizes if len(sizes) == n_batches else None

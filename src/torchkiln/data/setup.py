@@ -124,7 +124,7 @@ def use_fast_path(cfg: Any, dataset: Dataset, device: Any) -> bool:
 def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
     from torchkiln.data.collate import build_collate
     from torchkiln.data.loaders import make_loader
-    from torchkiln.engine.trainer import resolve_device
+    from torchkiln.engine.device import resolve_device
 
     d = cfg.data
     device = resolve_device(cfg.trainer.device)

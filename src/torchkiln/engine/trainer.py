@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from torchkiln import __version__
+from torchkiln.data.loaders import epoch_batch_sizes, set_loader_epoch
 from torchkiln.engine import distributed
 from torchkiln.engine.checkpoint import (
     FORMAT,
@@ -27,6 +27,7 @@ from torchkiln.engine.checkpoint import (
     load_checkpoint,
     strip_prefixes,
 )
+from torchkiln.engine.device import move_to, resolve_device
 from torchkiln.engine.metric_buffer import MetricBuffer
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.state import LoopState, StopRequested
@@ -40,64 +41,6 @@ from torchkiln.repro import fingerprint, rng_state, set_rng_state
 from torchkiln.tasks.base import ClassificationTask, Task
 
 log = logging.getLogger("torchkiln")
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device: CUDA was asked for but this machine has none; use auto or cpu")
-    return device
-
-
-def move_to(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(batch, torch.Tensor):
-        nb = device.type == "cuda"
-        if channels_last and batch.dim() == 4 and batch.is_floating_point():
-            return batch.to(device, non_blocking=nb, memory_format=torch.channels_last)
-        return batch.to(device, non_blocking=nb)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device, channels_last) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device, channels_last) for v in batch)
-    return batch
-
-
-def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
-    """Fix the loader's order (and its workers' seeds) for this epoch; drop its first `skip` batches."""
-    if not isinstance(loader, DataLoader) and getattr(loader, "batch_sampler", None) is None:
-        return
-    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
-    for s in (sampler, getattr(sampler, "sampler", None)):
-        if s is not None and hasattr(s, "set_epoch"):
-            s.set_epoch(epoch)
-    if skip:
-        if not hasattr(sampler, "skip"):
-            raise CheckpointError(
-                "cannot resume mid-epoch: the training loader's sampler cannot skip batches;"
-                " build it with torchkiln.data.loaders.make_loader"
-            )
-        sampler.skip(skip)
-    gen = getattr(loader, "generator", None)
-    seed = getattr(sampler, "seed", None)
-    if gen is not None and seed is not None:
-        gen.manual_seed(seed + 1_000_003 * (epoch + 1))
-
-
-def epoch_batch_sizes(loader: Iterable, n_batches: int) -> list[int] | None:
-    """The sizes of the epoch's batches when the loader's batch sampler tells them ahead, so that
-    accumulation weighs micro-batches by samples (a short last batch counts for what it holds)."""
-    bs = getattr(loader, "batch_sampler", None)
-    if callable(getattr(bs, "batch_sizes", None)):  # torchkiln's samplers know their own
-        sizes = list(bs.batch_sizes())
-        return sizes if len(sizes) == n_batches else None
-    size = getattr(bs, "batch_size", None)
-    if not isinstance(size, int) or size < 1 or not hasattr(getattr(bs, "sampler", None), "__len__"):
-        return None
-    full, rest = divmod(len(bs.sampler), size)
-    sizes = [size] * full + ([rest] if rest and not getattr(bs, "drop_last", False) else [])
-    return sizes if len(sizes) == n_batches else None
 
 
 class Trainer:
