@@ -1,0 +1,1 @@
+"""Built-in callbacks: the monitor and early stopping, checkpointing, freezing, progress, logging."""
