@@ -9,7 +9,7 @@ smoothing 0.1, fp32) for the same epochs, with a validation pass (loss, accuracy
 
 - hand loop, DataLoader: the textbook loop over a torch DataLoader of the same tensors.
 - hand loop, index slicing: the same loop, batches by `x[idx]` (what torchkiln's fast path does).
-- torchkiln, defaults: `torchkiln.run.train` on the default config, i.e. what `kiln train` does:
+- torchkiln, defaults: `torchkiln.commands.train.train` on the default config, i.e. what `kiln train` does:
   run directory, train.log, progress bar, train and val metrics (accuracy, f1_macro), per-step
   loss/LR/grad-norm rows, CSV + JSONL + TensorBoard, best.ckpt and last.ckpt every epoch
   (fsynced), summary.json and the curves plot. Digits are in-memory tensors, so its default data
@@ -238,7 +238,7 @@ def run_hand(s: Setup, path: str) -> tuple[float, float, float]:
 
 
 def run_torchkiln(s: Setup, path: str, extras: bool) -> tuple[float, float, float]:
-    from torchkiln import run
+    from torchkiln.commands import train as run
 
     overrides = [f"output_dir={s.workdir / 'runs'}", "model.type=ClockedSmallCNN"]
     if path == "DataLoader":

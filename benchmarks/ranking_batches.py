@@ -64,8 +64,8 @@ def items_per_query(cfg_data: dict) -> float:
 
 
 def run(cfg_data: dict) -> dict:
+    from torchkiln.commands.train import train
     from torchkiln.config.load import resolve
-    from torchkiln.run import train
 
     run_dir, summary = train(resolve(cfg_data), progress=False)
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -59,7 +59,7 @@ def measure(cfg_path: Path, seed: int, target: float, workdir: Path
             ) -> tuple[int | None, float | None, float, int]:
     """(epochs, seconds of training) to reach the target, or (None, None) when it was not reached;
     the whole run's seconds (config to stop: data, model, run directory too); the epochs run."""
-    from torchkiln import run
+    from torchkiln.commands import train as run
 
     data = apply_overrides(read_file(cfg_path), [f"seed={seed}", "trainer.early_stop=null",
                                                  f"output_dir={workdir}", "logging.progress=false"])

@@ -388,7 +388,7 @@ def test_damaged_or_foreign_checkpoints_give_one_clear_line(tmp_path, mlp_run):
     for path, what in [(truncated, "truncated"), (wrong, "wrong file type"), (corrupt, "corrupted"),
                        (plain, "not a torchkiln training checkpoint")]:
         with pytest.raises(CheckpointError, match=what) as info:
-            from torchkiln.run import find_checkpoint
+            from torchkiln.rundir import find_checkpoint
 
             find_checkpoint(str(path))
         assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)

@@ -8,11 +8,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import small_config
+from torchkiln.commands.train import build_trainer
 from torchkiln.config.build import build_data, build_loaders
 from torchkiln.config.load import resolve
 from torchkiln.data.loaders import FastLoader, set_loader_epoch
 from torchkiln.errors import ConfigError
-from torchkiln.run import build_trainer
 
 
 def _cfg(tmp_path, fast: str | bool, **data):

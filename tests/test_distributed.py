@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, kiln, small_config, write_config
 from torchkiln import Trainer
+from torchkiln.commands.train import train
 from torchkiln.config.load import resolve
 from torchkiln.data.loaders import ResumableBatchSampler
 from torchkiln.engine.checkpoint import load_checkpoint
-from torchkiln.run import train
 
 PER_PROCESS_BATCH = 32
 
@@ -373,8 +373,8 @@ def test_ddp_ranks_skip_a_batch_together_when_one_rank_has_a_nonfinite_loss(tmp_
 def _folds_worker(rank: int, world: int, out: str, cfg: dict) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(cfg.pop("port"))})
+    from torchkiln.commands.kfold import train_folds
     from torchkiln.engine import distributed
-    from torchkiln.kfold import train_folds
 
     try:
         root, result = train_folds(resolve(cfg), progress=False)

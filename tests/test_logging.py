@@ -15,9 +15,9 @@ from PIL import Image
 from sklearn.metrics import confusion_matrix
 
 from conftest import kiln, small_config, write_config
+from torchkiln.commands.train import train
 from torchkiln.config.load import resolve
 from torchkiln.loggers.validation import ValidationCollector
-from torchkiln.run import train
 
 
 def _csv(path: Path) -> list[dict[str, str]]:

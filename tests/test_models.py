@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import kiln, small_config, write_config
-from torchkiln import run
+from torchkiln.commands import train as run
 from torchkiln.config.build import build_freezer, build_model, build_optimizer, check_components
 from torchkiln.config.load import resolve
 from torchkiln.engine.checkpoint import load_checkpoint, model_weights

@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import confusion_matrix
 
 from conftest import kiln, small_config, write_config
-from torchkiln import run
+from torchkiln.commands import train as run
 from torchkiln.config.load import resolve
 
 HEADS = ("mask", "gender", "age")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT, kiln, small_config, write_config
+from torchkiln.commands.train import build_trainer
 from torchkiln.config.build import build_data, build_loaders
 from torchkiln.config.load import resolve
 from torchkiln.data.groups import dataset_groups
@@ -21,7 +22,6 @@ from torchkiln.data.query_sampler import QueryBatchSampler, queries_per_batch
 from torchkiln.data.splits import split_dataset
 from torchkiln.data.tensorfile import TensorFile
 from torchkiln.errors import ConfigError, DataError
-from torchkiln.run import build_trainer
 
 
 def _bench():

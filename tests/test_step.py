@@ -360,9 +360,9 @@ def test_group_pattern_matching_nothing_is_a_config_error(tmp_path):
 def test_deferred_nan_check_names_the_step_and_saves_nothing_after_it(tmp_path, monkeypatch):
     """The accelerator path (no sync per step), forced on the CPU: the NaN of step 30 is found at
     the step-32 checkpoint, which is then not written; the message names step 30."""
+    from torchkiln.commands.train import build_trainer
     from torchkiln.config.load import resolve
     from torchkiln.errors import TrainingError
-    from torchkiln.run import build_trainer
 
     (tmp_path / "nanloss_deferred.py").write_text(NAN_LOSS)
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import kiln, small_config, write_config
+from torchkiln.commands.train import build_trainer
 from torchkiln.config.build import build_data
 from torchkiln.config.load import resolve
 from torchkiln.data.splits import split_dataset
 from torchkiln.data.tensorfile import TensorFile
 from torchkiln.engine.checkpoint import load_checkpoint
-from torchkiln.run import build_trainer
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import kiln, small_config, write_config
-from torchkiln import run
+from torchkiln.commands import train as run
 from torchkiln.config.load import resolve
 
 FAST = {"progress": False, "tensorboard": False, "plots": False}

@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import write_config
 from torchkiln import Trainer
+from torchkiln.commands.train import train
 from torchkiln.config.load import load_config, resolve
 from torchkiln.engine.checkpoint import load_checkpoint
 from torchkiln.metrics import build_metrics
 from torchkiln.models import MLP
-from torchkiln.run import train
 
 
 def _run(cfg: dict, tmp_path: Path, resume=None) -> tuple[Path, dict]:

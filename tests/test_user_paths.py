@@ -96,7 +96,7 @@ def test_a_onecycle_length_shorter_than_the_run_is_refused_before_anything_runs(
 # 3. ReduceLROnPlateau follows the monitor
 # ------------------------------------------------------------------------------------------
 def test_plateau_mode_follows_the_monitor_and_does_not_cut_an_improving_accuracy(tmp_path):
-    from torchkiln.run import build_parts
+    from torchkiln.commands.train import build_parts
 
     cfg = small_config(tmp_path, scheduler={"type": "ReduceLROnPlateau", "args": {"patience": 0, "factor": 0.5}})
     trainer, _, _ = build_parts(resolve(cfg), progress=False)
@@ -188,7 +188,7 @@ def test_packing_leaves_accelerator_tensors_where_they_are():
 # 8 and 10. smaller things
 # ------------------------------------------------------------------------------------------
 def test_report_tells_an_early_stop_and_draws_the_per_step_lr(tmp_path, kiln):
-    from torchkiln.report import load_run, report
+    from torchkiln.commands.report import load_run, report
 
     cfg = small_config(tmp_path, scheduler={"type": "OneCycleLR", "args": {"max_lr": 0.02}},
                        trainer={"epochs": 8, "monitor": "val/loss", "early_stop": 1, "min_delta": 10.0},
@@ -263,7 +263,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
 
 
 def test_threads_setting_reaches_torch(tmp_path):
-    from torchkiln.run import build_parts
+    from torchkiln.commands.train import build_parts
 
     before = torch.get_num_threads()
     try:
@@ -288,7 +288,7 @@ def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path):
     """Same weights after training with and without the one-batch probe (it restores the RNGs and
     moves no BatchNorm statistics)."""
     from torchkiln import probe as probe_module
-    from torchkiln.run import build_parts
+    from torchkiln.commands.train import build_parts
 
     cfg = resolve(small_config(tmp_path, model={"type": "SmallCNN", "args": {"num_classes": 10}},
                                data={"transforms": {"train": [{"type": "RandomAffine", "args": {"degrees": 15}}]}},

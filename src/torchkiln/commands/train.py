@@ -1,170 +1,120 @@
-"""What `kiln train` and `kiln test` do: config -> objects -> Trainer, inside a run directory."""
+"""`kiln train` (and `kiln config check`): config -> built parts -> Trainer, inside a run directory.
+`--devices N` starts N workers that each come back here; `--folds` is `commands/kfold.py`."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
 import os
-import re
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
+from torchkiln.commands import rank0
+from torchkiln.commands.logs import console, held_log
 from torchkiln.config.load import (
     apply_overrides,
     config_errors_from,
-    dump_yaml,
     read_file,
     resolve,
     to_plain,
 )
 from torchkiln.config.schema import Config
 from torchkiln.errors import CheckpointError, ConfigError
+from torchkiln.rundir import (
+    CONFIG,
+    NORMALIZATION,
+    find_checkpoint,
+    load_resumable,
+    plan_run_dir,
+    run_dir_of,
+)
 
 log = logging.getLogger("torchkiln")
-CHECKPOINTS = "checkpoints"
-NORMALIZATION = "normalization.json"  # data.normalize's statistics, in the run directory
-NORMALIZATION_KEY = "normalization"  # ... and beside the resolved config in every checkpoint
+NORMALIZATION_KEY = "normalization"  # data.normalize's statistics, beside the resolved config in every checkpoint
 
 
 # ------------------------------------------------------------------------------------------
-# run directories
+# the command
 # ------------------------------------------------------------------------------------------
-def plan_run_dir(cfg: Config) -> Path:
-    """A new run directory's path (`output_dir/name/timestamp`), not yet made."""
-    root = Path(cfg.output_dir) / cfg.name
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir, i = root / stamp, 1
-    while run_dir.exists():
-        run_dir, i = root / f"{stamp}-{i}", i + 1
-    return run_dir
+def main(args: argparse.Namespace) -> int:
+    """`kiln train`: one run, new or resumed, in this process or in N (--devices N)."""
+    console(args.quiet)
+    from torchkiln.engine import distributed
 
+    distributed.quiet_other_ranks()  # a worker of rank > 0 logs warnings and errors only
+    if not args.resume and distributed.restart_count() > 0:  # a restarted worker group
+        args.resume = _restart_target(args)
+    cfg, resume, state, source = _config_of(args)
+    if args.devices > 1 and "LOCAL_RANK" not in os.environ:
+        return _launch(args, cfg, resume)
+    from torchkiln.engine.state import StopRequested
 
-def new_run_dir(cfg: Config) -> Path:
-    run_dir = plan_run_dir(cfg)
-    run_dir.mkdir(parents=True)
-    return run_dir
-
-
-def find_checkpoint(target: str, cfg: Config | None = None) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to resume from, loaded (safely) and checked, or None for `auto` without runs.
-
-    `auto`: the newest valid checkpoint of the newest run of this config's name; a damaged newest
-    checkpoint is skipped with a warning. RUN_DIR: its newest valid checkpoint. CKPT: that file.
-    """
-    if target == "auto":
-        if cfg is None:
-            raise ConfigError("--resume auto needs a config to know the run name")
-        root = Path(cfg.output_dir) / cfg.name
-        runs = sorted((p for p in root.glob("*") if _candidates(p / CHECKPOINTS)), key=_run_order)
-        if not runs:
-            return None
-        return _newest_valid(runs[-1] / CHECKPOINTS)
-    path = Path(target)
-    if path.is_dir():
-        ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-        if not _candidates(ckpt_dir):
-            raise CheckpointError(f"{path}: no checkpoint found in {ckpt_dir}")
-        return _newest_valid(ckpt_dir)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
-    return path, _load_resumable(path)
-
-
-def _load_resumable(path: Path) -> dict[str, Any]:
-    from torchkiln.engine.checkpoint import FORMAT, load_checkpoint
-
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a torchkiln training checkpoint (plain weights hold no optimizer or loop"
-            " state to resume; train from them with a new run instead)"
-        )
-    return state
-
-
-def _newest_valid(ckpt_dir: Path) -> tuple[Path, dict[str, Any]]:
-    skipped = []
-    for ckpt in _candidates(ckpt_dir):
-        try:
-            state = _load_resumable(ckpt)
-        except CheckpointError as exc:
-            log.warning("skipping unusable checkpoint: %s", exc)
-            skipped.append(ckpt.name)
-            continue
-        if skipped:
-            log.warning("falling back to %s (newer but unusable: %s)", ckpt, ", ".join(skipped))
-        return ckpt, state
-    raise CheckpointError(f"{ckpt_dir}: no usable checkpoint ({', '.join(skipped)} all damaged);"
-                          " resume from another run directory or start without --resume")
-
-
-def _run_order(run: Path) -> tuple[str, int]:
-    """Run directories are timestamps, `-N` added on a clash: order by time, then N."""
-    m = re.fullmatch(r"(\d{8}-\d{6})-(\d+)", run.name)
-    return (m.group(1), int(m.group(2))) if m else (run.name, 0)
-
-
-def _candidates(ckpt_dir: Path) -> list[Path]:
-    """Checkpoints newest first: by time written; on a tie last.ckpt, then numbered, then best."""
-    if not ckpt_dir.is_dir():
-        return []
-    rank = {"last.ckpt": 0, "best.ckpt": 2}
-    files = list(ckpt_dir.glob("*.ckpt"))
-    return sorted(files, key=lambda p: (-p.stat().st_mtime_ns, rank.get(p.name, 1), p.name))
-
-
-def run_dir_of(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
-
-
-# ------------------------------------------------------------------------------------------
-# logging to the console and train.log
-# ------------------------------------------------------------------------------------------
-class _Held(logging.Handler):
-    """Keeps the records logged while a run is built (before its directory exists) for train.log."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@contextlib.contextmanager
-def held_log(rank0: bool = True):
-    """Collect the records of the build for train.log (rank 0's: other ranks keep their quieter level)."""
-    from torchkiln.loggers.summary import at_least_info
-
-    held = _Held()
-    log.addHandler(held)
-    level = at_least_info() if rank0 else log.level
     try:
-        yield held.records
+        train(cfg, resume=resume, progress=not args.quiet, state=state, source=source)
+    except StopRequested as stop:
+        return 128 + stop.signum
     finally:
-        log.setLevel(level)
-        log.removeHandler(held)
+        distributed.destroy()
+    return 0
 
 
-@contextlib.contextmanager
-def file_log(run_dir: Path, earlier: list[logging.LogRecord] = ()):
-    """train.log in `run_dir` for the run's records (`earlier`: those logged before it existed)."""
-    from torchkiln.loggers.summary import at_least_info, train_log_handler
+def _config_of(args: argparse.Namespace) -> tuple[Config, Path | None, dict[str, Any] | None, str]:
+    """(config, checkpoint, its content, config file): on resume the run's own config.yaml is the base."""
+    from torchkiln.config.load import default_config_path, load_checked, load_config
 
-    handler = train_log_handler(run_dir / "train.log")
-    for record in earlier:
-        handler.handle(record)
-    log.addHandler(handler)
-    level = at_least_info()
+    if args.resume:
+        base = load_config(args.config, args.overrides) if args.resume == "auto" else None
+        found = resume_config(args.resume, base, args.overrides)
+        if found is not None:
+            cfg, resume, state = found
+            log.info("resuming from %s", resume)
+            return cfg, resume, state, str(run_dir_of(resume) / CONFIG)
+        log.info("--resume auto: no checkpoint of '%s' under %s yet; starting a new run",
+                 base.name, base.output_dir)
+    return load_checked(args.config, args.overrides), None, None, str(args.config or default_config_path())
+
+
+def _launch(args: argparse.Namespace, cfg: Config, resume: Path | None) -> int:
+    """`kiln train --devices N`: validate here once, plan the run directory, start N workers."""
+    from torchkiln.config.build import check_components
+    from torchkiln.engine import distributed
+
+    if cfg.trainer.strategy == "dp":
+        raise ConfigError("trainer.strategy: dp is one process over several GPUs; with --devices use ddp or auto")
+    check_components(cfg)
+    import torch
+
+    gpus = torch.cuda.device_count() if cfg.trainer.device != "cpu" else 0
+    if 0 < gpus < args.devices:
+        raise ConfigError(f"--devices {args.devices}: only {gpus} GPU(s) visible; use --devices {gpus}"
+                          f" (one process per GPU) or trainer.device=cpu")
+    # Planned here, made by the workers' rank 0 once the run is built (nothing before that).
+    run_dir = run_dir_of(resume) if resume is not None else plan_run_dir(cfg)
+    worker = (["--debug"] if args.debug else []) + ["train"]
+    worker += ["-c", args.config] if args.config else []
+    worker += ["--resume", str(resume)] if resume is not None else []
+    worker += ["-q"] if args.quiet else []
+    log.info("starting %d processes; run directory %s", args.devices, run_dir)
+    return distributed.launch(worker + list(args.overrides), args.devices, args.max_restarts, str(run_dir))
+
+
+def _restart_target(args: argparse.Namespace) -> str | None:
+    """After an elastic restart, continue from the run's newest checkpoint (if it wrote one)."""
+    from torchkiln.config.load import load_config
+    from torchkiln.engine import distributed
+
+    target = os.environ.get(distributed.RUN_DIR_ENV) or "auto"
     try:
-        yield
-    finally:
-        log.setLevel(level)
-        log.removeHandler(handler)
-        handler.close()
+        found = find_checkpoint(target, load_config(args.config, args.overrides))
+    except CheckpointError:
+        return args.resume
+    if found is None:  # the group died before its first checkpoint: start again
+        return args.resume
+    log.info("restart %d: resuming from %s", distributed.restart_count(), found[0])
+    return str(found[0])
 
 
 @contextlib.contextmanager
@@ -204,7 +154,7 @@ def resume_config(target: str, cfg: Config | None, overrides: list[str]
     if found is None:
         return None
     ckpt, state = found
-    run_cfg = run_dir_of(ckpt) / "config.yaml"
+    run_cfg = run_dir_of(ckpt) / CONFIG
     if not run_cfg.is_file():
         raise CheckpointError(f"{ckpt}: its run directory has no config.yaml to resume with")
     data = apply_overrides(read_file(run_cfg), overrides)
@@ -241,58 +191,58 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
     from torchkiln.engine.step import check_precision
 
     distributed.init_from_env(cfg.trainer.device, cfg.trainer.dist_timeout)
-    rank0 = distributed.is_rank0()
     check_precision(cfg.trainer.precision, resolve_device(distributed.rank_device(cfg.trainer.device)))
-    with held_log(rank0) as earlier:
+    with held_log(distributed.is_rank0()) as earlier:
         if resume is not None:
             resume = Path(resume)
-            state = state if state is not None else _load_resumable(resume)
+            state = state if state is not None else load_resumable(resume)
         trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=resume is None,
                                              normalization=stored_normalization(state))
         _log_batch_size(cfg)
         if state is not None:
-            try:
-                trainer.load_state_dict(state)  # checked before anything in the run is rewritten
-            except CheckpointError as exc:
-                raise CheckpointError(f"{resume}: {exc}") from None
-            loop = state["loop"]
-            if loop.get("stopped_early") or loop.get("epoch", 0) >= cfg.trainer.epochs:
-                log.info("%s: this run already finished (%d epochs); to train longer, resume with"
-                         " trainer.epochs=N", resume, loop.get("epoch", 0))
-        # Rank duties: rank 0 makes the run directory (`kiln train --devices N` planned its path)
-        # and sends its path to the others.
-        if resume is not None:
-            run_dir = run_dir_of(resume)
-        elif os.environ.get(distributed.RUN_DIR_ENV):
-            run_dir = Path(os.environ[distributed.RUN_DIR_ENV])
-            if rank0:
-                run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            run_dir = distributed.broadcast_object(new_run_dir(cfg) if rank0 else None)
-    with file_log(run_dir, earlier) if rank0 else contextlib.nullcontext():
+            _load_state(cfg, trainer, state, resume)
+        run_dir = rank0.run_dir(cfg, resume)
+    with rank0.run_log(run_dir, earlier):
         log.info("run directory %s", run_dir)
         open_run_dir(cfg, trainer, data, run_dir, extra_loggers)
-        if rank0:
-            (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        rank0.write_config(run_dir, cfg)
         torch.set_float32_matmul_precision("high")
-        from torchkiln.engine.state import StopRequested
-
-        try:
-            with stop_on_signals(trainer), distributed.collective_errors():
-                summary = trainer.fit(loaders["train"], loaders.get("val"), resume=state)
-        except StopRequested as stop:
-            if rank0:
-                _finish(cfg, run_dir, trainer.summary())
-            log.warning("stopped by %s; checkpoint written: %s. Resume with: kiln train --resume %s",
-                        signal.Signals(stop.signum).name, stop.checkpoint, run_dir)
-            raise
-        if rank0:
-            _finish(cfg, run_dir, summary)
+        summary = _fit(cfg, trainer, loaders, state, run_dir)
         distributed.barrier()
         best = summary["best"]
         log.info("done: best %s %.4f at epoch %s; run directory %s", summary["monitor"],
                  best if best is not None else float("nan"), summary["best_epoch"], run_dir)
     return run_dir, summary
+
+
+def _load_state(cfg: Config, trainer: Any, state: dict[str, Any], resume: Path) -> None:
+    """A checkpoint into the built Trainer, checked before anything in the run is rewritten."""
+    try:
+        trainer.load_state_dict(state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{resume}: {exc}") from None
+    loop = state["loop"]
+    if loop.get("stopped_early") or loop.get("epoch", 0) >= cfg.trainer.epochs:
+        log.info("%s: this run already finished (%d epochs); to train longer, resume with"
+                 " trainer.epochs=N", resume, loop.get("epoch", 0))
+
+
+def _fit(cfg: Config, trainer: Any, loaders: dict[str, Any], state: dict[str, Any] | None,
+         run_dir: Path) -> dict[str, Any]:
+    """Train until done or stopped by a signal; summary.json is written either way."""
+    from torchkiln.engine import distributed
+    from torchkiln.engine.state import StopRequested
+
+    try:
+        with stop_on_signals(trainer), distributed.collective_errors():
+            summary = trainer.fit(loaders["train"], loaders.get("val"), resume=state)
+    except StopRequested as stop:
+        rank0.write_summary(cfg, run_dir, trainer.summary())
+        log.warning("stopped by %s; checkpoint written: %s. Resume with: kiln train --resume %s",
+                    signal.Signals(stop.signum).name, stop.checkpoint, run_dir)
+        raise
+    rank0.write_summary(cfg, run_dir, summary)
+    return summary
 
 
 def check(cfg: Config, source: str | None = None) -> list[str]:
@@ -434,56 +384,3 @@ def _log_batch_size(cfg: Config) -> None:
     b, world, k = cfg.data.batch_size, distributed.world_size(), cfg.trainer.accumulate
     log.info("global batch size %d = %d per process x %d process(es) x %d accumulation step(s)",
              b * world * k, b, world, k)
-
-
-def _finish(cfg: Config, run_dir: Path, summary: dict[str, Any]) -> None:
-    from torchkiln.loggers.summary import write_summary
-
-    write_summary(run_dir, summary, cfg.name, curves=cfg.logging.plots)
-
-
-# ------------------------------------------------------------------------------------------
-# test
-# ------------------------------------------------------------------------------------------
-def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides: list[str] | None = None
-         ) -> dict[str, float]:
-    from torchkiln.engine.checkpoint import load_checkpoint, model_weights
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = resolve(apply_overrides(read_file(cfg_path), list(overrides or [])), str(cfg_path))
-    ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
-    state = load_checkpoint(ckpt)
-    weights = model_weights(state, ckpt)
-    stored = stored_normalization(state)
-    if cfg.data.normalize is not None and stored is None:
-        raise CheckpointError(f"{ckpt}: holds no data.normalize statistics (written before data.normalize"
-                              " was set?); test with data.normalize=false or a checkpoint of this run")
-    trainer, loaders = build_trainer(cfg, None, progress=False, pretrained=False, normalization=stored)
-    if split not in loaders:
-        raise ConfigError(
-            f"{cfg_path}: this run has no {split} split (set data.{split}_split or data.{split}_dataset),"
-            f" or use --split val"
-        )
-    try:
-        trainer.load_weights(weights)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{ckpt}: {exc}") from exc
-    results = trainer.evaluate(loaders[split], split)
-    out = {"checkpoint": str(ckpt), "split": split, "samples": len(loaders[split].dataset), **results}
-    (run_dir / f"{split}_metrics.json").write_text(json.dumps(out, indent=2))
-    _report(trainer, loaders[split], run_dir, split)
-    return results
-
-
-def _report(trainer, loader, run_dir: Path, split: str) -> None:
-    """Per-class tables and confusion matrices (classification tasks) beside the metrics."""
-    from torchkiln.reports import class_names_of, collect, write_reports
-
-    (run_dir / f"{split}_report.txt").unlink(missing_ok=True)
-    outputs, targets = collect(trainer, loader)
-    if outputs is not None:
-        views = trainer.task.report_views(outputs, targets, class_names_of(loader.dataset))
-        write_reports(views, run_dir, split)

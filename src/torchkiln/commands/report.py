@@ -7,6 +7,7 @@ and an HTML page embedding both.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
 import json
@@ -17,8 +18,18 @@ from typing import Any
 
 import yaml
 
-from torchkiln.errors import ConfigError
+from torchkiln.callbacks.monitor import improved
+from torchkiln.errors import ConfigError, KilnError
 from torchkiln.loggers.files import read_csv_rows
+from torchkiln.rundir import CONFIG, METRICS_CSV, METRICS_JSONL, SUMMARY
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the comparison table and where the curves and the page were written."""
+    result = report(args.run_dirs, args.out)
+    print(result["text"])
+    print(f"\nwrote {result['png']} and {result['html']}")
+    return 0
 
 
 @dataclass
@@ -49,12 +60,14 @@ class Run:
         return "finished"
 
     def best(self) -> tuple[float, int] | None:
-        values = [(row[self.monitor], int(row["epoch"])) for row in self.rows
-                  if math.isfinite(row.get(self.monitor, math.nan))]
-        if not values:
-            return None
-        pick = min if self.mode == "min" else max
-        return pick(values, key=lambda v: v[0])
+        """The best monitored value and its epoch, by the Trainer's rule (`trainer.min_delta` included)."""
+        min_delta = self.config.get("trainer.min_delta") or 0.0
+        best: tuple[float, int] | None = None
+        for row in self.rows:
+            value = row.get(self.monitor, math.nan)
+            if improved(value, best[0] if best else None, self.mode, min_delta):
+                best = (value, int(row["epoch"]))
+        return best
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -74,7 +87,7 @@ def _number(text: str) -> float:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() or (path / "metrics.csv").is_file()
+    return (path / CONFIG).is_file() or (path / METRICS_CSV).is_file()
 
 
 def expand(paths: list[str | Path]) -> list[Path]:
@@ -94,21 +107,31 @@ def expand(paths: list[str | Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
-    cfg_path, summary_path = path / "config.yaml", path / "summary.json"
+    cfg_path, summary_path = path / CONFIG, path / SUMMARY
     config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    rows = [{k: _number(v) for k, v in row.items()} for row in read_csv_rows(path / "metrics.csv")]
+    rows = [{k: _number(v) for k, v in row.items()} for row in read_csv_rows(path / METRICS_CSV)]
     summary = None
     if summary_path.is_file():
         try:
             summary = json.loads(summary_path.read_text())
         except json.JSONDecodeError:
             summary = None  # being written right now: treat the run as in progress
-    run = Run(path, flatten(config or {}), rows, summary, steps=_step_rows(path / "metrics.jsonl"))
+    run = Run(path, flatten(config or {}), rows, summary, steps=_step_rows(path / METRICS_JSONL))
     run.monitor = (summary or {}).get("monitor") or run.config.get("trainer.monitor") or "val/loss"
-    low = run.monitor.rsplit("/", 1)[-1]
-    default_mode = "min" if "loss" in low or low in {"mae", "mse", "rmse"} else "max"
-    run.mode = (summary or {}).get("mode") or run.config.get("trainer.mode") or default_mode
+    run.mode = (summary or {}).get("mode") or run.config.get("trainer.mode") or _monitor_mode(config, run.monitor)
     return run
+
+
+def _monitor_mode(config: dict[str, Any] | None, monitor: str) -> str:
+    """The direction the run's task gives its monitor (the Trainer's default for `trainer.mode`);
+    the base task's rule when the run's task cannot be built here (a user task not importable)."""
+    from torchkiln.tasks import Task, build_task
+
+    try:
+        task = build_task((config or {}).get("task") or "classification")
+    except KilnError:
+        task = Task()
+    return task.monitor_mode(monitor)
 
 
 def _step_rows(path: Path) -> list[dict[str, float]]:

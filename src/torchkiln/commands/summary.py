@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from typing import Any
 
+from torchkiln.commands.logs import console
 from torchkiln.config.schema import Config
 from torchkiln.errors import ConfigError, DataError
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the model's table and totals."""
+    from torchkiln.config.load import load_config
+
+    console(quiet=True)
+    print(model_summary(load_config(args.config, args.overrides), args.batch_size, args.depth))
+    return 0
 
 
 def sample_input(task: Any, data: Any, batch_size: int) -> Any:

@@ -6,13 +6,24 @@ state_dict, and `model.json` says which model (type and arguments) it belongs to
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 from typing import Any
 
+from torchkiln.commands.logs import console
 from torchkiln.errors import CheckpointError, ConfigError
+from torchkiln.rundir import CHECKPOINTS, EXPORT, LAST, checkpoint_path
 
 FORMATS = ("safetensors", "pt")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the paths of the files written."""
+    console(quiet=False)
+    for path in export(Path(args.run_dir), args.format, args.checkpoint, args.out):
+        print(path)
+    return 0
 
 
 def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "best",
@@ -22,18 +33,14 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
 
     from torchkiln import __version__
     from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, strip_prefixes
-    from torchkiln.run import CHECKPOINTS
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}; found {fmt!r}")
     run_dir = Path(run_dir)
-    if checkpoint in ("best", "last"):
-        ckpt = run_dir / CHECKPOINTS / f"{checkpoint}.ckpt"
-        if checkpoint == "best" and not ckpt.is_file() and (run_dir / CHECKPOINTS / "last.ckpt").is_file():
-            raise CheckpointError(f"{ckpt}: not found (no epoch finished with a monitored value yet);"
-                                  " use --checkpoint last")
-    else:
-        ckpt = Path(checkpoint)
+    ckpt = checkpoint_path(run_dir, checkpoint)
+    if checkpoint == "best" and not ckpt.is_file() and (run_dir / CHECKPOINTS / LAST).is_file():
+        raise CheckpointError(f"{ckpt}: not found (no epoch finished with a monitored value yet);"
+                              " use --checkpoint last")
     if not ckpt.is_file() and not (run_dir / CHECKPOINTS).is_dir():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CHECKPOINTS}/ folder)")
     state = load_checkpoint(ckpt)
@@ -57,7 +64,7 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                     for k, v in weights.items()},
     }
-    out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out = Path(out_dir) if out_dir is not None else run_dir / EXPORT
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
         from safetensors.torch import save_file
