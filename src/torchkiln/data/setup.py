@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data import Dataset
 
 from torchkiln.errors import ConfigError
+from torchkiln.rundir import SKIPPED
 
 if TYPE_CHECKING:
     import numpy as np
@@ -203,4 +204,4 @@ def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:
     """The broken inputs that `on_error: skip` left out, one per line, in the run directory."""
     if skipped:
         lines = [f"{path}\t{reason}" for path, reason in skipped]
-        (Path(run_dir) / "skipped_files.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (Path(run_dir) / SKIPPED).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from torchkiln.loggers.base import Logger
+from torchkiln.rundir import METRICS_CSV, METRICS_JSONL
 
 
 def read_csv_rows(path: Path) -> list[dict[str, str]]:
@@ -24,7 +25,7 @@ class CSVLogger(Logger):
     column the header lacks (so the cost per epoch does not grow with the epochs).
     """
 
-    def __init__(self, run_dir: str | Path, filename: str = "metrics.csv"):
+    def __init__(self, run_dir: str | Path, filename: str = METRICS_CSV):
         self.path = Path(run_dir) / filename
         self.rows: list[dict[str, Any]] = []
         self.columns: list[str] = []
@@ -74,7 +75,7 @@ class CSVLogger(Logger):
 class JSONLLogger(Logger):
     """Step rows ({"step": ...}) and epoch rows ({"epoch": ...}), one JSON object per line."""
 
-    def __init__(self, run_dir: str | Path, filename: str = "metrics.jsonl"):
+    def __init__(self, run_dir: str | Path, filename: str = METRICS_JSONL):
         self.path = Path(run_dir) / filename
         self._file = None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torchkiln.loggers.base import Logger
 from torchkiln.loggers.validation import ValidationSample
+from torchkiln.rundir import PLOTS
 
 
 def plot_curves(history: list[dict[str, float]], path: str | Path, monitor: str | None = None) -> Path | None:
@@ -69,7 +70,7 @@ class ClassificationPlots(Logger):
     """
 
     def __init__(self, run_dir: str | Path, class_names: list[str] | None = None):
-        self.dir = Path(run_dir) / "plots"
+        self.dir = Path(run_dir) / PLOTS
         self.class_names = class_names
         self.monitor: str | None = None
         self.mode = "max"

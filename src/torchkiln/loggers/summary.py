@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from torchkiln.loggers.base import Logger
+from torchkiln.rundir import CHECKPOINTS, CURVES, LAST, PLOTS, SUMMARY, TRAIN_LOG
 
 log = logging.getLogger("torchkiln")
 
@@ -35,14 +36,14 @@ def write_summary(run_dir: Path, summary: dict[str, Any], name: str | None = Non
     draws its whole history)."""
     run_dir = Path(run_dir)
     out = {"name": name, "run_dir": str(run_dir), **summary}
-    (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    (run_dir / SUMMARY).write_text(json.dumps(out, indent=2))
     if curves and summary.get("epochs_completed"):
         from torchkiln.engine.checkpoint import load_checkpoint
         from torchkiln.loggers.plots import plot_curves
 
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = run_dir / CHECKPOINTS / LAST
         history = load_checkpoint(last)["loop"]["history"] if last.is_file() else []
-        plot_curves(history, run_dir / "plots" / "curves.png", monitor=summary.get("monitor"))
+        plot_curves(history, run_dir / PLOTS / CURVES, monitor=summary.get("monitor"))
 
 
 class SummaryFile(Logger):
@@ -60,7 +61,7 @@ class LogFile(Logger):
     holds what was logged while the run was built)."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / "train.log"
+        self.path = Path(run_dir) / TRAIN_LOG
         self._handler: logging.Handler | None = None
         self._level = logging.NOTSET
 

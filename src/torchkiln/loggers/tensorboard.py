@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from torchkiln.loggers.base import Logger, PictureCadence
+from torchkiln.rundir import TENSORBOARD
 
 
 def flat_config(config: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -44,7 +45,7 @@ class GradientTaps:
 
 
 class TensorBoardLogger(Logger):
-    def __init__(self, run_dir: str | Path, subdir: str = "tensorboard", *, model: nn.Module | None = None,
+    def __init__(self, run_dir: str | Path, subdir: str = TENSORBOARD, *, model: nn.Module | None = None,
                  histograms: int | None = None, images: int = 16, class_names: list[str] | None = None,
                  config: dict[str, Any] | None = None, images_every: int | None = None):
         self.log_dir = Path(run_dir) / subdir
