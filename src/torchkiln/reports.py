@@ -164,11 +164,3 @@ def write_reports(views: list[ReportView], run_dir: Path, split: str) -> str:
     if text:
         (run_dir / f"{split}_report.txt").write_text(text + "\n")
     return text
-
-
-def class_names_of(dataset: Any) -> list[str] | None:
-    # Through Subsets and wrappers (transforms, seeded fetching) to the dataset that has classes.
-    while getattr(dataset, "classes", None) is None and getattr(dataset, "dataset", None) is not None:
-        dataset = dataset.dataset
-    names = getattr(dataset, "classes", None)
-    return [str(c) for c in names] if names is not None else None

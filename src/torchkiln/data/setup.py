@@ -32,9 +32,10 @@ def build_dataset(comp: Any, where: str, data_cfg: Any) -> Dataset:
 
 
 def decodes_images(dataset: Dataset) -> bool:
-    while not getattr(dataset, "decodes_images", False) and isinstance(getattr(dataset, "dataset", None), Dataset):
-        dataset = dataset.dataset  # type: ignore[attr-defined]
-    return bool(getattr(dataset, "decodes_images", False))
+    from torchkiln.data.wrappers import unwrap
+
+    inner, _ = unwrap(dataset, lambda ds: bool(getattr(ds, "decodes_images", False)))
+    return bool(getattr(inner, "decodes_images", False))
 
 
 def with_transforms(dataset: Dataset | None, steps: list, where: str) -> Dataset | None:

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from torchkiln.data.splits import dataset_labels
+from torchkiln.data.wrappers import has_attr, unwrap
 
 
 def _raw(dataset: Dataset) -> Dataset:
@@ -94,12 +95,9 @@ def head_stats(task: Any, dataset: Dataset, class_names: Any) -> dict[str, dict[
 
 
 def _label_matrix(dataset: Dataset) -> np.ndarray | None:
-    from torch.utils.data import Subset
-
-    if isinstance(dataset, Subset):
-        base = _label_matrix(dataset.dataset)
-        return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
-    return getattr(dataset, "label_matrix", None)
+    ds, index = unwrap(dataset, has_attr("label_matrix"))
+    matrix = getattr(ds, "label_matrix", None)
+    return matrix if matrix is None or index is None else matrix[index]
 
 
 def format_stats(stats: dict[str, Any]) -> str:

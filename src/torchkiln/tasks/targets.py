@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
+from torchkiln.data.wrappers import has_attr, unwrap
 from torchkiln.registry import TASKS, check_args, construct
 
 
@@ -41,17 +42,15 @@ def dataset_targets(dataset: Dataset) -> Targets:
 
 
 def _stored_targets(dataset: Dataset) -> Targets | None:
-    if isinstance(dataset, Subset):
-        base = _stored_targets(dataset.dataset)
-        if base is None:
-            return None
-        idx = torch.as_tensor(np.asarray(dataset.indices), dtype=torch.long)
-        return {k: v[idx] for k, v in base.items()} if isinstance(base, dict) else base[idx]
-    heads = getattr(dataset, "head_targets", None)
+    ds, index = unwrap(dataset, has_attr("head_targets", "targets"))
+    heads = getattr(ds, "head_targets", None)
     if heads is not None:
-        return {k: torch.as_tensor(np.asarray(v)) for k, v in heads.items()}
-    values = getattr(dataset, "targets", None)
-    if values is not None:
-        return torch.as_tensor(np.asarray(values))
-    inner = getattr(dataset, "dataset", None)
-    return _stored_targets(inner) if isinstance(inner, Dataset) else None
+        stored: Targets = {k: torch.as_tensor(np.asarray(v)) for k, v in heads.items()}
+    elif getattr(ds, "targets", None) is not None:
+        stored = torch.as_tensor(np.asarray(ds.targets))  # type: ignore[attr-defined]
+    else:
+        return None
+    if index is None:
+        return stored
+    idx = torch.as_tensor(index, dtype=torch.long)
+    return {k: v[idx] for k, v in stored.items()} if isinstance(stored, dict) else stored[idx]
