@@ -481,7 +481,7 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
 def _report(trainer, loader, run_dir: Path, split: str) -> None:
     """Per-class tables and confusion matrices (classification tasks) beside the metrics."""
     from torchkiln.data.wrappers import class_names_of
-    from torchkiln.reports import collect, write_reports
+    from torchkiln.metrics.per_class import collect, write_reports
 
     (run_dir / f"{split}_report.txt").unlink(missing_ok=True)
     outputs, targets = collect(trainer, loader)
