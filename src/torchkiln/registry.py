@@ -137,11 +137,14 @@ def _is_class_of(module: str, base: str) -> Callable[[Any], bool]:
     return pred
 
 
-# Modules whose import fills the registries with torchkiln's own names. Every path that resolves a
-# name from a config calls load_builtins() first, so no name depends on what happened to be imported.
+# The one list of torchkiln's own registrations: the modules whose import fills the registries
+# (and nothing else imports a module only to register it). Every path that resolves a name from a
+# config calls load_builtins() first, so no name depends on what happened to be imported.
 BUILTIN_MODULES = (
     "torchkiln.data.digits", "torchkiln.data.images", "torchkiln.data.tensorfile", "torchkiln.data.toy",
-    "torchkiln.data.collate", "torchkiln.losses", "torchkiln.metrics", "torchkiln.models", "torchkiln.tasks",
+    "torchkiln.data.collate", "torchkiln.losses", "torchkiln.metrics", "torchkiln.models.small",
+    "torchkiln.models.backbones", "torchkiln.tasks.base", "torchkiln.tasks.multilabel", "torchkiln.tasks.ranking",
+    "torchkiln.tasks.multihead",
 )
 
 
