@@ -9,9 +9,9 @@ from torch.utils.data import Dataset, Subset
 from torchkiln.data.normalize import Standardized
 from torchkiln.data.splits import dataset_labels
 from torchkiln.data.stats import compute_stats
+from torchkiln.data.targets import dataset_targets
 from torchkiln.data.transforms import Transformed
 from torchkiln.data.wrappers import class_names_of, has_attr, unwrap
-from torchkiln.tasks import dataset_targets
 
 
 class Labelled(Dataset):

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from torchkiln import __version__
 from torchkiln.errors import ConfigError, KilnError
+from torchkiln.version import __version__
 
 log = logging.getLogger("torchkiln")
 
@@ -211,7 +211,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.data_command != "stats":
             parser.parse_args(["data", "--help"])
             return 2
-        from torchkiln.data.stats import data_stats, format_stats
+        from torchkiln.config.build import data_stats
+        from torchkiln.data.stats import format_stats
 
         _console(False)
         stats, out_dir = data_stats(load_config(args.config, args.overrides), args.out, args.max_images)

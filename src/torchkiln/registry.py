@@ -100,6 +100,13 @@ def construct(factory: Callable, kwargs: dict[str, Any], where: str, what: str) 
         raise ConfigError(f"{where}: could not build {what}: {exc}") from exc
 
 
+def build(comp: Any, registry: Registry, where: str, **extra: Any) -> Any:
+    """A config component (`{type, args}`) built from `registry`; `extra` arguments give way to the
+    config's own."""
+    factory = registry.get(comp.type, f"{where}.type")
+    return construct(factory, {**extra, **comp.args}, where, comp.type)
+
+
 def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterable[str] = ()) -> None:
     """Refuse arguments the factory does not accept, naming the closest valid one."""
     try:

@@ -111,7 +111,7 @@ class ClassificationPlots(Logger):
             self._write(epoch, sample)
 
     def _write(self, epoch: int, sample: ValidationSample) -> None:
-        from torchkiln.loggers import figures
+        from torchkiln.loggers.figures import per_class_f1_figure, save
         from torchkiln.loggers.images import confusion_image, save_png, view_class_names
         from torchkiln.metrics.confusion import per_class_scores
         from torchkiln.metrics.per_class import class_names as full_names
@@ -122,7 +122,6 @@ class ClassificationPlots(Logger):
         suffix = f"_{sample.view}" if sample.view else ""
         cm = sample.confusion()
         save_png(confusion_image(cm, names, f"confusion matrix ({which})"), self.dir / f"confusion_matrix{suffix}.png")
-        figures.save(figures.per_class_f1_figure(sample, names, f"per-class F1 ({which})"),
-                     self.dir / f"per_class_f1{suffix}.png")
+        save(per_class_f1_figure(sample, names, f"per-class F1 ({which})"), self.dir / f"per_class_f1{suffix}.png")
         rows = class_rows(per_class_scores(cm), full_names(names, sample.num_classes))
         write_per_class_csv(rows, self.dir / f"per_class{suffix}.csv")

@@ -1,29 +1,12 @@
-"""Building a task from the config, and reading a dataset's targets (for `balanced` weights)."""
+"""All targets of a dataset (for `balanced` weights, class counts and multihead checks)."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from torchkiln.data.wrappers import has_attr, unwrap
-from torchkiln.registry import TASKS, check_args, construct
-
-
-def build_task(spec: Any, where: str = "task"):
-    """`task: name` or `task: {type, args}` (a registered name or an import path) -> a Task."""
-    if isinstance(spec, str):
-        name, args = spec, {}
-    elif isinstance(spec, dict):
-        name, args = spec["type"], dict(spec.get("args") or {})
-    else:
-        name, args = spec.type, dict(spec.args)
-    factory = TASKS.get(name, where)
-    check_args(factory, args, f"{where}.args")
-    return construct(factory, args, where, f"task '{name}'")
-
 
 Targets = torch.Tensor | dict[str, torch.Tensor]
 
