@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model  # beside this script (run as `python benchmarks/dataloader.py`)
 from torch.utils.data import Dataset, Subset
 
 from torchkiln.data.collate import DefaultCollate
 from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader, set_loader_epoch
 from torchkiln.engine.device import move_to
-from torchkiln.repro import cpu_model
 
 
 class Synthetic(Dataset):

@@ -32,8 +32,10 @@ from pathlib import Path
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if (_SRC / "torchkiln").is_dir():
     sys.path.insert(0, str(_SRC))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # beside it: machine.py
 
 import torch  # noqa: E402
+from machine import machine  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from torchkiln.data.digits import Digits  # noqa: E402
@@ -43,7 +45,6 @@ from torchkiln.loggers.files import CSVLogger, JSONLLogger  # noqa: E402
 from torchkiln.loggers.tensorboard import TensorBoardLogger  # noqa: E402
 from torchkiln.metrics import build_metrics  # noqa: E402
 from torchkiln.models.small import SmallCNN  # noqa: E402
-from torchkiln.repro import machine  # noqa: E402
 
 
 class Records(Logger):

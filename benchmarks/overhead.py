@@ -52,8 +52,10 @@ from pathlib import Path
 _SRC = Path(__file__).resolve().parents[1] / "src"
 if (_SRC / "torchkiln").is_dir():
     sys.path.insert(0, str(_SRC))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # beside it: machine.py
 
 import torch  # noqa: E402
+from machine import machine  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Sampler, TensorDataset  # noqa: E402
 
@@ -62,11 +64,10 @@ from torchkiln.config.load import (  # noqa: E402
     default_config_path,
     read_file,
     resolve,
-    to_plain,
 )
+from torchkiln.config.schema import to_plain  # noqa: E402
 from torchkiln.models.small import SmallCNN  # noqa: E402
 from torchkiln.registry import MODELS  # noqa: E402
-from torchkiln.repro import machine  # noqa: E402
 
 # ------------------------------------------------------------------------------------------
 # shared set-up: the config's data split, batch order and model

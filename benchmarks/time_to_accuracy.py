@@ -24,12 +24,13 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "src" / "torchkiln").is_dir():
     sys.path.insert(0, str(_ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # beside it: machine.py
 
 import torch  # noqa: E402
+from machine import machine  # noqa: E402
 
 from torchkiln.config.load import apply_overrides, default_config_path, read_file, resolve  # noqa: E402
 from torchkiln.loggers.base import Logger  # noqa: E402
-from torchkiln.repro import machine  # noqa: E402
 
 
 class Reached(Exception):

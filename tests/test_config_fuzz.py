@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from conftest import small_config
 from torchkiln.cli import main
-from torchkiln.config.load import resolve, to_plain
+from torchkiln.config.load import resolve
+from torchkiln.config.schema import to_plain
 
 pytestmark = pytest.mark.slow
 

@@ -201,7 +201,7 @@ def test_metric_for_the_wrong_task_kind_is_a_config_error():
 def test_confusion_metrics_leave_out_ignored_targets_and_refuse_foreign_ones():
     """accuracy/precision/recall/F1 come from one confusion matrix: targets below 0 (the loss's
     ignore_index) are left out, as sklearn sees only the rest; a target >= num_classes is an error."""
-    from torchkiln.confusion import ConfusionMetric
+    from torchkiln.metrics.confusion import ConfusionMetric
 
     g = torch.Generator().manual_seed(3)
     y = torch.randint(0, 4, (90,), generator=g)

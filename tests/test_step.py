@@ -21,7 +21,7 @@ from torchkiln.engine.trainer import Trainer
 from torchkiln.errors import ConfigError
 from torchkiln.loggers.base import Logger
 from torchkiln.models.small import MLP, SmallCNN
-from torchkiln.repro import fingerprint
+from torchkiln.seeding import fingerprint
 
 
 @pytest.fixture(scope="module")

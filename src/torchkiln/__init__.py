@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from torchkiln.version import __version__
 
 # Heavy objects (anything importing torch) load on first use so that `kiln --help` stays fast.
 _LAZY = {
     "Trainer": "torchkiln.engine.trainer",
-    "seed_everything": "torchkiln.repro",
-    "fingerprint": "torchkiln.repro",
+    "seed_everything": "torchkiln.seeding",
+    "fingerprint": "torchkiln.seeding",
     "run_loggers": "torchkiln.loggers",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from torchkiln.engine.trainer import Trainer
     from torchkiln.loggers import run_loggers
-    from torchkiln.repro import fingerprint, seed_everything
+    from torchkiln.seeding import fingerprint, seed_everything
 
 
 def __getattr__(name: str):

@@ -8,8 +8,8 @@ import importlib
 import os
 import sys
 
-from torchkiln import __version__
 from torchkiln.errors import KilnError
+from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
 COMMANDS = {"train": "train", "test": "test", "report": "report", "summary": "summary", "export": "export",

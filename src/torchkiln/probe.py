@@ -37,7 +37,7 @@ def first_samples(loader: Any, n: int = 2) -> Any | None:
 
 def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: Any) -> None:
     """Raise a ConfigError naming what failed when one small batch does not go through."""
-    from torchkiln.repro import rng_state, set_rng_state
+    from torchkiln.seeding import rng_state, set_rng_state
 
     state, training = rng_state(), model.training
     key, part = "data", "the data's transforms and collate"

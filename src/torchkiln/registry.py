@@ -100,6 +100,13 @@ def construct(factory: Callable, kwargs: dict[str, Any], where: str, what: str) 
         raise ConfigError(f"{where}: could not build {what}: {exc}") from exc
 
 
+def build(comp: Any, registry: Registry, where: str, **extra: Any) -> Any:
+    """A config component (`{type, args}`) built from `registry`; `extra` arguments give way to the
+    config's own."""
+    factory = registry.get(comp.type, f"{where}.type")
+    return construct(factory, {**extra, **comp.args}, where, comp.type)
+
+
 def check_args(factory: Callable, args: dict[str, Any], where: str, skip: Iterable[str] = ()) -> None:
     """Refuse arguments the factory does not accept, naming the closest valid one."""
     try:
@@ -137,11 +144,14 @@ def _is_class_of(module: str, base: str) -> Callable[[Any], bool]:
     return pred
 
 
-# Modules whose import fills the registries with torchkiln's own names. Every path that resolves a
-# name from a config calls load_builtins() first, so no name depends on what happened to be imported.
+# The one list of torchkiln's own registrations: the modules whose import fills the registries
+# (and nothing else imports a module only to register it). Every path that resolves a name from a
+# config calls load_builtins() first, so no name depends on what happened to be imported.
 BUILTIN_MODULES = (
     "torchkiln.data.digits", "torchkiln.data.images", "torchkiln.data.tensorfile", "torchkiln.data.toy",
-    "torchkiln.data.collate", "torchkiln.losses", "torchkiln.metrics", "torchkiln.models", "torchkiln.tasks",
+    "torchkiln.data.collate", "torchkiln.losses", "torchkiln.metrics", "torchkiln.models.small",
+    "torchkiln.models.backbones", "torchkiln.tasks.base", "torchkiln.tasks.multilabel", "torchkiln.tasks.ranking",
+    "torchkiln.tasks.multihead",
 )
 
 

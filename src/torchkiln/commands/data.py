@@ -12,8 +12,9 @@ def main(args: argparse.Namespace) -> int:
 
 def stats(args: argparse.Namespace) -> int:
     from torchkiln.commands.logs import console
+    from torchkiln.config.build import data_stats
     from torchkiln.config.load import load_config
-    from torchkiln.data.stats import data_stats, format_stats
+    from torchkiln.data.stats import format_stats
 
     console(False)
     found, out_dir = data_stats(load_config(args.config, args.overrides), args.out, args.max_images)

@@ -31,8 +31,8 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
     """Write model.safetensors (or model.pt) and model.json into `out_dir` (default RUN_DIR/export)."""
     import torch
 
-    from torchkiln import __version__
     from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, strip_prefixes
+    from torchkiln.version import __version__
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}; found {fmt!r}")

@@ -47,7 +47,7 @@ def model_summary(cfg: Config, batch_size: int | None = None, depth: int = 3) ->
         check_components,
         num_classes_of,
     )
-    from torchkiln.repro import seed_everything
+    from torchkiln.seeding import seed_everything
     from torchkiln.tasks import build_task
 
     check_components(cfg)

@@ -63,7 +63,8 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
 
 def _report(trainer, loader, run_dir: Path, split: str) -> None:
     """Per-class tables and confusion matrices (classification tasks) beside the metrics."""
-    from torchkiln.reports import class_names_of, collect, write_reports
+    from torchkiln.data.wrappers import class_names_of
+    from torchkiln.metrics.per_class import collect, write_reports
 
     (run_dir / split_report(split)).unlink(missing_ok=True)
     outputs, targets = collect(trainer, loader)

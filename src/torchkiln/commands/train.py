@@ -19,9 +19,8 @@ from torchkiln.config.load import (
     config_errors_from,
     read_file,
     resolve,
-    to_plain,
 )
-from torchkiln.config.schema import Config
+from torchkiln.config.schema import Config, to_plain
 from torchkiln.errors import CheckpointError, ConfigError
 from torchkiln.rundir import (
     CONFIG,
@@ -291,12 +290,12 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
 
 def open_run_dir(cfg: Config, trainer: Any, data: Any, run_dir: Path, extra_loggers: list[Any] = ()) -> None:
     """Point a built Trainer at its run directory; rank 0 gets the run's loggers and files."""
+    from torchkiln.config.build import build_loggers
     from torchkiln.engine import distributed
-    from torchkiln.loggers import build_loggers
 
     loggers: list[Any] = list(extra_loggers)
     if distributed.is_rank0():  # rank duties: only rank 0 writes the run's files
-        from torchkiln.data.setup import write_skipped
+        from torchkiln.data.build import write_skipped
 
         write_skipped(run_dir, data.skipped)
         if data.normalization is not None:
@@ -319,10 +318,11 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
         build_scheduler,
         num_classes_of,
     )
+    from torchkiln.data.targets import dataset_targets
     from torchkiln.engine import distributed
     from torchkiln.engine.trainer import Trainer
-    from torchkiln.repro import seed_everything
-    from torchkiln.tasks import build_task, dataset_targets
+    from torchkiln.seeding import seed_everything
+    from torchkiln.tasks import build_task
 
     if cfg.trainer.threads is not None:
         import torch

@@ -5,12 +5,13 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from torchkiln.config.schema import Component, Config
+from torchkiln.config.schema import Component, Config, to_plain
 from torchkiln.errors import ConfigError, did_you_mean
 from torchkiln.registry import (
     DATASETS,
@@ -18,6 +19,7 @@ from torchkiln.registry import (
     MODELS,
     OPTIMIZERS,
     SCHEDULERS,
+    build,
     check_args,
     construct,
     load_builtins,
@@ -53,7 +55,7 @@ def check_components(cfg: Config) -> None:
 
 def _check_sampler(task: Any, spec: Any) -> None:
     """`data.sampler.args.head` names a head of a multihead task."""
-    from torchkiln.data.setup import sampler_head
+    from torchkiln.data.build import sampler_head
     from torchkiln.tasks import MultiHeadTask
 
     kind, head = sampler_head(spec)
@@ -100,11 +102,6 @@ def _components(cfg: Config):
         yield "scheduler", cfg.scheduler, SCHEDULERS
 
 
-def build(comp: Component, registry, where: str, **extra: Any) -> Any:
-    factory = registry.get(comp.type, f"{where}.type")
-    return construct(factory, {**extra, **comp.args}, where, comp.type)
-
-
 @dataclass
 class Data:
     train: Any
@@ -118,14 +115,14 @@ class Data:
 
 def build_data(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test"),
                normalization: dict[str, Any] | None = None) -> Data:
-    from torchkiln.data.setup import build_data as _build_data
+    from torchkiln.data.build import build_data as _build_data
 
     load_builtins()
     return _build_data(cfg, Data, normalization)
 
 
 def build_loaders(cfg: Config, data: Data) -> dict[str, Any]:
-    from torchkiln.data.setup import build_loaders as _build_loaders
+    from torchkiln.data.build import build_loaders as _build_loaders
 
     return _build_loaders(cfg, data)
 
@@ -143,8 +140,6 @@ def num_classes_of(cfg: Config, data: Data | None) -> int | None:
 
 def check_model_config(cfg: Config) -> None:
     """Before anything heavy: no hub downloads, and the pretrained file exists."""
-    from pathlib import Path
-
     from torchkiln.models.backbones import HUB_HINT, hub_request
 
     m = cfg.model
@@ -363,3 +358,37 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_e
         "warmup_start": s.warmup.start_factor if s.warmup else 0.01,
     }
     return scheduler, kwargs
+
+
+def build_loggers(cfg: Config, run_dir: Path, model: nn.Module | None = None,
+                  class_names: list[str] | None = None) -> list[Any]:
+    """The loggers `cfg.logging` asks for (a validated Config), writing into `run_dir`."""
+    from torchkiln.loggers import auto_none, run_loggers
+
+    lg, plain = cfg.logging, to_plain(cfg)
+    loggers = run_loggers(run_dir, model, class_names, csv=lg.csv, tensorboard=lg.tensorboard, plots=lg.plots,
+                          histograms=lg.histograms, images=lg.images, images_every=lg.images_every,
+                          config=plain, log_file=False, summary=False)  # the CLI keeps its own
+    if lg.wandb is not None:
+        from torchkiln.loggers.wandb import WandbLogger
+
+        w = lg.wandb
+        loggers.append(WandbLogger(run_dir, project=w.project, mode=w.mode, entity=w.entity, name=w.name,
+                                   tags=w.tags, config=plain, images=lg.images, class_names=class_names,
+                                   images_every=auto_none(lg.images_every)))
+    return loggers
+
+
+def data_stats(cfg: Config, out_dir: Path | None = None, max_images: int = 2000) -> tuple[dict[str, Any], Path]:
+    """`kiln data stats`: statistics of the configured training split as stored (without
+    data.normalize); writes stats.json and class_histogram.png into `out_dir`."""
+    from torchkiln.data.stats import describe_split, write_stats
+    from torchkiln.tasks import build_task
+
+    check_components(cfg)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"normalize": None})})  # the stored values
+    data = build_data(cfg)
+    stats = describe_split(data.train, data.class_names, build_task(cfg.task), max_images, cfg.seed)
+    out_dir = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / cfg.name / "data_stats"
+    write_stats(stats, out_dir)
+    return stats, out_dir

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from torchkiln.config.schema import Config
+from torchkiln.config.schema import Config, to_plain
 from torchkiln.errors import ConfigError, did_you_mean
 
 DEFAULT_CONFIG = "default.yaml"
@@ -200,11 +200,6 @@ def load_checked(path: str | Path | None = None, overrides: list[str] | None = N
     with config_errors_from(str(path) if path is not None else str(default_config_path())):
         check_components(cfg)
     return cfg
-
-
-def to_plain(cfg: Config) -> dict[str, Any]:
-    """The resolved config as plain data (what checkpoints and config.yaml hold)."""
-    return cfg.model_dump(mode="json")
 
 
 def dump_yaml(cfg: Config) -> str:

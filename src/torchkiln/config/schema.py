@@ -276,3 +276,8 @@ class Config(_Strict):
         if not v or "/" in v or "\\" in v or v in {".", ".."}:
             raise ValueError("name must be a plain folder name (no slashes)")
         return v
+
+
+def to_plain(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (what checkpoints and config.yaml hold)."""
+    return cfg.model_dump(mode="json")

@@ -3,27 +3,25 @@
 from __future__ import annotations
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
+
+from torchkiln.data.wrappers import has_attr, unwrap
 
 GROUP_ATTRS = ("groups", "query_ids")
 
 
 def dataset_groups(dataset: Dataset) -> np.ndarray | None:
-    """One query id per sample when the dataset exposes them (`groups` or `query_ids`), else None.
-
-    Looks through Subsets (taking their indices) and wrappers that hold a `.dataset`, like
-    `splits.dataset_labels`.
-    """
-    if isinstance(dataset, Subset):
-        base = dataset_groups(dataset.dataset)
-        return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
+    """One query id per sample when the dataset or one it wraps exposes them (`groups` or
+    `query_ids`), else None; through Subsets (taking their indices) and wrappers (data/wrappers.py)."""
+    ds, index = unwrap(dataset, has_attr(*GROUP_ATTRS))
     for attr in GROUP_ATTRS:
-        values = getattr(dataset, attr, None)
+        values = getattr(ds, attr, None)
         if values is not None:
             values = np.asarray(values).reshape(-1)
-            return values if len(values) == len(dataset) else None  # type: ignore[arg-type]
-    inner = getattr(dataset, "dataset", None)
-    return dataset_groups(inner) if isinstance(inner, Dataset) else None
+            if len(values) != len(ds):  # type: ignore[arg-type]
+                return None
+            return values if index is None else values[index]
+    return None
 
 
 def query_members(groups: np.ndarray) -> list[np.ndarray]:

@@ -213,18 +213,13 @@ class BalancedBatchSampler(ResumableBatchSampler):
 
 def fast_source(dataset: Dataset) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None:
     """(tensors, index map) when `dataset` is in-memory tensors, possibly under Subsets; else None."""
-    from torch.utils.data import Subset
+    from torchkiln.data.wrappers import unwrap
 
-    index: torch.Tensor | None = None
-    ds = dataset
-    while isinstance(ds, Subset):
-        idx = torch.as_tensor(ds.indices, dtype=torch.int64)
-        index = idx if index is None else idx[index]
-        ds = ds.dataset
+    ds, index = unwrap(dataset, wrappers=False)  # a wrapper changes the samples: no fast path
     get = getattr(ds, "fast_tensors", None)
     if get is None:
         return None
-    return tuple(get()), index
+    return tuple(get()), None if index is None else torch.as_tensor(index, dtype=torch.int64)
 
 
 class FastLoader:

@@ -5,24 +5,22 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
+from torchkiln.data.wrappers import has_attr, unwrap
 from torchkiln.errors import DataError
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray | None:
-    """Class labels without decoding samples, when the dataset exposes them (`targets`).
-
-    Looks through Subsets (taking their indices) and wrappers that hold a `.dataset`.
-    """
-    if isinstance(dataset, Subset):
-        base = dataset_labels(dataset.dataset)
-        return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
+    """Class labels without decoding samples, when the dataset or one it wraps exposes them
+    (`targets`); through Subsets (taking their indices) and wrappers (data/wrappers.py)."""
+    ds, index = unwrap(dataset, has_attr("targets", "labels"))
     for attr in ("targets", "labels"):
-        values = getattr(dataset, attr, None)
+        values = getattr(ds, attr, None)
         if values is not None:
             values = np.asarray(values)
-            return values if values.ndim == 1 and values.dtype.kind in "iub" else None
-    inner = getattr(dataset, "dataset", None)
-    return dataset_labels(inner) if isinstance(inner, Dataset) else None
+            if values.ndim != 1 or values.dtype.kind not in "iub":
+                return None
+            return values if index is None else values[index]
+    return None
 
 
 def kfold_indices(n: int, folds: int, fold: int, seed: int, labels: np.ndarray | None = None

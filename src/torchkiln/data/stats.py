@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from torchkiln.data.splits import dataset_labels
+from torchkiln.data.wrappers import has_attr, unwrap
 
 
 def _raw(dataset: Dataset) -> Dataset:
@@ -81,7 +82,7 @@ def class_summary(counts: np.ndarray, class_names: list[str] | None = None) -> d
 def head_stats(task: Any, dataset: Dataset, class_names: Any) -> dict[str, dict[str, Any]]:
     """A multihead task: class counts per head and of the combined class, from the stored targets
     (a dict by head, (N, heads) or the combined class); names from the dataset or the heads' `names`."""
-    from torchkiln.tasks import dataset_targets
+    from torchkiln.data.targets import dataset_targets
 
     labels = task.head_targets(dataset_targets(dataset))
     out = {}
@@ -94,12 +95,9 @@ def head_stats(task: Any, dataset: Dataset, class_names: Any) -> dict[str, dict[
 
 
 def _label_matrix(dataset: Dataset) -> np.ndarray | None:
-    from torch.utils.data import Subset
-
-    if isinstance(dataset, Subset):
-        base = _label_matrix(dataset.dataset)
-        return None if base is None else base[np.asarray(dataset.indices, dtype=np.int64)]
-    return getattr(dataset, "label_matrix", None)
+    ds, index = unwrap(dataset, has_attr("label_matrix"))
+    matrix = getattr(ds, "label_matrix", None)
+    return matrix if matrix is None or index is None else matrix[index]
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -161,24 +159,24 @@ def save_histogram(stats: dict[str, Any], path: Path, title: str = "class counts
     return path
 
 
-def data_stats(cfg: Any, out_dir: Path | None = None, max_images: int = 2000) -> tuple[dict[str, Any], Path]:
-    """Statistics of the configured training split; writes stats.json and class_histogram.png."""
-    from torchkiln.config.build import build_data, check_components
-    from torchkiln.tasks import MultiHeadTask, build_task
+def describe_split(train: Dataset, class_names: Any, task: Any, max_images: int = 2000, seed: int = 0
+                   ) -> dict[str, Any]:
+    """`compute_stats` of a training split as stored (without its transforms), with the class
+    counts per head for a multihead task."""
+    from torchkiln.tasks import MultiHeadTask
 
-    check_components(cfg)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"normalize": None})})  # the stored values
-    data = build_data(cfg)
-    stats = compute_stats(_raw(data.train), data.class_names if isinstance(data.class_names, list) else None,
-                          max_images=max_images, seed=cfg.seed)
-    task = build_task(cfg.task)
+    stats = compute_stats(_raw(train), class_names if isinstance(class_names, list) else None,
+                          max_images=max_images, seed=seed)
     if isinstance(task, MultiHeadTask):
-        task.check_class_names(data.class_names)
-        stats["heads"] = head_stats(task, _raw(data.train), data.class_names)
-    out_dir = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / cfg.name / "data_stats"
+        task.check_class_names(class_names)
+        stats["heads"] = head_stats(task, _raw(train), class_names)
+    return stats
+
+
+def write_stats(stats: dict[str, Any], out_dir: Path) -> None:
+    """stats.json and class_histogram.png (one per head too) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
     save_histogram(stats, out_dir / "class_histogram.png")
     for head, part in stats.get("heads", {}).items():
         save_histogram(part, out_dir / f"class_histogram_{head}.png", f"{head}: class counts")
-    return stats, out_dir

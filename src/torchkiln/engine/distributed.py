@@ -237,7 +237,7 @@ def wrap_model(model: nn.Module, device: torch.device, strategy: str = "auto",
         return model
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    from torchkiln.repro import fingerprint
+    from torchkiln.seeding import fingerprint
 
     check_fingerprints(fingerprint(model))
     ids = [device.index] if device.type == "cuda" else None

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln import __version__
 from torchkiln.data.loaders import epoch_batch_sizes, set_loader_epoch
 from torchkiln.engine import distributed
 from torchkiln.engine.checkpoint import (
@@ -37,8 +36,9 @@ from torchkiln.loggers.base import Logger
 from torchkiln.loggers.device import DeviceStats
 from torchkiln.loggers.progress import Progress
 from torchkiln.loggers.validation import ValidationCollector, merge_samples
-from torchkiln.repro import fingerprint, rng_state, set_rng_state
+from torchkiln.seeding import fingerprint, rng_state, set_rng_state
 from torchkiln.tasks.base import ClassificationTask, Task
+from torchkiln.version import __version__
 
 log = logging.getLogger("torchkiln")
 

@@ -9,29 +9,11 @@ from torchkiln.loggers.base import Logger
 from torchkiln.loggers.files import CSVLogger, JSONLLogger
 from torchkiln.loggers.tensorboard import TensorBoardLogger
 
-__all__ = ["Logger", "CSVLogger", "JSONLLogger", "TensorBoardLogger", "build_loggers", "run_loggers"]
+__all__ = ["Logger", "CSVLogger", "JSONLLogger", "TensorBoardLogger", "run_loggers"]
 
 
 def auto_none(value: int | str) -> int | None:
     return None if value == "auto" else int(value)
-
-
-def build_loggers(cfg: Any, run_dir: Path, model: Any = None, class_names: list[str] | None = None) -> list[Logger]:
-    """The loggers `cfg.logging` asks for (a validated Config), writing into `run_dir`."""
-    from torchkiln.config.load import to_plain
-
-    lg, plain = cfg.logging, to_plain(cfg)
-    loggers = run_loggers(run_dir, model, class_names, csv=lg.csv, tensorboard=lg.tensorboard, plots=lg.plots,
-                          histograms=lg.histograms, images=lg.images, images_every=lg.images_every,
-                          config=plain, log_file=False, summary=False)  # the CLI keeps its own
-    if lg.wandb is not None:
-        from torchkiln.loggers.wandb import WandbLogger
-
-        w = lg.wandb
-        loggers.append(WandbLogger(run_dir, project=w.project, mode=w.mode, entity=w.entity, name=w.name,
-                                   tags=w.tags, config=plain, images=lg.images, class_names=class_names,
-                                   images_every=auto_none(lg.images_every)))
-    return loggers
 
 
 def run_loggers(run_dir: str | Path, model: Any = None, class_names: list[str] | None = None, *,

@@ -2,14 +2,16 @@
 
 Drawn every epoch, so they must cost about a millisecond, not the ~0.25 s matplotlib takes for
 the same two figures (subplots, tick layout, tight_layout, Agg): that alone was 2x the epoch of
-the default run. The PNGs in plots/ are drawn once at the end of a run, with matplotlib
-(figures.py). Text is rendered once per distinct string and size, then pasted as a mask.
+the default run. The confusion matrix of plots/ and of `kiln test` is this picture too; the other
+PNGs in plots/ are drawn once at the end of a run, with matplotlib (figures.py). Text is rendered
+once per distinct string and size, then pasted as a mask.
 """
 
 from __future__ import annotations
 
 import io
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,12 +120,22 @@ def misclassified_image(sample: ValidationSample, class_names: list[str] | None 
     return np.asarray(image)
 
 
-def confusion_image(sample: ValidationSample, class_names: list[str] | None = None,
+def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """An (H, W, 3) uint8 picture written as a PNG file (its folder made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(image))
+    return path
+
+
+def confusion_image(confusion: ValidationSample | torch.Tensor, class_names: list[str] | None = None,
                     title: str = "") -> np.ndarray:
-    """(H, W, 3) uint8: cells coloured by the fraction of the true class (rows), counts written
-    in them when the cells are large enough to hold them."""
-    cm = sample.confusion().numpy()
-    c = sample.num_classes
+    """(H, W, 3) uint8: the confusion matrix (a validation sample's, or (C, C) counts), cells
+    coloured by the fraction of the true class (rows), counts written in them when the cells are
+    large enough to hold them. The one picture of a confusion matrix: every epoch's in TensorBoard
+    and W&B, plots/ and `kiln test`'s."""
+    cm = (confusion.confusion() if isinstance(confusion, ValidationSample) else confusion).numpy()
+    c = cm.shape[0]
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     cell = int(np.clip(640 // max(c, 1), 4, 40))
     labelled = c <= 40

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 
+from torchkiln.callbacks.monitor import improved
 from torchkiln.loggers.base import Logger
 from torchkiln.loggers.validation import ValidationSample
 from torchkiln.rundir import PLOTS
@@ -66,7 +65,8 @@ class ClassificationPlots(Logger):
     """plots/confusion_matrix.png, per_class_f1.png and per_class.csv from the best epoch's validation
     (for a multi-head task one of each per view: `confusion_matrix_<head>.png`, ...).
 
-    "Best" follows the trainer's monitor; a resumed run that never improves again uses its last epoch.
+    "Best" follows the trainer's monitor, by the one improvement rule (callbacks/monitor.py) with the
+    run's `min_delta`; a resumed run that never improves again uses its last epoch.
     """
 
     def __init__(self, run_dir: str | Path, class_names: list[str] | None = None):
@@ -74,12 +74,14 @@ class ClassificationPlots(Logger):
         self.class_names = class_names
         self.monitor: str | None = None
         self.mode = "max"
+        self.min_delta = 0.0
         self.best: float | None = None
         self.latest: tuple[int, dict[str, ValidationSample]] | None = None
         self.chosen: tuple[int, dict[str, ValidationSample]] | None = None
 
     def start(self, info, resume_epoch=None, resume_step=0):
         self.monitor, self.mode = info.get("monitor"), info.get("mode") or "max"
+        self.min_delta = float(info.get("min_delta", 0.0))
         self.best = info.get("best") if resume_epoch is not None else None
         self.latest = self.chosen = None
 
@@ -95,8 +97,7 @@ class ClassificationPlots(Logger):
         if self.latest is None or self.latest[0] != epoch:
             return
         value = record.get(self.monitor) if self.monitor else None
-        better = value is not None and math.isfinite(value) and (
-            self.best is None or (value < self.best if self.mode == "min" else value > self.best))
+        better = improved(value, self.best, self.mode, self.min_delta)
         if better or self.chosen is None and self.best is None:
             self.chosen = self.latest
             if better:
@@ -111,21 +112,17 @@ class ClassificationPlots(Logger):
             self._write(epoch, sample)
 
     def _write(self, epoch: int, sample: ValidationSample) -> None:
-        from torchkiln.loggers import figures
-        from torchkiln.loggers.images import view_class_names
+        from torchkiln.loggers.figures import per_class_f1_figure, save
+        from torchkiln.loggers.images import confusion_image, save_png, view_class_names
+        from torchkiln.metrics.confusion import per_class_scores
+        from torchkiln.metrics.per_class import class_names as full_names
+        from torchkiln.metrics.per_class import class_rows, write_per_class_csv
 
         names = view_class_names(sample, self.class_names)
         which = f"{sample.view + ' ' if sample.view else ''}validation, epoch {epoch}"
         suffix = f"_{sample.view}" if sample.view else ""
-        figures.save(figures.confusion_figure(sample, names, f"confusion matrix ({which})"),
-                     self.dir / f"confusion_matrix{suffix}.png")
-        figures.save(figures.per_class_f1_figure(sample, names, f"per-class F1 ({which})"),
-                     self.dir / f"per_class_f1{suffix}.png")
-        stats = figures.per_class(sample)
-        with open(self.dir / f"per_class{suffix}.csv", "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "support", "precision", "recall", "f1"])
-            for i in range(sample.num_classes):
-                writer.writerow([figures.class_label(i, names), int(stats["support"][i]),
-                                 f"{stats['precision'][i]:.6f}", f"{stats['recall'][i]:.6f}",
-                                 f"{stats['f1'][i]:.6f}"])
+        cm = sample.confusion()
+        save_png(confusion_image(cm, names, f"confusion matrix ({which})"), self.dir / f"confusion_matrix{suffix}.png")
+        save(per_class_f1_figure(sample, names, f"per-class F1 ({which})"), self.dir / f"per_class_f1{suffix}.png")
+        rows = class_rows(per_class_scores(cm), full_names(names, sample.num_classes))
+        write_per_class_csv(rows, self.dir / f"per_class{suffix}.csv")

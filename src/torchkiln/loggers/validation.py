@@ -35,10 +35,9 @@ class ValidationSample:
     def confusion(self) -> torch.Tensor:
         """(C, C) counts; rows are true classes, columns predicted ones. Targets outside the classes
         (a loss's ignore_index) are left out."""
-        c = self.num_classes
-        keep = (self.targets >= 0) & (self.targets < c) & (self.preds >= 0) & (self.preds < c)
-        index = self.targets[keep] * c + self.preds[keep]
-        return torch.bincount(index, minlength=c * c).reshape(c, c)
+        from torchkiln.metrics.confusion import confusion_matrix
+
+        return confusion_matrix(self.preds, self.targets, self.num_classes)
 
 
 def as_images(inputs: Any) -> torch.Tensor | None:

@@ -1,6 +1,5 @@
 """Built-in models, `timm:`/`torchvision:` backbones, local pretrained weights, freezing."""
 
-from torchkiln.models import backbones  # noqa: F401  (registers the timm: and torchvision: types)
 from torchkiln.models.freeze import Freezer, make_freezer
 from torchkiln.models.heads import find_head
 from torchkiln.models.pretrained import LoadReport, load_pretrained, read_weights

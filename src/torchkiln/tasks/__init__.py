@@ -1,12 +1,12 @@
 """Tasks: how a batch becomes a loss, predictions and metric updates."""
 
 from torchkiln.tasks.base import ClassificationTask, RegressionTask, ReportView, Task
+from torchkiln.tasks.build import build_task
 from torchkiln.tasks.multihead import MultiHeadLoss, MultiHeadTask
 from torchkiln.tasks.multilabel import MultiLabelTask
 from torchkiln.tasks.ranking import RankingTask
-from torchkiln.tasks.targets import build_task, dataset_targets
 
 __all__ = [
     "Task", "ClassificationTask", "RegressionTask", "MultiLabelTask", "RankingTask", "MultiHeadTask",
-    "MultiHeadLoss", "ReportView", "build_task", "dataset_targets",
+    "MultiHeadLoss", "ReportView", "build_task",
 ]

@@ -147,7 +147,7 @@ class ClassificationTask(Task):
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         # Confusion-matrix metrics get the predicted labels (one argmax for all of them); the others
         # probabilities, not logits: torchmetrics decides per batch whether to softmax otherwise.
-        from torchkiln.confusion import ConfusionMetric
+        from torchkiln.metrics.confusion import ConfusionMetric
 
         outputs = outputs.detach()
         labels = probs = None

@@ -29,7 +29,7 @@ class RankingTask(Task):
     Relevance may be graded (0, 1, 2, ...): NDCG uses the grades, MRR / MAP / hit rate count
     relevance > 0 as relevant. Metrics gather every sample of the epoch and group them by query id,
     so a query split across batches is still scored as one list; tied scores give the expected
-    value over the tied items' orders (torchkiln.retrieval). Listwise losses (`grouped = True`,
+    value over the tied items' orders (torchkiln.metrics.retrieval). Listwise losses (`grouped = True`,
     like ListNetLoss) get (scores, relevance, query_id); others get (scores, relevance).
     """
 
@@ -72,7 +72,7 @@ class RankingTask(Task):
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: Any) -> None:
         from torchmetrics.retrieval import RetrievalNormalizedDCG
 
-        from torchkiln.retrieval import RankingMetric
+        from torchkiln.metrics.retrieval import RankingMetric
 
         relevance, group = targets
         scores = outputs.detach().reshape(-1).double()

@@ -55,7 +55,6 @@ class ConfusionMetric(Metric):
         self.add_state("out_of_range", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        c = self.num_classes
         target = target.reshape(-1).long()
         if self.ignore_index is not None:
             target = torch.where(target == self.ignore_index, -1, target)
@@ -63,12 +62,9 @@ class ConfusionMetric(Metric):
         labels = labels.reshape(-1).long()
         if labels.shape != target.shape:
             raise ValueError(f"{len(labels)} predictions for {len(target)} targets")
-        # Cells c*c (ignored target) and c*c + 1 (target out of range) collect what is left out,
-        # without indexing by a mask (which would wait for the device).
-        cell = torch.where(target < 0, c * c, torch.where(target >= c, c * c + 1, target * c + labels.clamp(0, c - 1)))
-        counts = torch.bincount(cell, minlength=c * c + 2)
-        self.confmat += counts[: c * c].view(c, c)
-        self.out_of_range += counts[c * c + 1]
+        counts, out_of_range = confusion_counts(labels, target, self.num_classes)
+        self.confmat += counts
+        self.out_of_range += out_of_range
 
     def compute(self) -> torch.Tensor:
         bad = int(self.out_of_range)
@@ -78,15 +74,49 @@ class ConfusionMetric(Metric):
         return confusion_score(self.confmat, self.stat, self.average)
 
 
-def per_class_scores(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
+def confusion_counts(labels: torch.Tensor, target: torch.Tensor, num_classes: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (C, C) confusion matrix (rows: targets, columns: predicted labels) and the number of
+    targets at or above `num_classes`; targets below 0 (ignored) are left out. One `bincount`."""
+    c = num_classes
+    target, labels = target.reshape(-1).long(), labels.reshape(-1).long()
+    # Cells c*c (ignored target) and c*c + 1 (target out of range) collect what is left out,
+    # without indexing by a mask (which would wait for the device).
+    cell = torch.where(target < 0, c * c, torch.where(target >= c, c * c + 1, target * c + labels.clamp(0, c - 1)))
+    counts = torch.bincount(cell, minlength=c * c + 2)
+    return counts[: c * c].view(c, c), counts[c * c + 1]
+
+
+def confusion_matrix(labels: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts, rows = true class, columns = predicted class (scikit-learn's convention);
+    targets outside the classes (a loss's ignore_index) are left out."""
+    return confusion_counts(labels, targets, num_classes)[0]
+
+
+def class_scores(tp: torch.Tensor, predicted: torch.Tensor, support: torch.Tensor) -> dict[str, torch.Tensor]:
     """support, predicted, precision, recall and F1 of each class (float64; 0 where undefined)
-    from a confusion matrix (rows: targets, columns: predictions)."""
-    m = confmat.double()
-    tp = m.diagonal()
-    support = m.sum(1)  # tp + fn
-    predicted = m.sum(0)  # tp + fp
+    from its true positives, predicted count (tp + fp) and support (tp + fn)."""
+    tp, predicted, support = tp.double(), predicted.double(), support.double()
     return {"support": support, "predicted": predicted, "precision": _ratio(tp, predicted),
             "recall": _ratio(tp, support), "f1": _ratio(2 * tp, support + predicted)}
+
+
+def per_class_scores(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`class_scores` from a confusion matrix (rows: targets, columns: predictions)."""
+    m = confmat.double()
+    return class_scores(m.diagonal(), m.sum(0), m.sum(1))
+
+
+def average_scores(per_class: torch.Tensor, scores: dict[str, torch.Tensor], average: str) -> torch.Tensor:
+    """A per-class score averaged as scikit-learn does: `weighted` by support, `macro` over the
+    classes that occur or are predicted (float64)."""
+    support = scores["support"]
+    if average == "weighted":
+        return _ratio((per_class * support).sum(), support.sum())
+    if average != "macro":
+        raise ValueError(f"average: expected macro or weighted; found {average!r}")
+    seen = (support + scores["predicted"]) > 0
+    return _ratio((per_class * seen).sum(), seen.sum())
 
 
 def confusion_score(confmat: torch.Tensor, stat: str, average: str) -> torch.Tensor:
@@ -100,17 +130,13 @@ def confusion_score(confmat: torch.Tensor, stat: str, average: str) -> torch.Ten
         m = confmat.double()
         return _ratio(m.diagonal().sum(), m.sum()).float()
     scores = per_class_scores(confmat)
-    support, predicted = scores["support"], scores["predicted"]
     # accuracy averaged over classes is recall (torchmetrics' macro accuracy)
     per_class = scores["recall" if stat == "accuracy" else stat]
     if average == "none":
         return per_class.float()
     if average == "binary":
         return per_class[1].float()
-    if average == "weighted":
-        return _ratio((per_class * support).sum(), support.sum()).float()
-    seen = (support + predicted) > 0  # macro: classes that occur or are predicted
-    return _ratio((per_class * seen).sum(), seen.sum()).float()
+    return average_scores(per_class, scores, average).float()
 
 
 def _ratio(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

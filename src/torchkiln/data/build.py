@@ -20,8 +20,7 @@ log = logging.getLogger("torchkiln")
 
 def build_dataset(comp: Any, where: str, data_cfg: Any) -> Dataset:
     """Build one dataset; `data.on_error` / `data.max_skipped` reach datasets that accept them."""
-    from torchkiln.config.build import build
-    from torchkiln.registry import DATASETS
+    from torchkiln.registry import DATASETS, build
 
     factory = DATASETS.get(comp.type, f"{where}.type")
     try:
@@ -33,9 +32,10 @@ def build_dataset(comp: Any, where: str, data_cfg: Any) -> Dataset:
 
 
 def decodes_images(dataset: Dataset) -> bool:
-    while not getattr(dataset, "decodes_images", False) and isinstance(getattr(dataset, "dataset", None), Dataset):
-        dataset = dataset.dataset  # type: ignore[attr-defined]
-    return bool(getattr(dataset, "decodes_images", False))
+    from torchkiln.data.wrappers import unwrap
+
+    inner, _ = unwrap(dataset, lambda ds: bool(getattr(ds, "decodes_images", False)))
+    return bool(getattr(inner, "decodes_images", False))
 
 
 def with_transforms(dataset: Dataset | None, steps: list, where: str) -> Dataset | None:
@@ -185,7 +185,8 @@ def balanced_labels(cfg: Any, train: Dataset) -> np.ndarray | None:
     """The class that `data.sampler: balanced` weighs each training sample by (1 / its count): the
     label, or for a multihead task the combined class or one head's class; None when not balanced."""
     from torchkiln.data.splits import dataset_labels
-    from torchkiln.tasks import MultiHeadTask, build_task, dataset_targets
+    from torchkiln.data.targets import dataset_targets
+    from torchkiln.tasks import MultiHeadTask, build_task
 
     kind, head = sampler_head(cfg.data.sampler)
     if kind != "balanced":

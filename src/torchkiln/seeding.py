@@ -1,12 +1,11 @@
-"""Seeding and the initial-parameter fingerprint: reproducibility a user can check."""
+"""Seeding, every RNG's state (for checkpoints) and the initial-parameter fingerprint:
+reproducibility a user can check."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import platform
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -69,19 +68,3 @@ def _to_tuple(obj):
     if isinstance(obj, list):
         return tuple(_to_tuple(o) for o in obj)
     return obj
-
-
-def cpu_model() -> str:
-    """The CPU's model name (for benchmark tables): /proc/cpuinfo, else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    """The CPU, its cores and torch's threads, as benchmark tables name the machine they ran on."""
-    return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"

@@ -9,7 +9,7 @@ matrices to the reports. Common names are accepted too: `roc_auc` (= `auroc`), a
 
 Regression metrics keep float64 states (targets with a large offset lose digits in float32 sums);
 `rmse` of several targets is the mean of the per-target RMSEs, as in scikit-learn. Ranking metrics
-are torchkiln's (torchkiln.retrieval): float64 scores, and ties scored as the expected value over
+are torchkiln's (torchkiln.metrics.retrieval): float64 scores, and ties scored as the expected value over
 the tied items' orders, so the result does not depend on the order or batching of the samples.
 """
 
@@ -100,18 +100,18 @@ def names_for(kind: str) -> list[str]:
 
 
 # -- classification (single- and multi-label) --------------------------------------------------
-# Single-label accuracy, precision, recall and F1 come from one confusion matrix (torchkiln.confusion,
+# Single-label accuracy, precision, recall and F1 come from one confusion matrix (torchkiln.metrics.confusion,
 # one bincount per update); with arguments (torchmetrics' ignore_index, ...) or top_k, torchmetrics'.
-_CM = "torchkiln.confusion:ConfusionMetric"
-# accuracy@k and topK_accuracy: torchkiln.topk (tied scores: the lower class index first, as argmax)
+_CM = "torchkiln.metrics.confusion:ConfusionMetric"
+# accuracy@k and topK_accuracy: torchkiln.metrics.topk (tied scores: the lower class index first, as argmax)
 _register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro"}),
           multilabel=(f"{C}:MultilabelAccuracy", {"average": "micro"}),  # label-wise (1 - Hamming loss)
-          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})}, top_k_class="torchkiln.topk:TopKAccuracy")
+          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})}, top_k_class="torchkiln.metrics.topk:TopKAccuracy")
 # scikit-learn's: mean recall over the classes in the targets (torchmetrics' macro accuracy also
 # counts a class that is only predicted)
 _register("balanced_accuracy", multiclass=(_CM, {"stat": "balanced_accuracy", "average": "macro"}))
 for _k in (2, 3, 5):
-    _register(f"top{_k}_accuracy", multiclass=("torchkiln.topk:TopKAccuracy", {"top_k": _k}))
+    _register(f"top{_k}_accuracy", multiclass=("torchkiln.metrics.topk:TopKAccuracy", {"top_k": _k}))
 _register("exact_match", multilabel=(f"{C}:MultilabelExactMatch", {}))  # sklearn's accuracy_score
 _register("hamming_loss", multilabel=(f"{C}:MultilabelHammingDistance", {"average": "micro"}))
 for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted"), ("per_class", "none")):
@@ -121,10 +121,10 @@ for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted
                   fast={"multiclass": (_CM, {"stat": _name, "average": _tm})})
 for _name in ("f1", "precision", "recall"):  # binary: class 1 of two, like scikit-learn's default
     _register(_name, multiclass=(_CM, {"stat": _name, "average": "binary"}))
-# AUROC / AP: the macro mean over the classes where they are defined (torchkiln.curve_metrics); with
+# AUROC / AP: the macro mean over the classes where they are defined (torchkiln.metrics.curve_metrics); with
 # arguments, torchmetrics' (which counts an undefined class as 0). For two classes, the macro
 # AUROC over both is the binary ROC-AUC.
-_CURVES = "torchkiln.curve_metrics"
+_CURVES = "torchkiln.metrics.curve_metrics"
 for _name in ("auroc", "roc_auc"):
     _register(_name, multiclass=(f"{C}:MulticlassAUROC", {"average": "macro"}),
               multilabel=(f"{C}:MultilabelAUROC", {"average": "macro"}),
@@ -139,15 +139,15 @@ _register("confusion_matrix", multiclass=(f"{C}:MulticlassConfusionMatrix", {}),
 # -- regression --------------------------------------------------------------------------------
 _register("mae", regression=(f"{R}:MeanAbsoluteError", {}))
 _register("mse", regression=(f"{R}:MeanSquaredError", {}))
-_register("rmse", regression=("torchkiln.regression_metrics:PerTargetRMSE", {}))
+_register("rmse", regression=("torchkiln.metrics.regression_metrics:PerTargetRMSE", {}))
 # r2: scikit-learn's, stable at any offset and spread (torchmetrics' R2Score treats a total sum of
 # squares below 1e-4 as 0 and scores 0); with arguments (adjusted, multioutput), torchmetrics'.
-_register("r2", regression=(f"{R}:R2Score", {}), fast={"regression": ("torchkiln.regression_metrics:R2", {})})
+_register("r2", regression=(f"{R}:R2Score", {}), fast={"regression": ("torchkiln.metrics.regression_metrics:R2", {})})
 
 # -- ranking (grouped by query id; a query without a relevant item scores 0; ties: expected value) --
 for _name, _measure in (("mrr", "mrr"), ("ndcg", "ndcg"), ("map", "map"), ("hit_rate", "hit_rate"),
                         ("precision_at", "precision"), ("recall_at", "recall")):
-    _register(_name, ranking=("torchkiln.retrieval:RankingMetric", {"measure": _measure}))
+    _register(_name, ranking=("torchkiln.metrics.retrieval:RankingMetric", {"measure": _measure}))
 
 
 def parse_name(name: str, where: str = "metrics") -> tuple[str, int | None]:
