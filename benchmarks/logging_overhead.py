@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from torchkiln.data.digits import Digits  # noqa: E402
-from torchkiln.engine.trainer import Trainer  # noqa: E402
+from torchkiln.engine.settings import make_trainer  # noqa: E402
 from torchkiln.loggers.base import Logger  # noqa: E402
 from torchkiln.loggers.files import CSVLogger, JSONLLogger  # noqa: E402
 from torchkiln.loggers.tensorboard import TensorBoardLogger  # noqa: E402
@@ -96,7 +96,7 @@ def run(loader, device, every: int | None, epochs: int, run_dir: str) -> tuple[l
     if every is not None:
         Path(run_dir).mkdir(parents=True)
         loggers += [CSVLogger(run_dir), JSONLLogger(run_dir), TensorBoardLogger(run_dir)]
-    trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), device=device, epochs=epochs,
+    trainer = make_trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), device=device, epochs=epochs,
                       metrics=build_metrics(["accuracy"], 10), loggers=loggers, progress=False,
                       log_every_n_steps=every or 10, grad_clip=1.0, monitor="train/loss")
     with LoggingClock() as clock:

@@ -191,7 +191,7 @@ def test_the_quoted_error_messages_are_what_kiln_prints(user):
 
 
 def test_the_python_api_example_runs(tmp_path):
-    (example,) = [b for b in blocks("python") if "Trainer(" in b]
+    (example,) = [b for b in blocks("python") if "make_trainer(" in b]
     setup = """
 import torch
 from torch.utils.data import DataLoader, TensorDataset

@@ -363,3 +363,18 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, batches_per_e
         "warmup_start": s.warmup.start_factor if s.warmup else 0.01,
     }
     return scheduler, kwargs
+
+
+# The trainer settings that the command uses itself rather than handing to make_trainer.
+NOT_TRAINER_SETTINGS = {"deterministic", "threads", "dist_timeout"}
+
+
+def trainer_settings(cfg: Config, monitor: str, mode: str) -> dict[str, Any]:
+    """`make_trainer`'s keywords from the config: the `trainer` section under its own names (plus
+    the run's resolved monitor and mode, this rank's device and the logging cadence)."""
+    from torchkiln.engine import distributed
+
+    settings = {k: v for k, v in cfg.trainer.model_dump().items() if k not in NOT_TRAINER_SETTINGS}
+    settings.update(monitor=monitor, mode=mode, device=distributed.rank_device(cfg.trainer.device),
+                    log_every_n_steps=cfg.logging.every_n_steps)
+    return settings
