@@ -36,6 +36,7 @@ if (_SRC / "torchkiln").is_dir():
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from torchkiln.callbacks.logging_hub import LoggerHub  # noqa: E402
 from torchkiln.data.digits import Digits  # noqa: E402
 from torchkiln.engine.settings import make_trainer  # noqa: E402
 from torchkiln.loggers.base import Logger  # noqa: E402
@@ -57,7 +58,7 @@ class Records(Logger):
 
 
 class LoggingClock:
-    """Seconds spent inside Trainer._record_step and Trainer._flush_steps (outermost calls only)."""
+    """Seconds spent inside LoggerHub.on_step_end and LoggerHub.flush_steps (outermost calls only)."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -65,8 +66,8 @@ class LoggingClock:
         self._saved = {}
 
     def __enter__(self):
-        for name in ("_record_step", "_flush_steps"):
-            real = getattr(Trainer, name)
+        for name in ("on_step_end", "flush_steps"):
+            real = getattr(LoggerHub, name)
             self._saved[name] = real
 
             def timed(trainer, *args, _real=real, **kwargs):
@@ -79,12 +80,12 @@ class LoggingClock:
                     if self._depth == 0:
                         self.seconds += time.perf_counter() - start
 
-            setattr(Trainer, name, timed)
+            setattr(LoggerHub, name, timed)
         return self
 
     def __exit__(self, *exc):
         for name, real in self._saved.items():
-            setattr(Trainer, name, real)
+            setattr(LoggerHub, name, real)
 
 
 def run(loader, device, every: int | None, epochs: int, run_dir: str) -> tuple[list[float], float, dict]:

@@ -12,7 +12,7 @@ from conftest import kiln, small_config, write_config
 from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader
 from torchkiln.engine.checkpoint import load_checkpoint
-from torchkiln.engine.settings import make_trainer
+from torchkiln.engine.settings import make_trainer as trainer_from_settings
 from torchkiln.errors import ConfigError
 from torchkiln.models.small import MLP
 
@@ -37,7 +37,7 @@ def dynamo_limit():
 def make_trainer(run_dir, epochs, compile, **kw):
     torch.manual_seed(0)
     model = MLP(num_classes=10, hidden=[16])
-    return make_trainer(model, torch.optim.Adam(model.parameters(), 1e-2), device="cpu", epochs=epochs,
+    return trainer_from_settings(model, torch.optim.Adam(model.parameters(), 1e-2), device="cpu", epochs=epochs,
                    progress=False, run_dir=run_dir, compile=compile, **kw)
 
 

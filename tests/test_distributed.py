@@ -240,8 +240,8 @@ def _stop_worker(rank: int, world: int, out: str) -> None:
     from torch.utils.data.distributed import DistributedSampler
 
     from torchkiln.engine import distributed as kd
-    from torchkiln.engine.state import StopRequested
     from torchkiln.engine.settings import make_trainer
+    from torchkiln.engine.state import StopRequested
 
     # A file rendezvous: no TCP store server thread in rank 0 to outlive the test's teardown.
     dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world)

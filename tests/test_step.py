@@ -16,8 +16,8 @@ from conftest import kiln, small_config, write_config
 from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader
 from torchkiln.engine.checkpoint import load_checkpoint
-from torchkiln.engine.step import OptimizerStep, check_precision
 from torchkiln.engine.settings import make_trainer
+from torchkiln.engine.step import OptimizerStep, check_precision
 from torchkiln.errors import ConfigError
 from torchkiln.loggers.base import Logger
 from torchkiln.models.small import MLP, SmallCNN

@@ -142,6 +142,7 @@ def _is_class_of(module: str, base: str) -> Callable[[Any], bool]:
 BUILTIN_MODULES = (
     "torchkiln.data.digits", "torchkiln.data.images", "torchkiln.data.tensorfile", "torchkiln.data.toy",
     "torchkiln.data.collate", "torchkiln.losses", "torchkiln.metrics", "torchkiln.models", "torchkiln.tasks",
+    "torchkiln.callbacks",
 )
 
 
@@ -182,4 +183,5 @@ SCHEDULERS = Registry(
          or o.__name__ in {"ReduceLROnPlateau", "CosineAnnealingWarmRestarts", "ChainedScheduler"}),
 )
 METRICS = Registry("metric")
+CALLBACKS = Registry("callback")
 TASKS = Registry("task")

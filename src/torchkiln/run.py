@@ -360,6 +360,7 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
     """(Trainer, loaders, data) for a config; nothing is written anywhere. Every mistake the
     config can still hold once its names are checked (data, arguments, the monitor) shows here."""
     from torchkiln.config.build import (
+        build_callbacks,
         build_data,
         build_freezer,
         build_loaders,
@@ -403,7 +404,7 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
         resolved[NORMALIZATION_KEY] = data.normalization.to_dict()  # checkpoints carry the statistics
     trainer = make_trainer(
         model, optimizer, loss, task=task, metrics=metrics, scheduler=scheduler, freezer=freezer,
-        **trainer_settings(cfg, monitor, mode), config=resolved,
+        callbacks=build_callbacks(cfg), **trainer_settings(cfg, monitor, mode), config=resolved,
         progress=progress and cfg.logging.progress and distributed.is_rank0(), **sched_kwargs,
     )
     trainer.resolve_monitor(has_val)

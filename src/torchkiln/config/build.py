@@ -13,6 +13,7 @@ from torch import nn
 from torchkiln.config.schema import Component, Config
 from torchkiln.errors import ConfigError, did_you_mean
 from torchkiln.registry import (
+    CALLBACKS,
     DATASETS,
     LOSSES,
     MODELS,
@@ -98,6 +99,8 @@ def _components(cfg: Config):
     yield "optimizer", cfg.optimizer, OPTIMIZERS
     if cfg.scheduler is not None:
         yield "scheduler", cfg.scheduler, SCHEDULERS
+    for i, c in enumerate(cfg.callbacks):
+        yield f"callbacks.{i}", c, CALLBACKS
 
 
 def build(comp: Component, registry, where: str, **extra: Any) -> Any:
@@ -378,3 +381,17 @@ def trainer_settings(cfg: Config, monitor: str, mode: str) -> dict[str, Any]:
     settings.update(monitor=monitor, mode=mode, device=distributed.rank_device(cfg.trainer.device),
                     log_every_n_steps=cfg.logging.every_n_steps)
     return settings
+
+
+def build_callbacks(cfg: Config) -> list[Any]:
+    """The config's `callbacks`, built in order; each must be a torchkiln Callback."""
+    from torchkiln.engine.callbacks import Callback
+
+    built = []
+    for i, comp in enumerate(cfg.callbacks):
+        cb = build(comp, CALLBACKS, f"callbacks.{i}")
+        if not isinstance(cb, Callback):
+            raise ConfigError(f"callbacks.{i}.type: {comp.type} built a {type(cb).__name__}, not a"
+                              " torchkiln.Callback (subclass torchkiln.Callback and override its moments)")
+        built.append(cb)
+    return built

@@ -108,10 +108,14 @@ class LRSchedule:
         return self.warmup_start + (1.0 - self.warmup_start) * self.steps_done / self.warmup_steps
 
     def _restore(self) -> None:
+        if not self.warmup_steps:  # without warmup the groups hold the scheduler's own rates already
+            return  # (and a learning rate a callback set is left for the scheduler to see)
         for g, lr in zip(self.optimizer.param_groups, self._base):
             g["lr"] = lr
 
     def _apply_warmup(self) -> None:
+        if not self.warmup_steps:
+            return
         factor = self.warmup_factor()
         for g, lr in zip(self.optimizer.param_groups, self._base):
             g["lr"] = lr * factor

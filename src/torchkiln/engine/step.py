@@ -178,3 +178,26 @@ class OptimizerStep:
 
 def is_finite(value: float) -> bool:
     return value is not None and math.isfinite(value)
+
+
+class AccumulationGroups:
+    """Accumulation's arithmetic: which micro-batch ends a group, and each one's share of it."""
+
+    def __init__(self, k: int, n_batches: int, sizes: list[int] | None):
+        self.k, self.n, self.sizes = k, n_batches, sizes
+        self.used = False  # a group whose every micro-batch was skipped takes no optimizer step
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        start = (i // self.k) * self.k
+        return start, min(self.k, self.n - start)  # the epoch's last group may be shorter
+
+    def last(self, i: int) -> bool:
+        start, size = self._bounds(i)
+        return i - start == size - 1
+
+    def weight(self, i: int) -> float:
+        """This micro-batch's share of its group's samples (so the group's gradient is one batch's)."""
+        start, size = self._bounds(i)
+        if self.sizes is None:
+            return 1.0 / size
+        return self.sizes[i] / sum(self.sizes[start:start + size])

@@ -64,3 +64,15 @@ def scalars(computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
         elif v.dim() == 1:
             out.update({f"{k}/{i}": x for i, x in enumerate(v.tolist())})
     return out
+
+
+def clone_metrics(metrics: Any, prefix: str):
+    if metrics is None:
+        return None
+    from torchmetrics import MetricCollection
+
+    if not isinstance(metrics, MetricCollection):
+        metrics = MetricCollection(dict(metrics) if isinstance(metrics, Mapping) else metrics)
+    clone = metrics.clone(prefix=prefix)
+    clone.persistent(True)  # so a mid-epoch checkpoint carries the epoch's partial state
+    return clone

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,13 @@ from torchkiln.callbacks.monitor import EarlyStopping, Monitor
 from torchkiln.data.loaders import epoch_batch_sizes, set_loader_epoch
 from torchkiln.engine import distributed
 from torchkiln.engine.callbacks import Callback, CallbackList, StepInfo
-from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, strip_prefixes
+from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, load_model_weights, strip_prefixes
 from torchkiln.engine.finite import FiniteCheck
 from torchkiln.engine.placement import Placement, move_optimizer_state
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.state import LoopState, StopRequested
-from torchkiln.engine.step import OptimizerStep
-from torchkiln.engine.totals import EpochTotals
+from torchkiln.engine.step import AccumulationGroups, OptimizerStep
+from torchkiln.engine.totals import EpochTotals, clone_metrics
 from torchkiln.errors import CheckpointError, TrainingError
 from torchkiln.loggers.base import Logger
 from torchkiln.loggers.validation import ValidationCollector, merge_samples
@@ -78,8 +78,8 @@ class Trainer:
         self.checkpointing = Checkpointing(checkpoints) if isinstance(checkpoints, (str, Path)) else checkpoints
         self.finite = on_nonfinite if isinstance(on_nonfinite, FiniteCheck) else FiniteCheck(on_nonfinite)
         self.log_every_n_steps = max(1, int(log_every_n_steps))
-        self.val_metrics = _clone_metrics(metrics, "val/")
-        self.train_metrics = _clone_metrics(metrics, "train/") if train_metrics else None
+        self.val_metrics = clone_metrics(metrics, "val/")
+        self.train_metrics = clone_metrics(metrics, "train/") if train_metrics else None
         self.hub = LoggerHub(loggers, self.log_every_n_steps)
         self.callbacks = CallbackList(self._with_parts(list(callbacks)))
         self.loop = LoopState()
@@ -207,7 +207,7 @@ class Trainer:
         self._begin_totals()
         self.finite.start_epoch(self.device, scaled=stepper.scaler is not None)
         self.callbacks.call("on_epoch_start", self, epoch)
-        groups = _Groups(stepper.accumulate, n_batches, epoch_batch_sizes(loader, n_batches))
+        groups = AccumulationGroups(stepper.accumulate, n_batches, epoch_batch_sizes(loader, n_batches))
         model = self.placement.train_model  # after on_epoch_start: freezing may have rewrapped it
         model.train()
         self._epoch_samples = 0
@@ -232,7 +232,7 @@ class Trainer:
             raise TrainingError(f"epoch {epoch + 1} had no usable batch (empty loader or every loss non-finite)")
         return self._totals.result("train")
 
-    def _end_group(self, epoch: int, i: int, loss: torch.Tensor, groups: _Groups, n_batches: int) -> None:
+    def _end_group(self, epoch: int, i: int, loss: torch.Tensor, groups: AccumulationGroups, n_batches: int) -> None:
         """The optimizer step that ends a group of micro-batches (none if each of them was skipped)."""
         used, groups.used = groups.used, False
         if not used:
@@ -415,22 +415,7 @@ class Trainer:
         self.callbacks.call("on_load_checkpoint", self, state)
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
-        weights = strip_prefixes(weights)
-        own = self.model.state_dict()
-        missing = [k for k in own if k not in weights]
-        unexpected = [k for k in weights if k not in own]
-        mismatched = [k for k in own if k in weights and own[k].shape != weights[k].shape]
-        if strict and (missing or unexpected or mismatched):
-            parts = []
-            if missing:
-                parts.append(f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
-            if unexpected:
-                parts.append(f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}")
-            if mismatched:
-                k = mismatched[0]
-                parts.append(f"shape of {k}: checkpoint {tuple(weights[k].shape)}, model {tuple(own[k].shape)}")
-            raise CheckpointError(f"checkpoint does not fit this model ({'; '.join(parts)})")
-        self.model.load_state_dict(weights, strict=strict)
+        load_model_weights(self.model, weights, strict)
 
     def summary(self, seconds: float | None = None) -> dict[str, Any]:
         loop = self.loop
@@ -448,38 +433,3 @@ class Trainer:
             "fingerprint": self.initial_fingerprint,
             "seconds": seconds,
         }
-
-
-class _Groups:
-    """Accumulation's arithmetic: which micro-batch ends a group, and each one's share of it."""
-
-    def __init__(self, k: int, n_batches: int, sizes: list[int] | None):
-        self.k, self.n, self.sizes = k, n_batches, sizes
-        self.used = False  # a group whose every micro-batch was skipped takes no optimizer step
-
-    def _bounds(self, i: int) -> tuple[int, int]:
-        start = (i // self.k) * self.k
-        return start, min(self.k, self.n - start)  # the epoch's last group may be shorter
-
-    def last(self, i: int) -> bool:
-        start, size = self._bounds(i)
-        return i - start == size - 1
-
-    def weight(self, i: int) -> float:
-        """This micro-batch's share of its group's samples (so the group's gradient is one batch's)."""
-        start, size = self._bounds(i)
-        if self.sizes is None:
-            return 1.0 / size
-        return self.sizes[i] / sum(self.sizes[start:start + size])
-
-
-def _clone_metrics(metrics: Any, prefix: str):
-    if metrics is None:
-        return None
-    from torchmetrics import MetricCollection
-
-    if not isinstance(metrics, MetricCollection):
-        metrics = MetricCollection(dict(metrics) if isinstance(metrics, Mapping) else metrics)
-    clone = metrics.clone(prefix=prefix)
-    clone.persistent(True)  # so a mid-epoch checkpoint carries the epoch's partial state
-    return clone
