@@ -305,7 +305,7 @@ def check(cfg: Config, source: str | None = None) -> list[str]:
         trainer, loaders, data = build_parts(cfg, progress=False)
     sizes = ", ".join(f"{len(loaders[k].dataset)} {k}" for k in ("train", "val", "test") if k in loaders)
     classes = f", {data.num_classes} classes" if data.num_classes else ""
-    params = sum(p.numel() for p in trainer.model.parameters())
+    params = sum(p.numel() for p in trainer.raw_model.parameters())
     sched = trainer.schedule
     lines = [
         f"data       {cfg.data.dataset.type}: {sizes} samples{classes}, {len(loaders['train'])} batches per epoch",
@@ -351,7 +351,7 @@ def open_run_dir(cfg: Config, trainer: Any, data: Any, run_dir: Path, extra_logg
         write_skipped(run_dir, data.skipped)
         if data.normalization is not None:
             (run_dir / NORMALIZATION).write_text(json.dumps(data.normalization.to_dict(), indent=2))
-        loggers = build_loggers(cfg, run_dir, trainer.model, data.class_names) + loggers
+        loggers = build_loggers(cfg, run_dir, trainer.raw_model, data.class_names) + loggers
     trainer.use_run_dir(run_dir, loggers)
 
 

@@ -1,7 +1,7 @@
 """Where and how the model runs: device, memory format, torch.compile and the distributed wrapper.
 
-The model has one owner here: `module` is the user's model (its weights are what checkpoints
-hold), `train_model` what the training loop calls (compiled, wrapped by DDP or DataParallel),
+The Trainer holds the user's model (`raw_model`: its weights are what checkpoints hold); this
+holds what runs: `train_model` what the training loop calls (compiled, wrapped by DDP or DataParallel),
 `eval_model` what evaluation calls (no DDP: ranks see uneven shards, so no collective may run).
 """
 
@@ -28,7 +28,6 @@ class Placement:
         self.cache_size_limit = cache_size_limit
         self.strategy = strategy
         self.sync_batchnorm = sync_batchnorm
-        self.module: nn.Module | None = None
         self.train_model: nn.Module | None = None
         self.eval_model: nn.Module | None = None
         self._undistributed: nn.Module | None = None  # what DDP wraps (compiled, synced BN)
@@ -36,7 +35,7 @@ class Placement:
 
     @property
     def ready(self) -> bool:
-        return self.module is not None
+        return self.train_model is not None
 
     def setup(self, model: nn.Module, modules: Iterable[nn.Module | None], optimizer: torch.optim.Optimizer) -> None:
         """Move the model (and the loss, metrics, optimizer state) to the device; compile and wrap."""
@@ -46,7 +45,6 @@ class Placement:
             if m is not None:
                 m.to(self.device)
         move_optimizer_state(optimizer, self.device)
-        self.module = model
         wrapped = model
         if self.compile:
             from torchkiln.engine.compile import compile_model, dynamo_stats

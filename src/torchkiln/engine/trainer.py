@@ -66,7 +66,7 @@ class Trainer:
         on_nonfinite: FiniteCheck | str = "stop",
         log_every_n_steps: int = 10,
     ):
-        self.model = model  # the user's module: its weights are what checkpoints hold
+        self.raw_model = model  # the user's module: its weights are what checkpoints hold
         self.optimizer = optimizer
         self.task = task or ClassificationTask()
         self.loss_fn = loss_fn if loss_fn is not None else self.task.make_loss(None)
@@ -109,9 +109,9 @@ class Trainer:
         return self.placement.device
 
     @property
-    def raw_model(self) -> nn.Module:
-        """The user's model as given (`model`); kept for callers that name it so."""
-        return self.model
+    def model(self) -> nn.Module:
+        """What training calls: the placement's (compiled, distributed) model once set up, else `raw_model`."""
+        return self.placement.train_model if self.placement.ready else self.raw_model
 
     @property
     def skipped_steps(self) -> int:
@@ -128,7 +128,7 @@ class Trainer:
     def _setup(self) -> None:
         if self.placement.ready:
             return
-        self.placement.setup(self.model, (self.loss_fn, self.val_metrics, self.train_metrics), self.optimizer)
+        self.placement.setup(self.raw_model, (self.loss_fn, self.val_metrics, self.train_metrics), self.optimizer)
         self.callbacks.active(distributed.is_rank0())  # rank duties: only rank 0 logs and shows progress
 
     def use_run_dir(self, run_dir: str | Path, loggers: Iterable[Logger] = ()) -> None:
@@ -190,10 +190,10 @@ class Trainer:
                      self.loop.global_step, self.loop.batch_in_epoch)
         else:
             self.loop, self._epoch_accum = LoopState(), None
-            self.initial_fingerprint = fingerprint(self.model)
+            self.initial_fingerprint = fingerprint(self.raw_model)
         self.callbacks.call("on_fit_start", self)
-        total = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.raw_model.parameters())
+        trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         log.info("device %s, precision %s, %d parameters (%d trainable, %d frozen)", self.device,
                  self.stepper.precision, total, trainable, total - trainable)
         log.info("initial-parameter fingerprint %s", self.initial_fingerprint)
@@ -379,7 +379,7 @@ class Trainer:
         rng = rng_state()
         state = {
             "format": FORMAT, "version": 1, "torchkiln": __version__, "torch": str(torch.__version__),
-            "model": strip_prefixes(self.model.state_dict()),
+            "model": strip_prefixes(self.raw_model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "step": self.stepper.state_dict(),
@@ -415,7 +415,7 @@ class Trainer:
         self.callbacks.call("on_load_checkpoint", self, state)
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
-        load_model_weights(self.model, weights, strict)
+        load_model_weights(self.raw_model, weights, strict)
 
     def summary(self, seconds: float | None = None) -> dict[str, Any]:
         loop = self.loop
