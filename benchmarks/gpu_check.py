@@ -26,7 +26,7 @@ if (_SRC / "torchkiln").is_dir():
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from torchkiln.engine.trainer import Trainer  # noqa: E402
+from torchkiln.engine.settings import make_trainer  # noqa: E402
 
 VARIANTS = {
     # name: (loop, precision, channels_last, compile)
@@ -87,7 +87,7 @@ def make_model(arch: str, channels_last: bool, device: torch.device) -> nn.Modul
 def run_trainer(model, batches: TimedBatches, precision: str, channels_last: bool, compile: bool,
                 device: torch.device) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    trainer = Trainer(model, opt, nn.CrossEntropyLoss(), device=device, precision=precision,
+    trainer = make_trainer(model, opt, nn.CrossEntropyLoss(), device=device, precision=precision,
                       channels_last=channels_last, compile=compile, epochs=1, progress=False,
                       train_metrics=False, monitor="train/loss")
     summary = trainer.fit(batches)

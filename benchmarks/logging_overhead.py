@@ -38,8 +38,9 @@ import torch  # noqa: E402
 from machine import machine  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from torchkiln.callbacks.logging_hub import LoggerHub  # noqa: E402
 from torchkiln.data.digits import Digits  # noqa: E402
-from torchkiln.engine.trainer import Trainer  # noqa: E402
+from torchkiln.engine.settings import make_trainer  # noqa: E402
 from torchkiln.loggers.base import Logger  # noqa: E402
 from torchkiln.loggers.files import CSVLogger, JSONLLogger  # noqa: E402
 from torchkiln.loggers.tensorboard import TensorBoardLogger  # noqa: E402
@@ -58,7 +59,7 @@ class Records(Logger):
 
 
 class LoggingClock:
-    """Seconds spent inside Trainer._record_step and Trainer._flush_steps (outermost calls only)."""
+    """Seconds spent inside LoggerHub.on_step_end and LoggerHub.flush_steps (outermost calls only)."""
 
     def __init__(self):
         self.seconds = 0.0
@@ -66,8 +67,8 @@ class LoggingClock:
         self._saved = {}
 
     def __enter__(self):
-        for name in ("_record_step", "_flush_steps"):
-            real = getattr(Trainer, name)
+        for name in ("on_step_end", "flush_steps"):
+            real = getattr(LoggerHub, name)
             self._saved[name] = real
 
             def timed(trainer, *args, _real=real, **kwargs):
@@ -80,12 +81,12 @@ class LoggingClock:
                     if self._depth == 0:
                         self.seconds += time.perf_counter() - start
 
-            setattr(Trainer, name, timed)
+            setattr(LoggerHub, name, timed)
         return self
 
     def __exit__(self, *exc):
         for name, real in self._saved.items():
-            setattr(Trainer, name, real)
+            setattr(LoggerHub, name, real)
 
 
 def run(loader, device, every: int | None, epochs: int, run_dir: str) -> tuple[list[float], float, dict]:
@@ -97,7 +98,7 @@ def run(loader, device, every: int | None, epochs: int, run_dir: str) -> tuple[l
     if every is not None:
         Path(run_dir).mkdir(parents=True)
         loggers += [CSVLogger(run_dir), JSONLLogger(run_dir), TensorBoardLogger(run_dir)]
-    trainer = Trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), device=device, epochs=epochs,
+    trainer = make_trainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3), device=device, epochs=epochs,
                       metrics=build_metrics(["accuracy"], 10), loggers=loggers, progress=False,
                       log_every_n_steps=every or 10, grad_clip=1.0, monitor="train/loss")
     with LoggingClock() as clock:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from torchkiln.engine.callbacks import Callback
 from torchkiln.models.small import SmallCNN
 
 
@@ -86,3 +87,23 @@ if __name__ == "__main__":
     if os.environ.get("KILN_FAULT_STALL_SAVE"):
         _stall_on_save(int(os.environ["KILN_FAULT_STALL_SAVE"]), os.environ["KILN_FAULT_STALL_READY"])
     sys.exit(main(sys.argv[1:]))
+
+
+class StepCountingLR(Callback):
+    """A user callback with state: it counts optimizer steps itself and, every `every` of them,
+    multiplies the learning rate by `factor`. Resumed without its count, it would halve at other steps."""
+
+    def __init__(self, every: int = 7, factor: float = 0.5):
+        self.every, self.factor, self.steps = every, factor, 0
+
+    def on_step_end(self, trainer, info) -> None:
+        self.steps += 1
+        if self.steps % self.every == 0:
+            for group in trainer.optimizer.param_groups:
+                group["lr"] *= self.factor
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]

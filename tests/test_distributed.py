@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, kiln, small_config, write_config
-from torchkiln import Trainer
+from torchkiln import make_trainer
 from torchkiln.commands.train import train
 from torchkiln.config.load import resolve
 from torchkiln.data.loaders import ResumableBatchSampler
@@ -83,7 +83,7 @@ def test_dp_without_several_gpus_trains_plainly_with_a_warning(caplog):
     torch.manual_seed(0)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
     model = torch.nn.Sequential(torch.nn.Linear(8, 3))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False,
                       strategy="dp", device="cpu")
     with caplog.at_level(logging.WARNING, logger="torchkiln"):
         trainer.fit(DataLoader(TensorDataset(x, y), batch_size=16))
@@ -240,8 +240,8 @@ def _stop_worker(rank: int, world: int, out: str) -> None:
     from torch.utils.data.distributed import DistributedSampler
 
     from torchkiln.engine import distributed as kd
+    from torchkiln.engine.settings import make_trainer
     from torchkiln.engine.state import StopRequested
-    from torchkiln.engine.trainer import Trainer
 
     # A file rendezvous: no TCP store server thread in rank 0 to outlive the test's teardown.
     dist.init_process_group("gloo", init_method=f"file://{Path(out, 'rendezvous')}", rank=rank, world_size=world)
@@ -257,7 +257,7 @@ def _stop_worker(rank: int, world: int, out: str) -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
     data = TensorDataset(torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,)))
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, shuffle=False))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, progress=False,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=2, progress=False,
                       log_every_n_steps=4, device="cpu", train_metrics=False)
     if rank == 1:  # only rank 1 hears the signal, during its step 2
         model.register_forward_hook(
@@ -289,7 +289,7 @@ def _unfreeze_worker(rank: int, world: int, out: str) -> None:
     from torch.utils.data import DataLoader, TensorDataset
     from torch.utils.data.distributed import DistributedSampler
 
-    from torchkiln.engine.trainer import Trainer
+    from torchkiln.engine.settings import make_trainer
     from torchkiln.models.freeze import Freezer
 
     # A file rendezvous: no TCP store server thread in rank 0 to outlive the test's teardown.
@@ -301,7 +301,7 @@ def _unfreeze_worker(rank: int, world: int, out: str) -> None:
     g = torch.Generator().manual_seed(1)  # each rank trains on its own shard: different gradients
     data = TensorDataset(torch.randn(128, 1, 8, 8, generator=g), torch.randint(0, 10, (128,), generator=g))
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, shuffle=False))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=3, progress=False,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=3, progress=False,
                       device="cpu", train_metrics=False, freezer=freezer)
     trainer.fit(loader)
     torch.save({"first": model[1].weight.detach(), "head": model[3].weight.detach(),
@@ -351,7 +351,7 @@ def _skip_worker(rank: int, world: int, out: str) -> None:
     g = torch.Generator().manual_seed(rank)
     data = TensorDataset(torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
     loader = DataLoader(data, batch_size=8, sampler=DistributedSampler(data, world, rank, shuffle=False))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _NaNOnRank1(), epochs=1,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), _NaNOnRank1(), epochs=1,
                       progress=False, device="cpu", train_metrics=False, on_nonfinite="skip_batch")
     trainer.fit(loader)
     torch.save({"w": model[1].weight.detach(), "steps": trainer.loop.global_step}, Path(out, f"rank{rank}.pt"))

@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import lr_scheduler as L
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchkiln.engine.trainer import Trainer
+from torchkiln.engine.settings import make_trainer
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -36,7 +36,7 @@ def test_bf16_autocast_on_cuda():
     model = mlp()
     seen = []
     model[2].register_forward_hook(lambda m, i, o: seen.append((o.dtype, o.device.type)))
-    Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cuda", precision="bf16", epochs=1,
+    make_trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cuda", precision="bf16", epochs=1,
             progress=False).fit(data())
     assert set(seen) == {(torch.bfloat16, "cuda")}
 
@@ -52,7 +52,7 @@ def test_fp16_inf_gradient_skips_optimizer_and_scheduler_on_cuda():
         return grad * float("inf") if calls["n"] == 3 else grad
 
     model[2].weight.register_hook(poison)
-    t = Trainer(model, opt, scheduler=sched, scheduler_interval="step", device="cuda", precision="fp16",
+    t = make_trainer(model, opt, scheduler=sched, scheduler_interval="step", device="cuda", precision="fp16",
                 epochs=1, progress=False, scaler_options={"init_scale": 1024.0})
     t.fit(data(320))
     assert t.loop.global_step == 10 and t.stepper.skipped == 1
@@ -63,7 +63,7 @@ def test_fp16_inf_gradient_skips_optimizer_and_scheduler_on_cuda():
 def test_accumulation_matches_big_batch_on_cuda():
     def train(batch, k):
         model = mlp()
-        Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), device="cuda",
+        make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), device="cuda",
                 accumulate=k, epochs=1, progress=False).fit(data(1000, batch))
         return model.state_dict()
 
@@ -102,7 +102,7 @@ def test_cuda_memory_and_utilization_per_epoch():
     model = mlp()
     records = Records()
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cuda", epochs=2,
+        trainer = make_trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cuda", epochs=2,
                           progress=False, loggers=[records], log_every_n_steps=5, run_dir=run_dir)
         assert trainer.checkpoints.background
         trainer.fit(data())

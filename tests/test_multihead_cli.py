@@ -288,7 +288,7 @@ def test_summary_of_a_multihead_config(tmp_path, heads_csv, cli):
 def test_predict_concatenates_dict_outputs_per_head():
     from torch import nn
 
-    from torchkiln.engine.trainer import Trainer
+    from torchkiln.engine.settings import make_trainer
     from torchkiln.tasks import MultiHeadTask
 
     class TwoHeads(nn.Module):
@@ -303,7 +303,7 @@ def test_predict_concatenates_dict_outputs_per_head():
     model = TwoHeads()
     x = torch.randn(11, 4)
     batches = [(x[i:i + 4], torch.zeros(len(x[i:i + 4]), 2, dtype=torch.long)) for i in range(0, 11, 4)]
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), task=MultiHeadTask({"a": 3, "b": 2}),
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), task=MultiHeadTask({"a": 3, "b": 2}),
                       progress=False)
     out = trainer.predict(batches)
     assert set(out) == {"a", "b"} and out["a"].shape == (11, 3) and out["b"].shape == (11, 2)

@@ -191,7 +191,7 @@ def test_the_quoted_error_messages_are_what_kiln_prints(user):
 
 
 def test_the_python_api_example_runs(tmp_path):
-    (example,) = [b for b in blocks("python") if "Trainer(" in b]
+    (example,) = [b for b in blocks("python") if "make_trainer(" in b]
     setup = """
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -205,6 +205,8 @@ model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.n
     check = """
 assert metrics["val/accuracy"] > 0.8, metrics
 assert outputs.shape == (len(x) - 1200, 10)
+from torchkiln.engine.checkpoint import load_checkpoint
+assert load_checkpoint("runs/api/checkpoints/last.ckpt")["callbacks"]["HalveLR"] == {"steps": summary["global_step"]}
 """
     proc = subprocess.run([sys.executable, "-c", setup + example + check], capture_output=True, text=True,
                           cwd=tmp_path, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})

@@ -15,7 +15,7 @@ from conftest import kiln, small_config, write_config
 from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader
 from torchkiln.engine.schedule import LRSchedule
-from torchkiln.engine.trainer import Trainer
+from torchkiln.engine.settings import make_trainer
 from torchkiln.errors import ConfigError
 from torchkiln.loggers.base import Logger
 from torchkiln.models.small import MLP
@@ -53,7 +53,7 @@ def run_trainer(digits, make_sched, *, accumulate=1, warmup_steps=0, interval=No
         else model.parameters()
     opt = torch.optim.SGD(params, lr=LR, momentum=0.9)
     rows = StepRows()
-    trainer = Trainer(model, opt, nn.CrossEntropyLoss(), scheduler=make_sched(opt), epochs=EPOCHS,
+    trainer = make_trainer(model, opt, nn.CrossEntropyLoss(), scheduler=make_sched(opt), epochs=EPOCHS,
                       device="cpu", accumulate=accumulate, warmup_steps=warmup_steps, warmup_start=0.1,
                       scheduler_interval=interval, scheduler_fractional_epochs=fractional,
                       monitor="val/loss", progress=False, loggers=[rows])

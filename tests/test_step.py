@@ -16,8 +16,8 @@ from conftest import kiln, small_config, write_config
 from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader
 from torchkiln.engine.checkpoint import load_checkpoint
+from torchkiln.engine.settings import make_trainer
 from torchkiln.engine.step import OptimizerStep, check_precision
-from torchkiln.engine.trainer import Trainer
 from torchkiln.errors import ConfigError
 from torchkiln.loggers.base import Logger
 from torchkiln.models.small import MLP, SmallCNN
@@ -102,14 +102,14 @@ def test_clip_sees_unscaled_gradients_under_a_large_scale(digits, mode, clip):
 def test_fp16_scaler_state_is_checkpointed(digits, tmp_path):
     torch.manual_seed(0)
     model = MLP(num_classes=10, hidden=[16])
-    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cpu", precision="fp16",
+    trainer = make_trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cpu", precision="fp16",
                       epochs=1, progress=False, run_dir=tmp_path, scaler_options={"growth_interval": 3})
     trainer.fit(loader(digits, 640, 64))
     scale = trainer.stepper.scaler.get_scale()
     assert scale == 65536.0 * 2**3  # 10 good steps, growing every 3
     state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
     assert state["step"]["scaler"]["scale"] == scale
-    fresh = Trainer(MLP(num_classes=10, hidden=[16]), torch.optim.Adam(model.parameters(), 1e-3),
+    fresh = make_trainer(MLP(num_classes=10, hidden=[16]), torch.optim.Adam(model.parameters(), 1e-3),
                     device="cpu", precision="fp16", progress=False, scaler_options={"growth_interval": 3})
     fresh.load_state_dict(state)
     assert fresh.stepper.scaler.get_scale() == scale
@@ -117,9 +117,9 @@ def test_fp16_scaler_state_is_checkpointed(digits, tmp_path):
 
 
 def test_a_precision_the_device_cannot_run_is_a_config_error():
-    with pytest.raises(ConfigError, match="trainer.precision"):
+    with pytest.raises(ConfigError, match="precision"):
         check_precision("bf16", torch.device("meta"))
-    with pytest.raises(ConfigError, match="trainer.precision"):
+    with pytest.raises(ConfigError, match="precision"):
         check_precision("16-mixed", torch.device("cpu"))
 
 
@@ -130,7 +130,7 @@ def train_weights(ds, batch, accumulate, epochs=1):
     torch.manual_seed(0)
     model = MLP(num_classes=10, hidden=[32])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    trainer = Trainer(model, opt, device="cpu", accumulate=accumulate, epochs=epochs, progress=False)
+    trainer = make_trainer(model, opt, device="cpu", accumulate=accumulate, epochs=epochs, progress=False)
     trainer.fit(loader(ds, 1258, batch))
     return model.state_dict(), trainer.loop.global_step
 
@@ -148,7 +148,7 @@ def test_last_shorter_group_is_stepped(digits):
     rows = StepRows()
     torch.manual_seed(0)
     model = MLP(num_classes=10, hidden=[16])
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device="cpu", accumulate=4,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device="cpu", accumulate=4,
                       epochs=1, progress=False, loggers=[rows])
     last_batch = []
     model.head.register_forward_hook(lambda m, i, o: last_batch.append(o.shape[0]))
@@ -168,7 +168,7 @@ def test_autocast_is_really_active_in_the_step(digits, precision, dtype):
     model = MLP(num_classes=10, hidden=[16])
     seen = []
     model.head.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
-    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cpu", precision=precision,
+    trainer = make_trainer(model, torch.optim.Adam(model.parameters(), 1e-3), device="cpu", precision=precision,
                       epochs=1, progress=False)
     trainer.fit(loader(digits, 256, 64))
     train_dtypes = {d for training, d in seen if training}
@@ -194,7 +194,7 @@ def test_inf_gradient_under_the_scaler_skips_optimizer_and_scheduler(digits, tmp
         return grad * float("inf") if calls["n"] == 5 else grad
 
     model.head.weight.register_hook(poison)
-    trainer = Trainer(model, opt, scheduler=sched, scheduler_interval="step", device="cpu", precision="fp16",
+    trainer = make_trainer(model, opt, scheduler=sched, scheduler_interval="step", device="cpu", precision="fp16",
                       epochs=1, progress=False, run_dir=tmp_path, loggers=[rows, JSONLLogger(tmp_path)],
                       scaler_options={"init_scale": 256.0}, log_every_n_steps=3)
     weights = []
@@ -290,7 +290,7 @@ class NaNInEval(nn.Module):
 def test_a_nan_metric_never_becomes_best(digits, tmp_path):
     torch.manual_seed(0)
     model = MLP(num_classes=10, hidden=[16])
-    trainer = Trainer(model, torch.optim.Adam(model.parameters(), 1e-2), NaNInEval(), device="cpu", epochs=2,
+    trainer = make_trainer(model, torch.optim.Adam(model.parameters(), 1e-2), NaNInEval(), device="cpu", epochs=2,
                       monitor="val/loss", progress=False, run_dir=tmp_path)
     summary = trainer.fit(loader(digits, 256, 64), loader(digits, 128, 64))
     assert all(h["val/loss"] != h["val/loss"] for h in trainer.loop.history)  # NaN every epoch
@@ -308,7 +308,7 @@ def test_channels_last_reaches_weights_and_activations(digits):
     conv = model.features[3]  # 8 -> 16 channels, so both layouts differ
     seen = []
     conv.register_forward_pre_hook(lambda m, i: seen.append(i[0].is_contiguous(memory_format=torch.channels_last)))
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), device="cpu", channels_last=True,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.01), device="cpu", channels_last=True,
                       epochs=1, progress=False)
     trainer.fit(loader(digits, 128, 64))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import write_config
-from torchkiln import Trainer
+from torchkiln import make_trainer
 from torchkiln.commands.train import train
 from torchkiln.config.load import load_config, resolve
 from torchkiln.engine.checkpoint import load_checkpoint
@@ -150,7 +150,7 @@ def test_python_api_without_files(tmp_path, monkeypatch):
     val_dl = DataLoader(TensorDataset(x[1400:], y[1400:]), batch_size=50)
     model = MLP(num_classes=10, hidden=[64])
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    trainer = Trainer(model, opt, torch.nn.CrossEntropyLoss(), metrics=build_metrics(["accuracy"], 10),
+    trainer = make_trainer(model, opt, torch.nn.CrossEntropyLoss(), metrics=build_metrics(["accuracy"], 10),
                       epochs=3, progress=False, monitor="val/accuracy")
     summary = trainer.fit(train_dl, val_dl)
     assert summary["best"] > 0.85
@@ -161,7 +161,7 @@ def test_python_api_without_files(tmp_path, monkeypatch):
 
 def test_constructing_a_trainer_has_no_side_effects(tmp_path):
     model = MLP(num_classes=10)
-    Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run")
+    make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -181,7 +181,7 @@ def test_epoch_metrics_are_exact_over_uneven_batches():
 
     loader = DataLoader(TensorDataset(torch.arange(n), targets), batch_size=37)  # last batch: 18
     model = Fixed()
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                       metrics=build_metrics(["accuracy", "f1_macro"], classes), progress=False)
     got = trainer.validate(loader)
     pred = logits.argmax(1)

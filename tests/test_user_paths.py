@@ -153,20 +153,20 @@ def test_padded_shards_weigh_accumulated_batches_alike_on_every_rank():
 
 
 def test_evaluate_before_fit_leaves_no_inference_tensors(tmp_path):
-    from torchkiln import Trainer
+    from torchkiln import make_trainer
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
     data = TensorDataset(torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
     loader = DataLoader(data, batch_size=8)
     # channels_last makes _setup() move the parameters: inside inference_mode they would become
     # inference tensors, and the first backward would fail.
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=1,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=1,
                       progress=False, channels_last=True, device="cpu")
     trainer.evaluate(loader)
     assert not any(p.is_inference() for p in model.parameters())
     trainer.fit(loader)
     model2 = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
-    trainer = Trainer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=1,
+    trainer = make_trainer(model2, torch.optim.SGD(model2.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=1,
                       progress=False, channels_last=True, device="cpu")
     assert trainer.predict(loader).shape == (32, 10)  # predict first, then train
     assert not any(p.is_inference() for p in model2.parameters())
@@ -221,7 +221,7 @@ def test_exported_model_json_is_enough_to_rebuild_the_model(tmp_path, kiln):
 
 
 def test_the_api_writes_a_whole_run_directory_in_one_call(tmp_path):
-    from torchkiln import Trainer, run_loggers
+    from torchkiln import make_trainer, run_loggers
     from torchkiln.metrics import build_metrics
 
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ def test_the_api_writes_a_whole_run_directory_in_one_call(tmp_path):
     data = TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 10, (64,)))
     loader = DataLoader(data, batch_size=16)
     run_dir = tmp_path / "api-run"
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=2,
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=2,
                       metrics=build_metrics(["accuracy"], num_classes=10), progress=False, device="cpu",
                       run_dir=run_dir, loggers=run_loggers(run_dir, model))
     trainer.fit(loader, loader)

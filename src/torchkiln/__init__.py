@@ -9,12 +9,16 @@ from torchkiln.version import __version__
 # Heavy objects (anything importing torch) load on first use so that `kiln --help` stays fast.
 _LAZY = {
     "Trainer": "torchkiln.engine.trainer",
+    "make_trainer": "torchkiln.engine.settings",
+    "Callback": "torchkiln.engine.callbacks",
     "seed_everything": "torchkiln.seeding",
     "fingerprint": "torchkiln.seeding",
     "run_loggers": "torchkiln.loggers",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from torchkiln.engine.callbacks import Callback
+    from torchkiln.engine.settings import make_trainer
     from torchkiln.engine.trainer import Trainer
     from torchkiln.loggers import run_loggers
     from torchkiln.seeding import fingerprint, seed_everything
@@ -28,4 +32,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'torchkiln' has no attribute {name!r}")
 
 
-__all__ = ["Trainer", "run_loggers", "seed_everything", "fingerprint", "__version__"]
+__all__ = ["Callback", "Trainer", "make_trainer", "run_loggers", "seed_everything", "fingerprint", "__version__"]

@@ -16,6 +16,16 @@ class ConfigError(KilnError):
     pass
 
 
+class SettingError(ConfigError):
+    """An engine part refused one of its settings; it names the part's parameter, and the command
+    that built the part from a config turns that into the config's key path."""
+
+    def __init__(self, setting: str, detail: str):
+        super().__init__(f"{setting}: {detail}")
+        self.setting = setting
+        self.detail = detail
+
+
 class DataError(KilnError):
     pass
 

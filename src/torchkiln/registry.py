@@ -152,6 +152,7 @@ BUILTIN_MODULES = (
     "torchkiln.data.collate", "torchkiln.losses", "torchkiln.metrics", "torchkiln.models.small",
     "torchkiln.models.backbones", "torchkiln.tasks.base", "torchkiln.tasks.multilabel", "torchkiln.tasks.ranking",
     "torchkiln.tasks.multihead",
+    "torchkiln.callbacks",
 )
 
 
@@ -192,4 +193,5 @@ SCHEDULERS = Registry(
          or o.__name__ in {"ReduceLROnPlateau", "CosineAnnealingWarmRestarts", "ChainedScheduler"}),
 )
 METRICS = Registry("metric")
+CALLBACKS = Registry("callback")
 TASKS = Registry("task")

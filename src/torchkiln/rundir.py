@@ -25,6 +25,7 @@ log = logging.getLogger("torchkiln")
 CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints
 LAST = "last.ckpt"
 BEST = "best.ckpt"
+NUMBERED = re.compile(r"(epoch|step)-\d+\.ckpt$")  # epoch-NNN.ckpt, step-NNNNNN.ckpt: kept by keep_last
 CONFIG = "config.yaml"  # the resolved config: all that is needed to rerun
 TRAIN_LOG = "train.log"
 METRICS_CSV = "metrics.csv"  # one row per epoch
@@ -156,3 +157,11 @@ def _candidates(ckpt_dir: Path) -> list[Path]:
     rank = {LAST: 0, BEST: 2}
     files = list(ckpt_dir.glob("*.ckpt"))
     return sorted(files, key=lambda p: (-p.stat().st_mtime_ns, rank.get(p.name, 1), p.name))
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch-{epoch:03d}.ckpt"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}.ckpt"

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
+
+from torchkiln.engine.callbacks import Callback
+from torchkiln.errors import SettingError, did_you_mean
+
+log = logging.getLogger("torchkiln")
 
 
 def improved(value: float | None, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
@@ -13,3 +20,80 @@ def improved(value: float | None, best: float | None, mode: str, min_delta: floa
     if best is None:
         return True
     return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+class Monitor:
+    """The run's monitored number: which one (`name`), which way is better (`mode`), by how much
+    (`min_delta`). The best checkpoint, ReduceLROnPlateau and the summary follow it. A name or
+    mode left out is chosen at fit start: the task's default for the metrics logged."""
+
+    def __init__(self, name: str | None = None, mode: str | None = None, min_delta: float = 0.0):
+        if mode not in (None, "min", "max"):
+            raise SettingError("mode", f"expected min or max; found {mode!r}")
+        self.name = name
+        self.mode = mode
+        self.min_delta = float(min_delta)
+
+    def resolve(self, task: Any, logged: list[str], has_val: bool) -> None:
+        self.name = self.name or task.default_monitor(logged, has_val)
+        self.mode = self.mode or task.monitor_mode(self.name)
+
+    def check(self, logged: set[str]) -> None:
+        """The monitored name is a number the run logs."""
+        if self.name not in logged:
+            raise SettingError("monitor", f"'{self.name}' will not be logged{did_you_mean(self.name, logged)}"
+                                          f" (logged: {', '.join(sorted(logged))})")
+
+    def value(self, record: dict[str, float]) -> float:
+        if self.name not in record:
+            raise SettingError("monitor", f"'{self.name}' is not logged; logged: {', '.join(sorted(record))}")
+        return record[self.name]
+
+    def update(self, record: dict[str, float], loop: Any) -> bool:
+        """Record this epoch's value in the loop state; whether it is the best so far."""
+        value = self.value(record)
+        better = improved(value, loop.best, self.mode, self.min_delta)
+        if better:
+            loop.best, loop.best_epoch = float(value), loop.epoch
+        return better
+
+    def describe(self) -> dict[str, Any]:
+        return {"monitor": self.name, "mode": self.mode, "min_delta": self.min_delta}
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` (default: the run's monitor) has not improved for `patience` epochs."""
+
+    def __init__(self, patience: int, monitor: str | None = None, mode: str | None = None,
+                 min_delta: float | None = None):
+        if int(patience) < 1:
+            raise SettingError("early_stop", f"expected a patience of at least 1 epoch; found {patience}")
+        self.patience = int(patience)
+        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.best: float | None = None
+        self.bad_epochs = 0
+
+    def on_fit_start(self, trainer: Any) -> None:
+        run = trainer.monitor
+        self.monitor = self.monitor or run.name
+        self.mode = self.mode or (run.mode if self.monitor == run.name else trainer.task.monitor_mode(self.monitor))
+        self.min_delta = run.min_delta if self.min_delta is None else float(self.min_delta)
+
+    def on_epoch_end(self, trainer: Any, epoch: int, record: dict[str, float]) -> None:
+        if self.monitor not in record:
+            raise SettingError("monitor", f"'{self.monitor}' is not logged; logged: {', '.join(sorted(record))}")
+        value = record[self.monitor]
+        if improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.bad_epochs = float(value), 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            log.info("early stop: %s did not improve for %d epochs (best %.6g)", self.monitor, self.patience,
+                     self.best if self.best is not None else float("nan"))
+            trainer.stop_after_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.bad_epochs = state.get("best"), int(state.get("bad_epochs", 0))

@@ -122,7 +122,7 @@ def stop_on_signals(trainer):
     previous = {}
 
     def handler(signum, frame):
-        if trainer._stop_signal is not None and signum == signal.SIGINT:
+        if trainer.stop_requested is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         trainer.request_stop(signum)  # before logging: a second signal may arrive inside the log call
         log.warning("received %s: finishing this step and writing a checkpoint (Ctrl-C again to quit now)",
@@ -264,7 +264,7 @@ def check(cfg: Config, source: str | None = None) -> list[str]:
         f"optimizer  {type(trainer.optimizer).__name__} ({len(trainer.optimizer.param_groups)} param group(s))",
         f"scheduler  {type(sched.scheduler).__name__ + ' (per ' + sched.interval + ')' if sched.scheduler else 'none'}",
         f"metrics    {', '.join(trainer.val_metrics.keys(keep_base=True)) if trainer.val_metrics else 'none'}",
-        f"monitor    {trainer.monitor} ({trainer.mode})",
+        f"monitor    {trainer.monitor.name} ({trainer.monitor.mode})",
     ]
     if data.skipped:
         lines.append(f"skipped    {len(data.skipped)} broken input(s) (data.on_error: skip)")
@@ -309,6 +309,7 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
     """(Trainer, loaders, data) for a config; nothing is written anywhere. Every mistake the
     config can still hold once its names are checked (data, arguments, the monitor) shows here."""
     from torchkiln.config.build import (
+        build_callbacks,
         build_data,
         build_freezer,
         build_loaders,
@@ -317,10 +318,11 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
         build_optimizer,
         build_scheduler,
         num_classes_of,
+        trainer_settings,
     )
     from torchkiln.data.targets import dataset_targets
     from torchkiln.engine import distributed
-    from torchkiln.engine.trainer import Trainer
+    from torchkiln.engine.settings import make_trainer
     from torchkiln.seeding import seed_everything
     from torchkiln.tasks import build_task
 
@@ -350,19 +352,12 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
         resolved["model"]["args"]["num_classes"] = num_classes  # so the checkpoint rebuilds the model
     if data.normalization is not None:
         resolved[NORMALIZATION_KEY] = data.normalization.to_dict()  # checkpoints carry the statistics
-    trainer = Trainer(
-        model, optimizer, loss, task=task, scheduler=scheduler, metrics=metrics, epochs=t.epochs,
-        device=distributed.rank_device(t.device), precision=t.precision, grad_clip=t.grad_clip, grad_clip_mode=t.grad_clip_mode,
-        accumulate=t.accumulate, monitor=monitor, mode=mode, early_stop=t.early_stop,
-        min_delta=t.min_delta, save_period=t.save_period,
-        checkpoint_every_steps=t.checkpoint_every_steps, keep_last=t.keep_last,
-        async_checkpoints=t.async_checkpoints,
-        progress=progress and cfg.logging.progress and distributed.is_rank0(), log_every_n_steps=cfg.logging.every_n_steps,
-        on_nonfinite=t.on_nonfinite, compile=t.compile, compile_options=t.compile_options,
-        cache_size_limit=t.cache_size_limit, channels_last=t.channels_last, strategy=t.strategy,
-        sync_batchnorm=t.sync_batchnorm, config=resolved, freezer=freezer, **sched_kwargs,
+    trainer = make_trainer(
+        model, optimizer, loss, task=task, metrics=metrics, scheduler=scheduler, freezer=freezer,
+        callbacks=build_callbacks(cfg), **trainer_settings(cfg, monitor, mode), config=resolved,
+        progress=progress and cfg.logging.progress and distributed.is_rank0(), **sched_kwargs,
     )
-    trainer.check_monitor(has_val)
+    trainer.resolve_monitor(has_val)
     from torchkiln.probe import probe
 
     probe(model, loss, task, loaders["train"])

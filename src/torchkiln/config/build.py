@@ -14,6 +14,7 @@ from torch import nn
 from torchkiln.config.schema import Component, Config, to_plain
 from torchkiln.errors import ConfigError, did_you_mean
 from torchkiln.registry import (
+    CALLBACKS,
     DATASETS,
     LOSSES,
     MODELS,
@@ -100,6 +101,8 @@ def _components(cfg: Config):
     yield "optimizer", cfg.optimizer, OPTIMIZERS
     if cfg.scheduler is not None:
         yield "scheduler", cfg.scheduler, SCHEDULERS
+    for i, c in enumerate(cfg.callbacks):
+        yield f"callbacks.{i}", c, CALLBACKS
 
 
 @dataclass
@@ -392,3 +395,32 @@ def data_stats(cfg: Config, out_dir: Path | None = None, max_images: int = 2000)
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / cfg.name / "data_stats"
     write_stats(stats, out_dir)
     return stats, out_dir
+
+
+# The trainer settings that the command uses itself rather than handing to make_trainer.
+NOT_TRAINER_SETTINGS = {"deterministic", "threads", "dist_timeout"}
+
+
+def trainer_settings(cfg: Config, monitor: str, mode: str) -> dict[str, Any]:
+    """`make_trainer`'s keywords from the config: the `trainer` section under its own names (plus
+    the run's resolved monitor and mode, this rank's device and the logging cadence)."""
+    from torchkiln.engine import distributed
+
+    settings = {k: v for k, v in cfg.trainer.model_dump().items() if k not in NOT_TRAINER_SETTINGS}
+    settings.update(monitor=monitor, mode=mode, device=distributed.rank_device(cfg.trainer.device),
+                    log_every_n_steps=cfg.logging.every_n_steps)
+    return settings
+
+
+def build_callbacks(cfg: Config) -> list[Any]:
+    """The config's `callbacks`, built in order; each must be a torchkiln Callback."""
+    from torchkiln.engine.callbacks import Callback
+
+    built = []
+    for i, comp in enumerate(cfg.callbacks):
+        cb = build(comp, CALLBACKS, f"callbacks.{i}")
+        if not isinstance(cb, Callback):
+            raise ConfigError(f"callbacks.{i}.type: {comp.type} built a {type(cb).__name__}, not a"
+                              " torchkiln.Callback (subclass torchkiln.Callback and override its moments)")
+        built.append(cb)
+    return built

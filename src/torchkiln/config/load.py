@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from torchkiln.config.schema import Config, to_plain
-from torchkiln.errors import ConfigError, did_you_mean
+from torchkiln.errors import ConfigError, SettingError, did_you_mean
 
 DEFAULT_CONFIG = "default.yaml"
 
@@ -183,13 +183,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 @contextlib.contextmanager
 def config_errors_from(source: str | None):
-    """A ConfigError raised inside names `source` (the config file) first, once."""
+    """A ConfigError raised inside names `source` (the config file) first, once; an engine part's
+    SettingError names its parameter, which becomes the config's key path here."""
     try:
         yield
+    except SettingError as exc:
+        message = f"{config_key(exc.setting)}: {exc.detail}"
+        raise ConfigError(f"{source}: {message}" if source else message) from exc
     except ConfigError as exc:
         if source and not str(exc).startswith(f"{source}:"):
             raise ConfigError(f"{source}: {exc}") from exc
         raise
+
+
+# Engine parameters whose config key is not `trainer.<parameter>`.
+SETTING_KEYS = {"scheduler_interval": "scheduler.interval", "log_every_n_steps": "logging.every_n_steps",
+                "scheduler_fractional_epochs": "scheduler.unit", "warmup_steps": "scheduler.warmup",
+                "warmup_start": "scheduler.warmup.start_factor"}
+
+
+def config_key(setting: str) -> str:
+    return SETTING_KEYS.get(setting, f"trainer.{setting}")
 
 
 def load_checked(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -268,6 +268,9 @@ class Config(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig | None = None
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    callbacks: list[Component] = Field(
+        default_factory=list, description="added to the loop, in order: a registered name (EarlyStopping)"
+        " or an import path 'package.module:Name' to a torchkiln.Callback")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @field_validator("name")

@@ -324,3 +324,24 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 k = k[len(prefix):]
         out[k.replace("._orig_mod.", ".")] = v
     return out
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load `weights` (prefixes of compiled or DDP-wrapped modules stripped) into `model`; a mismatch
+    names the first missing, unexpected and mis-shaped keys."""
+    weights = strip_prefixes(weights)
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    mismatched = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    if strict and (missing or unexpected or mismatched):
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}")
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"shape of {k}: checkpoint {tuple(weights[k].shape)}, model {tuple(own[k].shape)}")
+        raise CheckpointError(f"checkpoint does not fit this model ({'; '.join(parts)})")
+    model.load_state_dict(weights, strict=strict)

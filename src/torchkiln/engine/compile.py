@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchkiln.errors import ConfigError
+from torchkiln.errors import SettingError
 
 log = logging.getLogger("torchkiln")
 
@@ -27,7 +27,7 @@ def compile_model(model: nn.Module, options: dict[str, Any] | None = None,
     try:
         return torch.compile(model, **dict(options or {}))
     except TypeError as exc:
-        raise ConfigError(f"trainer.compile_options: torch.compile refused them: {exc}") from exc
+        raise SettingError("compile_options", f"torch.compile refused them: {exc}") from exc
 
 
 def dynamo_stats() -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from torchkiln.errors import ConfigError
+from torchkiln.errors import SettingError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -15,7 +15,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device: CUDA was asked for but this machine has none; use auto or cpu")
+        raise SettingError("device", "CUDA was asked for but this machine has none; use auto or cpu")
     return device
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from torchkiln.errors import CheckpointError, ConfigError, TrainingError
+from torchkiln.errors import CheckpointError, SettingError, TrainingError
 
 log = logging.getLogger("torchkiln")
 RUN_DIR_ENV = "KILN_RUN_DIR"  # set by `kiln train --devices N` so a restarted worker finds its run
@@ -219,10 +219,10 @@ def wrap_model(model: nn.Module, device: torch.device, strategy: str = "auto",
                sync_batchnorm: bool = False) -> nn.Module:
     """DDP (one process per device), DataParallel (one process, several GPUs), or the model as is."""
     if strategy not in ("auto", "ddp", "dp"):
-        raise ConfigError(f"trainer.strategy: expected auto, ddp or dp; found {strategy!r}")
+        raise SettingError("strategy", f"expected auto, ddp or dp; found {strategy!r}")
     if strategy == "dp":
         if is_distributed():
-            raise ConfigError("trainer.strategy: dp runs in one process; under torchrun or --devices use ddp")
+            raise SettingError("strategy", "dp runs in one process; under torchrun or --devices use ddp")
         n = torch.cuda.device_count() if device.type == "cuda" else 0
         if n < 2:
             log.warning("trainer.strategy dp: fewer than 2 GPUs visible; training on %s without DataParallel",

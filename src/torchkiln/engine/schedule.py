@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as L
 
-from torchkiln.errors import ConfigError
+from torchkiln.errors import SettingError
 
 STEP_SCHEDULERS = ("OneCycleLR", "CyclicLR", "CosineAnnealingWarmRestarts")
 METRIC_SCHEDULERS = ("ReduceLROnPlateau",)
@@ -54,9 +54,9 @@ class LRSchedule:
         kind = default_interval(scheduler) if scheduler is not None else "epoch"
         if interval is not None and scheduler is not None:
             if kind == "metric" and interval == "step":
-                raise ConfigError(
-                    "scheduler.interval: ReduceLROnPlateau needs the monitored metric, which exists only"
-                    " after validation; use interval: epoch (or leave it out)"
+                raise SettingError(
+                    "scheduler_interval", "ReduceLROnPlateau needs the monitored metric, which exists"
+                    " only after validation; use interval: epoch (or leave it out)"
                 )
             if kind != "metric":
                 kind = interval
@@ -82,17 +82,20 @@ class LRSchedule:
             self._base = [g["lr"] for g in self.optimizer.param_groups]
         self._apply_warmup()
 
-    def on_epoch_end(self, metrics: dict[str, float]) -> None:
+    def on_epoch_end(self, metrics: dict[str, float], monitor: str | None = None) -> None:
+        """After each epoch; ReduceLROnPlateau steps on `metrics[monitor]` (this schedule's own
+        `monitor` when it was given one, else the run's)."""
         if self.scheduler is None or self.interval == "step":
             return
         self._restore()
         if self.interval == "metric":
-            if self.monitor not in metrics:
-                raise ConfigError(
-                    f"scheduler: ReduceLROnPlateau needs '{self.monitor}' (trainer.monitor), which this"
-                    f" run does not log; logged: {', '.join(sorted(metrics))}"
+            monitor = self.monitor or monitor
+            if monitor not in metrics:
+                raise SettingError(
+                    "monitor", f"ReduceLROnPlateau needs '{monitor}', which this run does not log;"
+                    f" logged: {', '.join(sorted(metrics))}"
                 )
-            self.scheduler.step(metrics[self.monitor])
+            self.scheduler.step(metrics[monitor])
         else:
             self.scheduler.step()
         self._base = [g["lr"] for g in self.optimizer.param_groups]
@@ -105,10 +108,14 @@ class LRSchedule:
         return self.warmup_start + (1.0 - self.warmup_start) * self.steps_done / self.warmup_steps
 
     def _restore(self) -> None:
+        if not self.warmup_steps:  # without warmup the groups hold the scheduler's own rates already
+            return  # (and a learning rate a callback set is left for the scheduler to see)
         for g, lr in zip(self.optimizer.param_groups, self._base):
             g["lr"] = lr
 
     def _apply_warmup(self) -> None:
+        if not self.warmup_steps:
+            return
         factor = self.warmup_factor()
         for g, lr in zip(self.optimizer.param_groups, self._base):
             g["lr"] = lr * factor

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from torchkiln.errors import ConfigError
+from torchkiln.errors import SettingError
 
 DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -24,21 +24,21 @@ log = logging.getLogger("torchkiln")
 def check_precision(precision: str, device: torch.device) -> None:
     """Refuse, before training, a precision this device cannot run."""
     if precision not in DTYPES:
-        raise ConfigError(f"trainer.precision: expected one of 32, bf16, fp16; found {precision!r}")
+        raise SettingError("precision", f"expected one of 32, bf16, fp16; found {precision!r}")
     if precision == "32":
         return
     if not torch.amp.is_autocast_available(device.type):
-        raise ConfigError(f"trainer.precision: {precision} autocast is not available on {device.type}; use 32")
+        raise SettingError("precision", f"{precision} autocast is not available on {device.type}; use 32")
     if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("trainer.precision: this GPU has no bf16 support; use fp16 or 32")
+        raise SettingError("precision", "this GPU has no bf16 support; use fp16 or 32")
     if device.type == "cpu":
         _warn_slow_cpu_precision(precision)
     if precision == "fp16":
         try:
             torch.amp.GradScaler(device.type)
         except Exception as exc:  # noqa: BLE001 - any failure means the device cannot do it
-            raise ConfigError(
-                f"trainer.precision: fp16 needs a GradScaler, which torch does not support on {device.type}"
+            raise SettingError(
+                "precision", f"fp16 needs a GradScaler, which torch does not support on {device.type}"
                 f" ({exc}); use bf16 or 32"
             ) from exc
 
@@ -73,32 +73,44 @@ class OptimizerStep:
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,
         *,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         precision: str = "32",
         grad_clip: float | None = None,
         grad_clip_mode: str = "norm",
         accumulate: int = 1,
         scaler_options: dict | None = None,
     ):
-        device = torch.device(device)
-        check_precision(precision, device)
+        if str(precision) not in DTYPES:
+            raise SettingError("precision", f"expected one of 32, bf16, fp16; found {precision!r}")
         if grad_clip_mode not in ("norm", "value"):
-            raise ConfigError(f"trainer.grad_clip_mode: expected norm or value; found {grad_clip_mode!r}")
-        self.optimizer = optimizer
-        self.device_type = device.type
-        self.precision = precision
-        self.dtype = DTYPES[precision]
+            raise SettingError("grad_clip_mode", f"expected norm or value; found {grad_clip_mode!r}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise SettingError("grad_clip", f"expected a number > 0; found {grad_clip!r}")
+        self.precision = str(precision)
+        self.dtype = DTYPES[self.precision]
         self.grad_clip = grad_clip
         self.grad_clip_mode = grad_clip_mode
         self.accumulate = max(1, int(accumulate))
-        # scaler_options go to torch.amp.GradScaler (init_scale, growth_interval, ...).
-        self.scaler = (
-            torch.amp.GradScaler(device.type, **(scaler_options or {})) if precision == "fp16" else None
-        )
+        self.scaler_options = dict(scaler_options or {})  # to torch.amp.GradScaler (init_scale, ...)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.device_type = "cpu"
+        self.scaler: torch.amp.GradScaler | None = None
         self.skipped = 0
         self._scale: float | None = None  # the scale after the last update
+        if optimizer is not None:
+            self.bind(optimizer, device if device is not None else "cpu")
+
+    def bind(self, optimizer: torch.optim.Optimizer, device: torch.device | str) -> OptimizerStep:
+        """Step `optimizer` on `device` (the Trainer binds its own; binding again changes nothing)."""
+        device = torch.device(device)
+        if self.optimizer is optimizer and self.device_type == device.type:
+            return self
+        check_precision(self.precision, device)
+        self.optimizer, self.device_type = optimizer, device.type
+        self.scaler = torch.amp.GradScaler(device.type, **self.scaler_options) if self.precision == "fp16" else None
+        return self
 
     def params(self) -> Iterable[nn.Parameter]:
         for group in self.optimizer.param_groups:
@@ -166,3 +178,26 @@ class OptimizerStep:
 
 def is_finite(value: float) -> bool:
     return value is not None and math.isfinite(value)
+
+
+class AccumulationGroups:
+    """Accumulation's arithmetic: which micro-batch ends a group, and each one's share of it."""
+
+    def __init__(self, k: int, n_batches: int, sizes: list[int] | None):
+        self.k, self.n, self.sizes = k, n_batches, sizes
+        self.used = False  # a group whose every micro-batch was skipped takes no optimizer step
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        start = (i // self.k) * self.k
+        return start, min(self.k, self.n - start)  # the epoch's last group may be shorter
+
+    def last(self, i: int) -> bool:
+        start, size = self._bounds(i)
+        return i - start == size - 1
+
+    def weight(self, i: int) -> float:
+        """This micro-batch's share of its group's samples (so the group's gradient is one batch's)."""
+        start, size = self._bounds(i)
+        if self.sizes is None:
+            return 1.0 / size
+        return self.sizes[i] / sum(self.sizes[start:start + size])

@@ -49,18 +49,19 @@ class Progress:
             self.bar.set_postfix({**{k: f"{v:.4g}" for k, v in values.items()}, "samples/s": f"{rate:.0f}"},
                                  refresh=False)
 
-    def epoch_end(self, epoch: int, epochs: int, record: dict[str, float]) -> float:
-        seconds = time.perf_counter() - self.start
+    def clear(self) -> None:
         if self.bar is not None:
             self.bar.clear()  # the epoch's line takes its place; the next epoch draws it again
-        # Always logged (train.log); the console shows it unless --quiet.
-        shown = "  ".join(f"{k} {v:.0f}" if k.startswith(("memory/", "gpu/")) else f"{k} {v:.4f}"
-                          for k, v in record.items() if "/" in k and not k.startswith(("lr", "time/")))
-        log.info("epoch %d/%d  %s  (%.1fs, %.0f samples/s)", epoch, epochs, shown, seconds,
-                 self.samples / max(seconds, 1e-9))
-        return seconds
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def log_epoch_line(epoch: int, epochs: int, record: dict[str, float]) -> None:
+    """The epoch's line: always in train.log; the console shows it unless --quiet."""
+    shown = "  ".join(f"{k} {v:.0f}" if k.startswith(("memory/", "gpu/")) else f"{k} {v:.4f}"
+                      for k, v in record.items() if "/" in k and not k.startswith(("lr", "time/")))
+    log.info("epoch %d/%d  %s  (%.1fs, %.0f samples/s)", epoch, epochs, shown,
+             record.get("time/epoch_s", 0.0), record.get("time/samples_per_s", 0.0))

@@ -28,17 +28,11 @@ CSV_COLUMNS = ("class", "precision", "recall", "f1", "support")
 
 @torch.inference_mode()
 def collect(trainer: Any, loader: Iterable) -> tuple[Any, Any]:
-    """The model's outputs and the targets for every batch of `loader`, concatenated on the CPU."""
-    from torchkiln.engine.device import move_to
-
-    trainer._setup()
-    trainer.model.eval()
+    """The model's outputs and the targets for every batch of `loader`, concatenated on the CPU
+    (through the Trainer's one forward pass); (None, None) when the loader has no targets."""
     outs: list[Any] = []
     tgts: list[Any] = []
-    for batch in loader:
-        batch = move_to(batch, trainer.device)
-        with trainer.stepper.autocast():
-            outputs, targets = trainer.task.forward(trainer.model, batch)
+    for _, outputs, targets in trainer.forward_pass(loader):
         if targets is None:
             return None, None
         outs.append(_to_cpu(outputs))

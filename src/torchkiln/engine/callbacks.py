@@ -1,0 +1,138 @@
+"""The callback protocol: the moments of the loop a feature can act on, and its checkpointed state.
+
+A callback subclasses `Callback` and overrides the moments it needs; every moment gets the
+Trainer first. The Trainer calls them in the order given (its own parts' callbacks around the
+user's: freezing first, the loggers and checkpointing last, so a checkpoint holds what every other
+callback did at that moment). A callback with state returns it from `state_dict` (plain data and
+tensors, loadable with weights_only=True); it is saved in every checkpoint and handed back to
+`load_state_dict` on resume, so resuming with it stays exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from torchkiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.loggers.validation import ValidationSample
+
+
+@dataclass
+class StepInfo:
+    """One optimizer step, as callbacks see it after it was taken (or skipped by the fp16 scaler)."""
+
+    epoch: int  # 0-based
+    step: int  # global optimizer steps taken so far, this one included
+    batch: int  # 0-based index in the epoch of the step's last micro-batch
+    loss: torch.Tensor  # the last micro-batch's loss (on the device: read it sparingly)
+    grad_norm: torch.Tensor | None  # before clipping; None when nobody asked for it
+    lrs: list[float]  # the learning rates this step used, per parameter group
+    stepped: bool  # False when the fp16 GradScaler skipped it
+    last_in_epoch: bool  # the epoch's last step: its end follows at once
+
+
+class Callback:
+    """Override the moments you need. `rank_zero_only` callbacks are not called on other ranks."""
+
+    rank_zero_only: bool = False
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        """Before the first epoch (after a resume's state was loaded)."""
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """`epoch` is 0-based; parameters may be frozen or unfrozen here."""
+
+    def on_train_batch_end(self, trainer: Trainer, batch: int, samples: int) -> None:
+        """After each micro-batch's backward (`batch`: 0-based index in the epoch)."""
+
+    def on_step_end(self, trainer: Trainer, info: StepInfo) -> None:
+        """After each optimizer step."""
+
+    def validation_samples(self, trainer: Trainer, epoch: int) -> int | None:
+        """How many misclassified inputs to collect in this epoch's validation (None: no samples)."""
+        return None
+
+    def on_validation_end(self, trainer: Trainer, epoch: int, record: dict[str, float],
+                          samples: list[ValidationSample]) -> None:
+        """After validation; `samples` is empty unless some callback asked for them."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, record: dict[str, float]) -> None:
+        """`record` holds the epoch's numbers (a callback may add its own before the loggers see it)."""
+
+    def on_save_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        """A checkpoint's state was assembled (everything logged so far should reach the disk now)."""
+
+    def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
+        """A checkpoint's state was loaded into the Trainer."""
+
+    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
+        """The run ends with `error` (a stop request, Ctrl-C or a failure), before `on_fit_end`."""
+
+    def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """Always called once fit ends, whatever ended it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+class CallbackList:
+    """Calls each moment on every callback in order; rank-zero-only ones only on rank 0."""
+
+    def __init__(self, callbacks: Iterable[Callback] = ()):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks: {type(cb).__name__} is not a torchkiln.Callback")
+
+    def __iter__(self) -> Iterator[Callback]:
+        return iter(self.callbacks)
+
+    def active(self, rank0: bool) -> None:
+        """Keep only the callbacks this rank runs."""
+        self.callbacks = [cb for cb in self.callbacks if rank0 or not cb.rank_zero_only]
+
+    def call(self, moment: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, moment)(*args)
+
+    def finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        """`on_fit_end` on every callback even if one fails; the first user-facing error is raised."""
+        first: KilnError | None = None
+        for cb in self.callbacks:
+            try:
+                cb.on_fit_end(trainer, summary)
+            except KilnError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def sample_count(self, trainer: Trainer, epoch: int) -> int | None:
+        wanted = [n for cb in self.callbacks if (n := cb.validation_samples(trainer, epoch)) is not None]
+        return max(wanted) if wanted else None
+
+    def keys(self) -> list[str]:
+        """A stable name per callback for its state in a checkpoint: class name, numbered if repeated."""
+        seen: dict[str, int] = {}
+        names = []
+        for cb in self.callbacks:
+            name = type(cb).__qualname__
+            seen[name] = seen.get(name, 0) + 1
+            names.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+        return names
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: cb.state_dict() for k, cb in zip(self.keys(), self.callbacks)}
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        for k, cb in zip(self.keys(), self.callbacks):
+            if k in states:
+                cb.load_state_dict(states[k])
