@@ -2,8 +2,8 @@
 run directory and writes the run's own files (train.log, config.yaml, summary.json, folds.json);
 the other ranks are told the directory's path. Single-process runs are rank 0.
 
-(The Trainer keeps its rule for the checkpoints it writes; `open_run_dir` gives the run's loggers
-and data files to rank 0 only.)
+(The checkpoint policy, callbacks/checkpointing.py, keeps the engine's own rule for the checkpoints:
+every rank takes part, rank 0 writes.)
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 from torchkiln.commands.logs import file_log
 from torchkiln.config.load import dump_yaml
 from torchkiln.config.schema import Config
-from torchkiln.rundir import CONFIG, FOLDS, new_run_dir, run_dir_of, runs_root
+from torchkiln.rundir import CONFIG, FOLDS, NORMALIZATION, new_run_dir, run_dir_of, runs_root
 
 log = logging.getLogger("torchkiln")
 
@@ -49,6 +49,20 @@ def run_dir(cfg: Config, resume: Path | None) -> Path:
 def run_log(path: Path, earlier: list[logging.LogRecord]) -> contextlib.AbstractContextManager[None]:
     """train.log on rank 0 (with the records held while the run was built); nothing elsewhere."""
     return file_log(path, earlier) if _is_rank0() else contextlib.nullcontext()
+
+
+def run_files(cfg: Config, model: Any, data: Any, run_dir: Path) -> list[Any]:
+    """The data's files of a run (skipped inputs, data.normalize's statistics) and the loggers that
+    write the rest, on rank 0; nothing on the other ranks."""
+    if not _is_rank0():
+        return []
+    from torchkiln.config.build import build_loggers
+    from torchkiln.data.build import write_skipped
+
+    write_skipped(run_dir, data.skipped)
+    if data.normalization is not None:
+        (run_dir / NORMALIZATION).write_text(json.dumps(data.normalization.to_dict(), indent=2))
+    return build_loggers(cfg, run_dir, model, data.class_names)
 
 
 def write_config(path: Path, cfg: Config) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -24,7 +23,6 @@ from torchkiln.config.schema import Config, to_plain
 from torchkiln.errors import CheckpointError, ConfigError
 from torchkiln.rundir import (
     CONFIG,
-    NORMALIZATION,
     find_checkpoint,
     load_resumable,
     plan_run_dir,
@@ -290,18 +288,7 @@ def build_trainer(cfg: Config, run_dir: Path | None, progress: bool = True, pret
 
 def open_run_dir(cfg: Config, trainer: Any, data: Any, run_dir: Path, extra_loggers: list[Any] = ()) -> None:
     """Point a built Trainer at its run directory; rank 0 gets the run's loggers and files."""
-    from torchkiln.config.build import build_loggers
-    from torchkiln.engine import distributed
-
-    loggers: list[Any] = list(extra_loggers)
-    if distributed.is_rank0():  # rank duties: only rank 0 writes the run's files
-        from torchkiln.data.build import write_skipped
-
-        write_skipped(run_dir, data.skipped)
-        if data.normalization is not None:
-            (run_dir / NORMALIZATION).write_text(json.dumps(data.normalization.to_dict(), indent=2))
-        loggers = build_loggers(cfg, run_dir, trainer.raw_model, data.class_names) + loggers
-    trainer.use_run_dir(run_dir, loggers)
+    trainer.use_run_dir(run_dir, rank0.run_files(cfg, trainer.raw_model, data, run_dir) + list(extra_loggers))
 
 
 def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,

@@ -13,7 +13,6 @@ class LoopState:
     batch_in_epoch: int = 0  # micro-batches consumed in the current epoch
     best: float | None = None
     best_epoch: int | None = None
-    bad_epochs: int = 0  # epochs without improvement (early stopping)
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)
 
