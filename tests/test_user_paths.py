@@ -306,3 +306,28 @@ def test_the_probe_leaves_the_run_as_it_would_have_been(tmp_path):
         weights.append({k: v.clone() for k, v in trainer.raw_model.state_dict().items()})
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_config_callbacks_by_name_are_checked_before_the_run(tmp_path, cli):
+    """`callbacks:` by registered name: a second early-stop rule stops the run; a monitored name the
+    run will not log, or a class that is not a Callback, is refused before any run directory exists."""
+    from conftest import small_config, write_config
+
+    base = small_config(tmp_path, trainer={"epochs": 6, "monitor": "val/accuracy"},
+                        optimizer={"type": "SGD", "args": {"lr": 0.0}})  # nothing changes after epoch 1
+    cfg = write_config(tmp_path, {**base, "callbacks": [{"type": "EarlyStopping", "args": {"patience": 2,
+                                                                                           "monitor": "val/loss"}}]})
+    code, out, err = cli("train", "-c", str(cfg))
+    assert code == 0, err
+    (run,) = (tmp_path / "runs" / "t").iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["epochs_completed"] == 3
+    for bad, message in (({"type": "EarlyStopping", "args": {"patience": 2, "monitor": "val/los"}},
+                          "EarlyStopping(monitor='val/los'): it will not be logged; did you mean 'val/loss'?"),
+                         ({"type": "torch.nn:Linear", "args": {"in_features": 1, "out_features": 1}},
+                          "callbacks.0.type: torch.nn:Linear built a Linear, not a torchkiln.Callback")):
+        (tmp_path / "runs2").mkdir(exist_ok=True)
+        cfg = write_config(tmp_path, {**base, "output_dir": str(tmp_path / "runs2"), "callbacks": [bad]})
+        code, out, err = cli("train", "-c", str(cfg))
+        assert code == 2 and message in err, err
+        assert not list((tmp_path / "runs2").iterdir())

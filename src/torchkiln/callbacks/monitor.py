@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from torchkiln.engine.callbacks import Callback
-from torchkiln.errors import SettingError, did_you_mean
+from torchkiln.errors import ConfigError, SettingError, did_you_mean
 
 log = logging.getLogger("torchkiln")
 
@@ -72,6 +72,11 @@ class EarlyStopping(Callback):
         self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
         self.best: float | None = None
         self.bad_epochs = 0
+
+    def check(self, trainer: Any, logged: set[str]) -> None:
+        if self.monitor is not None and self.monitor not in logged:
+            raise ConfigError(f"EarlyStopping(monitor='{self.monitor}'): it will not be logged"
+                              f"{did_you_mean(self.monitor, logged)} (logged: {', '.join(sorted(logged))})")
 
     def on_fit_start(self, trainer: Any) -> None:
         run = trainer.monitor

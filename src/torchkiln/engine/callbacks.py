@@ -42,6 +42,9 @@ class Callback:
 
     rank_zero_only: bool = False
 
+    def check(self, trainer: Trainer, logged: set[str]) -> None:
+        """Before anything runs (`logged`: the numbers this run will log): refuse what cannot work."""
+
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first epoch (after a resume's state was loaded)."""
 

@@ -151,7 +151,9 @@ class Trainer:
         """Choose the monitor's defaults and check that it names a number this run logs."""
         watched = self.val_metrics if has_val else self.train_metrics
         self.monitor.resolve(self.task, list(watched.keys(keep_base=True)) if watched is not None else [], has_val)
-        self.monitor.check(self.logged_names(has_val))
+        logged = self.logged_names(has_val)
+        self.monitor.check(logged)
+        self.callbacks.call("check", self, logged)
 
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
