@@ -331,3 +331,21 @@ def test_config_callbacks_by_name_are_checked_before_the_run(tmp_path, cli):
         code, out, err = cli("train", "-c", str(cfg))
         assert code == 2 and message in err, err
         assert not list((tmp_path / "runs2").iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_engine_errors_name_their_parameter_and_the_cli_names_the_config_key(tmp_path, cli):
+    """The engine speaks of its own parameters; the command turns them into the config's key path."""
+    from conftest import small_config, write_config
+    from torchkiln import make_trainer
+    from torchkiln.errors import SettingError
+
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(SettingError, match=r"^device: CUDA was asked for"):
+        make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device="cuda")
+    with pytest.raises(SettingError, match=r"^grad_clip_mode: expected norm or value"):
+        make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip_mode="l2")
+    cfg = write_config(tmp_path, small_config(tmp_path))
+    code, _, err = cli("train", "-c", str(cfg), "trainer.device=cuda")
+    assert code == 2 and f"{cfg}: trainer.device: CUDA was asked for but this machine has none" in err, err
+    assert not (tmp_path / "runs").exists()
