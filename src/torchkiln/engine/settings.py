@@ -81,7 +81,7 @@ def make_trainer(
                           cache_size_limit=cache_size_limit, strategy=strategy, sync_batchnorm=sync_batchnorm)
     step = OptimizerStep(precision=precision, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode,
                          accumulate=accumulate, scaler_options=scaler_options)
-    schedule = LRSchedule(optimizer, scheduler, interval=scheduler_interval, warmup_steps=warmup_steps,
+    schedule = LRSchedule(optimizer, scheduler, interval=scheduler_interval, monitor=monitor, warmup_steps=warmup_steps,
                           warmup_start=warmup_start, fractional_epochs=scheduler_fractional_epochs)
     checkpoints = Checkpointing(run_dir, save_period=save_period, every_n_steps=checkpoint_every_steps,
                                 keep_last=keep_last, background=async_checkpoints, config=config)
