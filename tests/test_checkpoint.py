@@ -541,19 +541,19 @@ def test_kill9_mid_epoch_with_augmenting_workers_resumes_exactly(tmp_path):
 
 
 def test_user_callback_with_state_survives_kill9_and_resume_auto(tmp_path):
-    """A config-given callback that counts steps and changes the LR on its count: killed twice
-    (mid-epoch 1, mid-epoch 2) and resumed with --resume auto, the run ends with the same weights,
-    bitwise, as one that never stopped, and every checkpoint carries the callback's count."""
+    """A config-given callback that counts steps and changes the LR on its count: killed mid-epoch
+    2 and resumed with --resume auto, the run ends with the same weights, bitwise, as one that never
+    stopped, and the checkpoints carry the callback's count."""
     callback = [{"type": "kiln_faults:StepCountingLR", "args": {"every": 7, "factor": 0.5}}]
     (tmp_path / "ref").mkdir()
     ref_cfg = write_config(tmp_path / "ref", {**cnn_config(tmp_path / "ref"), "callbacks": callback})
     kiln_faulty("train", "-c", str(ref_cfg), check=True)
     cfg = write_config(tmp_path, {**cnn_config(tmp_path, async_checkpoints=False), "callbacks": callback})
-    for i, kill_at in enumerate([11, 20, 0]):  # forward 11 of epoch 1; the resumed run's 20th is in epoch 2
+    for i, kill_at in enumerate([BATCHES + 9, 0]):  # forward 9 of epoch 2
         proc = kiln_faulty("train", "-c", str(cfg), *(["--resume", "auto"] if i else []),
                            env={"KILN_FAULT_KILL_AT": str(kill_at)})
         assert proc.returncode == (-signal.SIGKILL if kill_at else 0), proc.stderr[-2000:]
-    assert resumes(proc.stderr) == [(2, 24, 4)]  # the last resume starts inside epoch 2
+    assert resumes(proc.stderr) == [(2, 28, 8)]  # the resume starts inside epoch 2, at step 28
     (run,) = run_dirs(tmp_path)
     (ref,) = run_dirs(tmp_path / "ref")
     a, b = (load_checkpoint(r / "checkpoints" / "last.ckpt") for r in (ref, run))
