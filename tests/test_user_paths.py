@@ -345,6 +345,10 @@ def test_engine_errors_name_their_parameter_and_the_cli_names_the_config_key(tmp
         make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device="cuda")
     with pytest.raises(SettingError, match=r"^grad_clip_mode: expected norm or value"):
         make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip_mode="l2")
+    from torchkiln.callbacks.checkpointing import Checkpointing
+
+    with pytest.raises(SettingError, match=r"^callbacks: a Checkpointing callback is the checkpoint policy"):
+        make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), callbacks=[Checkpointing(tmp_path)])
     cfg = write_config(tmp_path, small_config(tmp_path))
     code, _, err = cli("train", "-c", str(cfg), "trainer.device=cuda")
     assert code == 2 and f"{cfg}: trainer.device: CUDA was asked for but this machine has none" in err, err

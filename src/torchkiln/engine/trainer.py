@@ -33,7 +33,7 @@ from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.state import LoopState, StopRequested
 from torchkiln.engine.step import AccumulationGroups, OptimizerStep
 from torchkiln.engine.totals import EpochTotals, clone_metrics
-from torchkiln.errors import CheckpointError, TrainingError
+from torchkiln.errors import CheckpointError, SettingError, TrainingError
 from torchkiln.loggers.base import Logger
 from torchkiln.loggers.validation import ValidationCollector, merge_samples
 from torchkiln.seeding import fingerprint, rng_state, set_rng_state
@@ -97,6 +97,9 @@ class Trainer:
     def _with_parts(self, user: list[Callback]) -> list[Callback]:
         """The parts' callbacks around the user's: freezing first; the loggers, early stopping and
         checkpointing last (a checkpoint holds what every other callback did at that moment)."""
+        if any(isinstance(cb, Checkpointing) for cb in user):
+            raise SettingError("callbacks", "a Checkpointing callback is the checkpoint policy: give it as"
+                               " checkpoints=..., not in callbacks (two policies would write the same files)")
         freezing = [cb for cb in user if isinstance(cb, FreezeSchedule)]
         rest = [cb for cb in user if not isinstance(cb, FreezeSchedule)]
         early = [cb for cb in rest if isinstance(cb, EarlyStopping)]
