@@ -49,13 +49,12 @@ class Monitor:
             raise SettingError("monitor", f"'{self.name}' is not logged; logged: {', '.join(sorted(record))}")
         return record[self.name]
 
-    def update(self, record: dict[str, float], loop: Any) -> bool:
-        """Record this epoch's value in the loop state; whether it is the best so far."""
+    def update(self, record: dict[str, float], loop: Any) -> None:
+        """Record this epoch's value in the loop state when it is the best so far (the checkpoint
+        policy reads `loop.best_epoch`)."""
         value = self.value(record)
-        better = improved(value, loop.best, self.mode, self.min_delta)
-        if better:
+        if improved(value, loop.best, self.mode, self.min_delta):
             loop.best, loop.best_epoch = float(value), loop.epoch
-        return better
 
     def describe(self) -> dict[str, Any]:
         return {"monitor": self.name, "mode": self.mode, "min_delta": self.min_delta}

@@ -23,6 +23,7 @@ class FiniteCheck:
             raise SettingError("on_nonfinite", f"expected stop or skip_batch; found {policy!r}")
         self.policy = policy
         self.defer = defer  # None: defer off the CPU
+        self._active = True  # False under the fp16 GradScaler (start_epoch)
         self._deferring = False
         self._device = torch.device("cpu")
         self._pending: list[tuple[int, int, int, torch.Tensor]] = []

@@ -29,8 +29,7 @@ class Placement:
         self.strategy = strategy
         self.sync_batchnorm = sync_batchnorm
         self.train_model: nn.Module | None = None
-        self.eval_model: nn.Module | None = None
-        self._undistributed: nn.Module | None = None  # what DDP wraps (compiled, synced BN)
+        self.eval_model: nn.Module | None = None  # also what DDP wraps (compiled, synced BN)
         self._dynamo_before: dict[str, Any] | None = None
 
     @property
@@ -52,15 +51,14 @@ class Placement:
             self._dynamo_before = dynamo_stats()
             wrapped = compile_model(model, self.compile_options, self.cache_size_limit)
         self.train_model = distributed.wrap_model(wrapped, self.device, self.strategy, self.sync_batchnorm)
-        self._undistributed = distributed.unwrap_ddp(self.train_model)
-        self.eval_model = self._undistributed
+        self.eval_model = distributed.unwrap_ddp(self.train_model)
 
     def trainable_changed(self) -> None:
         """Frozen or unfrozen parameters: DDP all-reduces the gradients of exactly the parameters
         that required them when it was built, so it is built again over the new trainable set
         (the ranks hold equal weights; every rank does this at the same epoch)."""
         if isinstance(self.train_model, nn.parallel.DistributedDataParallel):
-            self.train_model = distributed.wrap_model(self._undistributed, self.device, self.strategy, False)
+            self.train_model = distributed.wrap_model(self.eval_model, self.device, self.strategy, False)
 
     def to_device(self, batch: Any) -> Any:
         return move_to(batch, self.device, self.channels_last)

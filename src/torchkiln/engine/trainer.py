@@ -330,7 +330,6 @@ class Trainer:
     def evaluate(self, loader: Iterable, prefix: str = "val",
                  collector: ValidationCollector | None = None) -> dict[str, float]:
         """Loss and metrics over every sample of `loader`, keyed `<prefix>/<name>`."""
-        self._setup()
         totals = EpochTotals(self.task, self.val_metrics, self.device)
         for batch, outputs, targets in self.forward_pass(loader):
             if targets is not None:
