@@ -13,7 +13,8 @@ from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
 COMMANDS = {"train": "train", "test": "test", "report": "report", "summary": "summary", "export": "export",
-            "config": "config", "data": "data"}
+            "config": "config", "data": "data",
+            "new": "new", "list": "list"}
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
 
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data):
+    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data,
+                _add_new, _add_list):
         add(sub)
     return p
 
@@ -99,6 +101,22 @@ def _add_data(sub) -> None:
                     " (default: <output_dir>/<name>/data_stats)")
     st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
     st.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_new(sub) -> None:
+    n = sub.add_parser("new", help="make a project of your own: a package with its data, model, config"
+                       " and tests, registered with torchkiln by entry points")
+    n.add_argument("name", help="the project's name (a Python package name: letters, digits, _)")
+    n.add_argument("--template", default="classification", choices=["classification", "multihead"],
+                   help="classification: one label; multihead: several heads (mask, gender, age)")
+    n.add_argument("--dir", help="where to make the project folder (default: ./NAME)")
+
+
+def _add_list(sub) -> None:
+    ls = sub.add_parser("list", help="every registered component: name, where it comes from, signature")
+    ls.add_argument("kind", nargs="?", metavar="KIND",
+                    help="models, datasets, losses, optimizers, schedulers, metrics, callbacks or tasks")
+    ls.add_argument("--filter", metavar="TEXT", help="only names containing TEXT (or matching a glob: 'resnet*')")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,21 +1,42 @@
-"""Name -> factory, for every pluggable kind. `package.module:Name` import paths work everywhere."""
+"""Name -> factory, for every pluggable kind. `package.module:Name` import paths work everywhere.
+
+Installed packages add names through entry points (groups `torchkiln.models`, `torchkiln.datasets`,
+`torchkiln.losses`, `torchkiln.metrics`, `torchkiln.callbacks`, `torchkiln.tasks`), loaded at a
+registry's first lookup. A plugin that fails to load is one warning naming its distribution and the
+error (`KILN_STRICT_PLUGINS=1`: an error), and the other names keep working. A name registered
+twice is refused, naming both sources.
+"""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torchkiln.errors import ConfigError, did_you_mean
+
+log = logging.getLogger("torchkiln")
+BUILTIN = "built-in"
+STRICT_ENV = "KILN_STRICT_PLUGINS"
+
+
+class PluginError(ConfigError):
+    """A plugin's entry point could not be loaded or registered (an error with KILN_STRICT_PLUGINS=1)."""
 
 
 class Registry:
     """Holds factories by name; `fallbacks` are modules searched for names not registered."""
 
     def __init__(self, kind: str, fallbacks: Iterable[str] = (), predicate: Callable | None = None,
-                 unavailable: dict[str, str] | None = None):
+                 unavailable: dict[str, str] | None = None, group: str | None = None):
         self.kind = kind
+        self.group = group  # the entry-point group whose names are added at the first lookup
+        self._plugins_loaded = group is None
+        self._sources: dict[str, str] = {}  # name -> where it came from (built-in or a distribution)
+        self._listers: dict[str, Callable[[], dict[str, Callable]]] = {}
         # Names a fallback module has that cannot be built from a config, with what to do instead.
         self.unavailable = dict(unavailable or {})
         self._items: dict[str, Callable] = {}
@@ -23,19 +44,67 @@ class Registry:
         self._fallbacks = tuple(fallbacks)
         self._predicate = predicate or (lambda obj: callable(obj))
 
-    def register(self, obj: Callable | None = None, *, name: str | None = None):
-        """Use as `@REG.register` or `@REG.register(name="x")`."""
+    def register(self, obj: Callable | None = None, *, name: str | None = None, source: str | None = None):
+        """Use as `@REG.register` or `@REG.register(name="x")`; `source` says where the name comes
+        from (default: built-in for torchkiln's modules, else the object's module)."""
 
         def add(o: Callable) -> Callable:
             key = name or o.__name__
+            where = source or _source_of(o)
+            old = self._items.get(key)
+            if old is not None and _origin(old) != _origin(o):
+                raise ConfigError(f"{self.kind} '{key}' is registered twice: by {self._sources[key]} and by"
+                                  f" {where}; rename one of them")
             self._items[key] = o
+            self._sources[key] = where
             return o
 
         return add(obj) if obj is not None else add
 
-    def register_scheme(self, scheme: str, resolve: Callable[[str, str], Callable]) -> None:
-        """Names `scheme:rest` are resolved by `resolve(rest, where)` (e.g. `timm:resnet18`)."""
+    def register_scheme(self, scheme: str, resolve: Callable[[str, str], Callable],
+                        names: Callable[[], dict[str, Callable]] | None = None) -> None:
+        """Names `scheme:rest` are resolved by `resolve(rest, where)` (e.g. `timm:resnet18`);
+        `names()` lists them (name -> factory) for `kiln list`."""
         self._schemes[scheme] = resolve
+        if names is not None:
+            self._listers[scheme] = names
+
+    def load_plugins(self) -> None:
+        """Register the names of this registry's entry-point group (once)."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        load_builtins()  # first, so that a plugin taking a built-in name is the one refused
+        from importlib.metadata import entry_points
+
+        for ep in sorted(entry_points(group=self.group), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else "an unknown distribution"
+            try:
+                obj = ep.load()
+                if ep.name in self._fallback_names():
+                    raise ConfigError(f"{self.kind} '{ep.name}' is registered twice: by"
+                                      f" {_source_of(self._fallback_names()[ep.name])} and by plugin '{dist}'"
+                                      f" ({ep.value}); rename one of them")
+                self.register(obj, name=ep.name, source=f"plugin '{dist}' ({ep.value})")
+            except Exception as exc:  # a broken plugin must not take the others down
+                message = (f"plugin '{dist}': entry point {ep.name} = {ep.value} (group {self.group})"
+                           f" not loaded: {type(exc).__name__}: {exc}")
+                if os.environ.get(STRICT_ENV, "") not in ("", "0"):
+                    raise PluginError(f"{message} ({STRICT_ENV} is set)") from exc
+                log.warning("%s (set %s=1 to make this an error)", message, STRICT_ENV)
+
+    def entries(self) -> list[tuple[str, str, Callable]]:
+        """(name, source, factory) of every name this registry resolves, scheme names included."""
+        self.load_plugins()
+        rows = [(n, self._sources.get(n, BUILTIN), f) for n, f in self._items.items()]
+        rows += [(n, _source_of(f), f) for n, f in self._fallback_names().items() if n not in self._items]
+        for scheme, lister in self._listers.items():
+            rows += [(f"{scheme}:{n}", scheme, f) for n, f in lister().items()]
+        return sorted(rows, key=lambda r: r[0].lower())
+
+    def source(self, name: str) -> str:
+        self.load_plugins()
+        return self._sources.get(name, BUILTIN)
 
     def _fallback_names(self) -> dict[str, Callable]:
         found: dict[str, Callable] = {}
@@ -50,6 +119,7 @@ class Registry:
         return found
 
     def names(self) -> list[str]:
+        self.load_plugins()
         return sorted(set(self._items) | set(self._fallback_names()))
 
     def get(self, name: str, where: str = "type") -> Callable:
@@ -59,6 +129,7 @@ class Registry:
             return self._schemes[scheme](rest, where)
         if ":" in name:
             return import_path(name, where)
+        self.load_plugins()
         if name in self._items:
             return self._items[name]
         if name in self.unavailable:
@@ -70,6 +141,16 @@ class Registry:
             f"{where}: unknown {self.kind} '{name}'{did_you_mean(name, self.names())}"
             f" (or give an import path 'package.module:Name')"
         )
+
+
+def _origin(obj: Any) -> tuple[str, str]:
+    """What an object is, by where it is defined: a module imported again registers the same names."""
+    return getattr(obj, "__module__", "") or "", getattr(obj, "__qualname__", repr(obj))
+
+
+def _source_of(obj: Any) -> str:
+    module = (getattr(obj, "__module__", "") or "").split(".")[0]
+    return BUILTIN if module == "torchkiln" else (module or BUILTIN)
 
 
 def import_path(path: str, where: str = "type") -> Any:
@@ -161,10 +242,10 @@ def load_builtins() -> None:
         importlib.import_module(name)
 
 
-MODELS = Registry("model")
-DATASETS = Registry("dataset")
+MODELS = Registry("model", group="torchkiln.models")
+DATASETS = Registry("dataset", group="torchkiln.datasets")
 LOSSES = Registry(
-    "loss", fallbacks=["torch.nn"], predicate=lambda o: inspect.isclass(o) and o.__name__.endswith("Loss"),
+    "loss", group="torchkiln.losses", fallbacks=["torch.nn"], predicate=lambda o: inspect.isclass(o) and o.__name__.endswith("Loss"),
     unavailable={
         "AdaptiveLogSoftmaxWithLoss": "it is an output layer with its own weights (in_features, n_classes,"
         " cutoffs) that takes hidden features, not a loss of (outputs, targets); put it in your model",
@@ -192,6 +273,9 @@ SCHEDULERS = Registry(
     and (o.__name__.endswith("LR")
          or o.__name__ in {"ReduceLROnPlateau", "CosineAnnealingWarmRestarts", "ChainedScheduler"}),
 )
-METRICS = Registry("metric")
-CALLBACKS = Registry("callback")
-TASKS = Registry("task")
+METRICS = Registry("metric", group="torchkiln.metrics")
+CALLBACKS = Registry("callback", group="torchkiln.callbacks")
+TASKS = Registry("task", group="torchkiln.tasks")
+# kind (as `kiln list` names it) -> registry
+KINDS = {"models": MODELS, "datasets": DATASETS, "losses": LOSSES, "optimizers": OPTIMIZERS,
+         "schedulers": SCHEDULERS, "metrics": METRICS, "callbacks": CALLBACKS, "tasks": TASKS}

@@ -179,7 +179,7 @@ def metric_dict(specs: list[str | dict[str, Any]], num_classes: int | None, kind
         name, args = _spec(spec)
         base, top_k = parse_name(name, f"{where}.{i}")
         factory = _factory(base, f"{where}.{i}", kind)
-        if ":" in name:  # a user's torchmetrics.Metric class by import path
+        if ":" in name or inspect.isclass(factory):  # a user's torchmetrics.Metric (import path, plugin)
             metric = factory(**args)
             key = name.rpartition(":")[2]
         else:
@@ -204,7 +204,7 @@ def check_metric_specs(specs: list[str | dict[str, Any]], where: str = "metrics"
         name, args = _spec(spec)
         base, _ = parse_name(name, f"{where}.{i}")
         factory = _factory(base, f"{where}.{i}", kind)
-        if ":" in name:
+        if ":" in name or inspect.isclass(factory):
             check_args(factory, args, f"{where}.{i}.args")
 
 

@@ -76,5 +76,17 @@ def _torchvision(name: str, where: str) -> Callable[..., nn.Module]:
     return build
 
 
-MODELS.register_scheme("timm", _timm)
-MODELS.register_scheme("torchvision", _torchvision)
+def _timm_names() -> dict[str, Callable[..., nn.Module]]:
+    import timm
+
+    return {name: timm.models.model_entrypoint(name) for name in timm.list_models()}
+
+
+def _torchvision_names() -> dict[str, Callable[..., nn.Module]]:
+    from torchvision import models
+
+    return {name: models.get_model_builder(name) for name in models.list_models()}
+
+
+MODELS.register_scheme("timm", _timm, names=_timm_names)
+MODELS.register_scheme("torchvision", _torchvision, names=_torchvision_names)
