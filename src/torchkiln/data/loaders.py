@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from torchkiln.data.workers import check_worker_pickling
 from torchkiln.errors import CheckpointError
 
 
@@ -271,6 +272,7 @@ def make_batch_sampler(n: int, batch_size: int, *, train: bool, seed: int, shuff
 
 def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
     """Fix the loader's order (and its workers' seeds) for this epoch; drop its first `skip` batches."""
+    check_worker_pickling(loader)  # before any worker starts: a notebook's Dataset cannot reach them
     if not isinstance(loader, DataLoader) and getattr(loader, "batch_sampler", None) is None:
         return
     sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler

@@ -74,8 +74,9 @@ class Callback:
     def on_load_checkpoint(self, trainer: Trainer, state: dict[str, Any]) -> None:
         """A checkpoint's state was loaded into the Trainer."""
 
-    def on_exception(self, trainer: Trainer, error: BaseException) -> None:
-        """The run ends with `error` (a stop request, Ctrl-C or a failure), before `on_fit_end`."""
+    def on_exception(self, trainer: Trainer, error: BaseException) -> bool | None:
+        """The run ends with `error` (a stop request, Ctrl-C or a failure), before `on_fit_end`.
+        Return True to end the run there: `fit` returns its summary instead of raising `error`."""
 
     def on_fit_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         """Always called once fit ends, whatever ended it."""
@@ -106,6 +107,11 @@ class CallbackList:
     def call(self, moment: str, *args: Any) -> None:
         for cb in self.callbacks:
             getattr(cb, moment)(*args)
+
+    def handled(self, trainer: Trainer, error: BaseException) -> bool:
+        """`on_exception` on every callback; whether one of them ended the run there."""
+        answers = [cb.on_exception(trainer, error) for cb in self.callbacks]
+        return any(answers)
 
     def finish(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         """`on_fit_end` on every callback even if one fails; the first user-facing error is raised."""

@@ -16,6 +16,7 @@ from torch import nn
 from torchkiln.callbacks.checkpointing import Checkpointing
 from torchkiln.callbacks.freezing import FreezeSchedule
 from torchkiln.callbacks.monitor import EarlyStopping, Monitor
+from torchkiln.callbacks.notebook import NotebookSupport
 from torchkiln.callbacks.progress import DeviceStatsMonitor, ProgressBar
 from torchkiln.engine.callbacks import Callback
 from torchkiln.engine.finite import FiniteCheck
@@ -24,6 +25,7 @@ from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.step import OptimizerStep
 from torchkiln.engine.trainer import Trainer
 from torchkiln.loggers.base import Logger
+from torchkiln.notebook import in_notebook
 
 
 def make_trainer(
@@ -91,6 +93,8 @@ def make_trainer(
         parts.append(ProgressBar(every_n_steps=log_every_n_steps))
     if early_stop is not None:
         parts.append(EarlyStopping(early_stop))
+    if in_notebook():
+        parts.append(NotebookSupport())
     return Trainer(
         model, optimizer, loss_fn, task=task, metrics=metrics, train_metrics=train_metrics, epochs=epochs,
         step=step, schedule=schedule, placement=placement, monitor=Monitor(monitor, mode, min_delta),

@@ -178,8 +178,8 @@ class Trainer:
                 if self.loop.stopped_early:
                     break
         except BaseException as exc:
-            self.callbacks.call("on_exception", self, exc)
-            raise
+            if not self.callbacks.handled(self, exc):  # a callback may end the run here (Ctrl-C in a notebook)
+                raise
         finally:
             self.compile_report = self.placement.compile_report()
             summary = self.summary(time.perf_counter() - started)

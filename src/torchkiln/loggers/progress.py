@@ -1,10 +1,15 @@
-"""Console progress: a bar per epoch on a terminal, one line per epoch otherwise."""
+"""Console progress: a bar per epoch on a terminal or in a notebook, one line per epoch otherwise.
+
+In a notebook the bar is a widget with ipywidgets (`torchkiln[notebook]`), else tqdm's text bar:
+chosen here, so tqdm.auto's warning about missing widgets never appears."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+
+from torchkiln.notebook import has_widgets, in_notebook
 
 log = logging.getLogger("torchkiln")
 
@@ -13,13 +18,14 @@ class Progress:
     def __init__(self, enabled: bool = True, stream=None):
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.notebook = stream is None and in_notebook()
         self.bar = None
         self.start = 0.0
         self.samples = 0
 
     @property
     def interactive(self) -> bool:
-        return self.enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        return self.enabled and (self.notebook or (hasattr(self.stream, "isatty") and self.stream.isatty()))
 
     def epoch_start(self, epoch: int, epochs: int, total: int, done: int = 0) -> None:
         self.start = time.perf_counter()
@@ -28,7 +34,10 @@ class Progress:
             return
         desc = f"epoch {epoch}/{epochs}"
         if self.bar is None:
-            from tqdm import tqdm
+            if self.notebook and has_widgets():
+                from tqdm.notebook import tqdm
+            else:
+                from tqdm.std import tqdm
 
             self.bar = tqdm(total=total, initial=done, desc=desc, file=self.stream, leave=False,
                             dynamic_ncols=True, unit="batch")
