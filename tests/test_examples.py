@@ -1,0 +1,82 @@
+"""Every worked example in examples/ runs as its README says (the notebook: tests/test_notebook.py)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, kiln
+
+pytestmark = pytest.mark.slow
+EXAMPLES = ROOT / "examples"
+
+
+@pytest.fixture(scope="module")
+def competition(tmp_path_factory):
+    """The mask competition from a copy of its folder: the data generator, `kiln train`, `kiln test`."""
+    home = tmp_path_factory.mktemp("competition") / "mask_competition"
+    shutil.copytree(EXAMPLES / "mask_competition", home)
+    spec = importlib.util.spec_from_file_location("make_data", home / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    make_data.make(home / "data", train=240, evaluate=30)
+    kiln("train", "-c", "config.yaml", "-q", "trainer.epochs=2", cwd=home, check=True)
+    [run] = sorted((home / "runs" / "mask-competition").iterdir())
+    tested = kiln("test", str(run.relative_to(home)), cwd=home, check=True)
+    return home, run, tested.stdout
+
+
+def test_the_competition_data_has_the_competitions_shape(competition):
+    home, _, _ = competition
+    with open(home / "data" / "train" / "train.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["image", "mask", "gender", "age"] and len(rows) == 240
+    assert {r["mask"] for r in rows} == {"0", "1", "2"} and {r["gender"] for r in rows} == {"0", "1"}
+    assert all((home / "data" / "train" / r["image"]).is_file() for r in rows)
+    with open(home / "data" / "eval" / "info.csv", newline="") as f:
+        info = list(csv.DictReader(f))
+    assert list(info[0]) == ["ImageID", "ans"] and len(info) == 30
+
+
+def test_the_competition_trains_with_per_head_weights_and_balancing_and_tests_per_head(competition):
+    home, run, tested = competition
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    heads = cfg["task"]["args"]["heads"]
+    assert heads["mask"]["loss"]["args"] == {"weight": "balanced"}
+    assert heads["age"]["loss"]["args"]["alpha"] == "balanced"
+    assert cfg["data"]["sampler"] == {"type": "balanced", "args": {"head": "age"}}
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {f"val/{h}/f1_macro" for h in ("mask", "gender", "age", "combined")} <= set(header)
+    assert (run / "checkpoints" / "best.ckpt").is_file()
+    for view in ("mask", "gender", "age", "combined"):
+        assert (run / f"test_{view}_per_class.csv").is_file()
+        assert f"[{view}] test" in tested
+    assert "not_wear" in tested and "over_60" in tested  # the heads' class names
+
+
+def test_the_custom_model_and_dataset_train_through_the_python_api(tmp_path):
+    out = tmp_path / "api"
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "custom_api.py"), "--out", str(out), "--epochs", "4"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = float(proc.stdout.split("best val/accuracy ")[1].split()[0])
+    assert best > 0.9, proc.stdout
+    for name in ("metrics.csv", "summary.json", "train.log", "checkpoints/best.ckpt", "tensorboard"):
+        assert (out / name).exists(), name
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert any(v == {"steps": 4 * 16} for v in state["callbacks"].values())  # HalveLR's own state
+
+
+def test_the_readme_links_every_example():
+    readme = (ROOT / "README.md").read_text()
+    for path in ("examples/mask_competition", "examples/custom_api.py", "examples/quickstart.ipynb"):
+        assert f"]({path}" in readme, path
