@@ -62,6 +62,7 @@ class NotebookSupport(Callback):
         self._restore()
         if not (self.requested and isinstance(error, StopRequested)):
             return False
+        trainer.request_stop(None)  # served: the next fit (the resume) runs
         loop = trainer.loop
         where = f"epoch {loop.epoch + 1}, step {loop.global_step}"
         if error.checkpoint is None:

@@ -283,8 +283,8 @@ class Trainer:
         self.callbacks.call("on_epoch_end", self, epoch, record)
 
     # -- stopping -------------------------------------------------------------------------------
-    def request_stop(self, signum: int) -> None:
-        """Finish the current optimizer step, write a checkpoint, then raise StopRequested."""
+    def request_stop(self, signum: int | None) -> None:
+        """Finish the current optimizer step, write a checkpoint, then raise StopRequested (None: withdraw)."""
         self._stop_signal = signum
 
     @property
