@@ -214,8 +214,13 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
 
 def _load_state(cfg: Config, trainer: Any, state: dict[str, Any], resume: Path) -> None:
     """A checkpoint into the built Trainer, checked before anything in the run is rewritten."""
+    from torchkiln.engine import dcp
+
     try:
-        trainer.load_state_dict(state)
+        if state.get(dcp.SHARDED):  # an FSDP run's checkpoint: its shards beside it
+            dcp.load(trainer, state, resume)
+        else:
+            trainer.load_state_dict(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{resume}: {exc}") from None
     loop = state["loop"]
