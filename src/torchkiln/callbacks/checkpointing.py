@@ -106,8 +106,8 @@ class Checkpointing(Callback):
             path = self.writer.save(state, self.directory / name, copy_of=copy_of)
         finally:
             distributed.barrier()
-        if folder is not None:  # older folders of this name go once the .ckpt naming the new one is written
-            self.writer.run(dcp.drop_older, self.directory, name, folder)
+        # Older shard folders of this name go once the .ckpt naming the new one (or none) is written.
+        self.writer.run(dcp.drop_older, self.directory, name, folder or "")
         if numbered and self.keep_last:
             self.writer.run(_prune_numbered, self.directory, self.keep_last)
         return path

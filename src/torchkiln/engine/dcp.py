@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from torchkiln.engine import distributed
@@ -49,7 +48,11 @@ def folder_name(name: str, step: int) -> str:
 def prepare(trainer: Any, state: dict[str, Any]) -> dict[str, Any]:
     """The Trainer's state for a sharded save: the full weights (rank 0, CPU) for the .ckpt, and the
     sharded model and optimizer state (every rank) for DCP under `state[SHARDED]`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
 
     trainer.placement.train_model.shard()  # evaluation may have left the parameters gathered
     model, optimizer = trainer.raw_model, trainer.optimizer

@@ -305,6 +305,7 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
     """
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -316,10 +317,14 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
         min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
         monitor_interval=0.1, start_method="spawn",
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # forwarded to the workers (SLURM's warning)
+        shutdown_timeout=120,  # workers stopped by a signal first write their checkpoint
     )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
         elastic_launch(config, sys.executable)("-m", "torchkiln", *worker_args)
+    except SignalException as exc:  # forwarded to the workers, which checkpoint and stop
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failed, failure = exc.get_first_failure()
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
