@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,7 @@ def _config(tmp: Path, name: str, **trainer) -> dict:
     return small_config(
         tmp, name=name,
         data={"batch_size": 32, "shuffle": True, "drop_last": True},
-        trainer={"epochs": 3, "monitor": "val/accuracy", "strategy": "fsdp", "fsdp": {"wrap": ["Linear"]},
+        trainer={"epochs": 2, "monitor": "val/accuracy", "strategy": "fsdp", "fsdp": {"wrap": ["Linear"]},
                  "checkpoint_every_steps": 13, "grad_clip": 1.0, **trainer},
     )
 
@@ -38,6 +39,14 @@ def _config(tmp: Path, name: str, **trainer) -> dict:
 def _popen(*args: str, cwd: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "torchkiln", *args], cwd=cwd, env={**ENV, **kw.pop("env", {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *_descendants(int(child))]
+    return found
 
 
 def _run_dir(root: Path) -> Path:
@@ -59,12 +68,15 @@ def test_two_fsdp_steps_equal_the_single_process_reference(tmp_path):
         assert diff <= 1e-6, (variant, diff)
     # pytorch#162338: torchkiln forces SUM reductions on Gloo, so the gradient is the ranks' mean.
     assert result["gradient_ratio"]["forced_sum"] == pytest.approx(1.0, abs=1e-6)
+    assert result["loaded_state_diff"] == 0.0  # a non-FSDP checkpoint's optimizer state, sharded
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     """One uninterrupted FSDP run and one killed with SIGKILL after its first checkpoint, then resumed
     with --resume auto; both started together so they share the wall time."""
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("finds the workers through /proc")
     tmp = tmp_path_factory.mktemp("fsdp")
     full_cfg = write_config(tmp, _config(tmp / "a", "full"), "full.yaml")
     kill_cfg = write_config(tmp, _config(tmp / "b", "kill"), "kill.yaml")
@@ -75,8 +87,10 @@ def fsdp_runs(tmp_path_factory):
         assert killed.poll() is None, killed.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "no checkpoint was written"
         time.sleep(0.05)
-    os.killpg(killed.pid, signal.SIGKILL)  # the launcher and both workers, mid-run
+    for pid in [*_descendants(killed.pid), killed.pid]:  # both workers (own sessions) and the launcher
+        os.kill(pid, signal.SIGKILL)
     killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
     resumed = kiln("train", "-c", str(kill_cfg), "--resume", "auto", "--devices", "2", "-q", cwd=tmp, timeout=300)
     _, err = full.communicate(timeout=300)
     assert full.returncode == 0, err[-3000:]
@@ -89,19 +103,21 @@ def test_killed_and_resumed_equals_uninterrupted_bitwise(fsdp_runs):
     _, full_dir, kill_dir = fsdp_runs
     full = torch.load(full_dir / "checkpoints" / "last.ckpt", weights_only=True)
     resumed = torch.load(kill_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert full["loop"]["global_step"] == resumed["loop"]["global_step"] == 3 * 19
+    assert full["loop"]["global_step"] == resumed["loop"]["global_step"] == 2 * 19
     assert full["model"].keys() == resumed["model"].keys()
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     assert resumed["loop"]["history"] == full["loop"]["history"]
+    resumed_at = re.search(r"resumed at epoch \d, step (\d+)", (kill_dir / "train.log").read_text())
+    assert resumed_at and 13 <= int(resumed_at.group(1)) < 38  # from a checkpoint before the kill
     # Every checkpoint is a .ckpt naming its own folder of two shards; nothing half-written is left.
     names = sorted(p.name for p in (kill_dir / "checkpoints").iterdir())
     assert not [n for n in names if n.endswith(".partial")]
-    assert f"last.{57:06d}.dcp" in names and resumed[dcp.SHARDED]["dir"] == f"last.{57:06d}.dcp"
+    assert f"last.{38:06d}.dcp" in names and resumed[dcp.SHARDED]["dir"] == f"last.{38:06d}.dcp"
     assert sorted(resumed[dcp.SHARDED]["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
 @pytest.mark.slow
-def test_full_state_export_loads_into_a_plain_model_and_kiln_test_runs(fsdp_runs, tmp_path):
+def test_full_state_export_loads_into_a_plain_model(fsdp_runs, tmp_path):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -119,8 +135,6 @@ def test_full_state_export_loads_into_a_plain_model_and_kiln_test_runs(fsdp_runs
     offline = torch.load(tmp_path / "offline.pt", weights_only=False)["model"]
     assert all(torch.equal(offline[k], best["model"][k]) for k in best["model"])
     assert all(torch.equal(weights[k], best["model"][k]) for k in weights)
-    tested = kiln("test", str(full_dir), cwd=tmp)
-    assert tested.returncode == 0, tested.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -114,16 +114,28 @@ def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer | None, setti
 def repoint_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str],
                       sharded: dict[str, nn.Parameter]) -> None:
     """`fully_shard` registers new (DTensor) parameters: each param group's entries become the
-    sharded parameter of the same name. The optimizer must hold no state yet (it is loaded after)."""
-    if optimizer.state:
-        raise SettingError("strategy", "fsdp: the optimizer already has state; load a checkpoint after"
-                           " the model is sharded (kiln train --resume does)")
+    sharded parameter of the same name. State already loaded (a checkpoint written without FSDP,
+    the same on every rank) is sharded like its parameter."""
+    from torch.distributed.tensor import distribute_tensor
+
+    moved: dict[nn.Parameter, nn.Parameter] = {}
     for group in optimizer.param_groups:
         try:
-            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+            new = [sharded[names[id(p)]] for p in group["params"]]
         except KeyError as exc:
             raise SettingError("strategy", "fsdp: the optimizer holds a tensor that is not a parameter of"
                                " the model") from exc
+        moved.update(zip(group["params"], new))
+        group["params"] = new
+    for old in list(optimizer.state):
+        new = moved.get(old)
+        if new is None:
+            continue
+        optimizer.state[new] = {
+            k: distribute_tensor(v.to(new.device), new.device_mesh, new.placements)
+            if isinstance(v, torch.Tensor) and v.shape == new.shape else v
+            for k, v in optimizer.state.pop(old).items()
+        }
 
 
 def fsdp_modules(model: nn.Module) -> list[Any]:
@@ -138,7 +150,8 @@ class ShardedModel(nn.Module):
 
     def __init__(self, module: nn.Module, reshard_after_forward: bool = True):
         super().__init__()
-        self.module = module
+        self.module = module  # the root, or the compiled root (placement compiles after sharding)
+        self._root = id(module)
         self.reshard_after_forward = reshard_after_forward  # the blocks'; the root keeps its gather
         self.gathered = False
 
@@ -166,7 +179,7 @@ class ShardedModel(nn.Module):
             return
         for m in fsdp_modules(self.module):
             m.reshard()
-            m.set_reshard_after_forward(self.reshard_after_forward and m is not self.module, recurse=False)
+            m.set_reshard_after_forward(self.reshard_after_forward and id(m) != self._root, recurse=False)
         self.gathered = False
 
 
