@@ -61,7 +61,7 @@ def reference(x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def fsdp_trainer(x: torch.Tensor, y: torch.Tensor, **fsdp) -> dict[str, torch.Tensor]:
+def fsdp_trainer(x: torch.Tensor, y: torch.Tensor, precision: str = "32", **fsdp) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from torchkiln import make_trainer
@@ -77,7 +77,7 @@ def fsdp_trainer(x: torch.Tensor, y: torch.Tensor, **fsdp) -> dict[str, torch.Te
     val = DataLoader(TensorDataset(x[:val_rows], y[:val_rows]), batch_size=2)
     trainer = make_trainer(model, opt, nn.CrossEntropyLoss(), epochs=1, device="cpu", strategy="fsdp",
                            fsdp={"wrap": ["Block"], **fsdp}, grad_clip=CLIP, accumulate=ACCUMULATE,
-                           progress=False)
+                           precision=precision, progress=False)
     summary = trainer.fit(train, val)
     assert summary["global_step"] == STEPS, summary
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -121,16 +121,19 @@ def parity(out: str) -> None:
     ref = reference(x, y)
     runs = {"blocks": fsdp_trainer(x, y), "checkpointed": fsdp_trainer(x, y, activation_checkpointing=True,
                                                                        reshard_after_forward=False)}
+    bf16 = fsdp_trainer(x, y, precision="bf16")  # parameters gathered in bf16, gradients reduced in fp32
     ratios = {"forced_sum": gloo_reduction(True), "fsdp_default": gloo_reduction(False)}
     state_diff = loaded_state_is_sharded()
     if dist.get_rank() == 0:
         diffs = {name: max(float((sd[k] - ref[k]).abs().max()) for k in ref) for name, sd in runs.items()}
         torch.manual_seed(0)
         init = Net().state_dict()
+        diffs_bf16 = max(float((bf16[k].float() - ref[k]).abs().max()) for k in ref)
         moved = max(float((ref[k] - init[k]).abs().max()) for k in ref)
         with open(out, "w") as f:
             json.dump({"max_abs_diff": diffs, "gradient_ratio": ratios, "reference_moved": moved,
-                       "loaded_state_diff": state_diff}, f)
+                       "loaded_state_diff": state_diff, "bf16_max_abs_diff": diffs_bf16,
+                       "bf16_dtype": str(bf16["head.weight"].dtype)}, f)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,8 @@ def test_two_fsdp_steps_equal_the_single_process_reference(tmp_path):
         assert diff <= 1e-6, (variant, diff)
     # pytorch#162338: torchkiln forces SUM reductions on Gloo, so the gradient is the ranks' mean.
     assert result["gradient_ratio"]["forced_sum"] == pytest.approx(1.0, abs=1e-6)
+    # bf16 gathers: close to the fp32 reference, not equal; the weights themselves stay float32.
+    assert 1e-7 < result["bf16_max_abs_diff"] < 1e-3 and result["bf16_dtype"] == "torch.float32"
     assert result["loaded_state_diff"] == 0.0  # a non-FSDP checkpoint's optimizer state, sharded
 
 
