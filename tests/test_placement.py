@@ -117,3 +117,15 @@ def test_fsdp_settings_blocks_and_precision_rules():
         FSDPSettings.from_dict({}, "fp16").check()
     assert FSDPSettings.from_dict({"wrap": ["Block"]}, "bf16").mixed_precision().param_dtype == torch.bfloat16
     assert TrainerConfig(strategy="fsdp", device="model").fsdp.reshard_after_forward is True
+
+
+@pytest.mark.gpu
+def test_a_model_split_over_cuda_and_cpu_trains_where_it_sits():
+    model = Split("cpu")
+    model.seq1.to("cuda:0")  # seq1 on the GPU, seq2 on the CPU: forward moves the tensor between them
+    data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,))), batch_size=8)
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                           epochs=1, progress=False)
+    trainer.fit(data, data)
+    assert trainer.placement.input_device.type == "cuda" and trainer.device.type == "cpu"
+    assert model.seq1.weight.device.type == "cuda" and model.seq2.weight.device.type == "cpu"
