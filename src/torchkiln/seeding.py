@@ -31,6 +31,7 @@ def fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
         t = state[name]
         if not isinstance(t, torch.Tensor):
             continue
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP's shards: the whole (a collective)
         t = t.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -3,6 +3,7 @@ epoch-NNN.ckpt every `save_period` epochs and step-NNNNNN.ckpt every `every_n_st
 steps (the newest `keep_last` of those kept), and last.ckpt when a stop is requested mid-epoch.
 
 Every rank takes part (the state is a collective under DDP); rank 0 writes, the others wait.
+Under FSDP each checkpoint also has its folder of shards, which every rank writes (engine/dcp.py).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from torchkiln.engine import distributed
+from torchkiln.engine import dcp, distributed
 from torchkiln.engine.callbacks import Callback, StepInfo
 from torchkiln.engine.checkpoint import CheckpointWriter, clean_stale_temps
 from torchkiln.errors import CheckpointError, SettingError
@@ -54,19 +55,20 @@ class Checkpointing(Callback):
         if self.directory is not None and distributed.is_rank0():
             self.directory.mkdir(parents=True, exist_ok=True)
             clean_stale_temps(self.directory)
+            dcp.clean_partial(self.directory)
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
         due = self.every_n_steps is not None and info.step % self.every_n_steps == 0
         if self.directory is None or not (due or trainer.stopping is not None) or info.last_in_epoch:
             return  # the epoch's end writes last.ckpt anyway
-        state = trainer.state_dict()
+        state = self._state(trainer)
         written = self._save(state, step_name(info.step), numbered=True) if due else None
         self._save(state, LAST, copy_of=written)
 
     def on_epoch_end(self, trainer: Any, epoch: int, record: dict[str, float]) -> None:
         if self.directory is None:
             return
-        state = trainer.state_dict()
+        state = self._state(trainer)
         written = None  # serialize once: the epoch's other files copy the first one's bytes
         if trainer.loop.best_epoch == epoch + 1:
             written = self._save(state, BEST)
@@ -93,6 +95,10 @@ class Checkpointing(Callback):
               copy_of: Path | None = None) -> Path | None:
         """Hand `name` to the writer (rank 0); `copy_of`, a file handed over just before from the
         same `state`, gets a second name instead of a second serialization."""
+        folder = None
+        if dcp.SHARDED in state:  # every rank writes its shard; the .ckpt names the folder
+            state, folder = dcp.save(state, self.directory, name)
+            copy_of = None  # each name has its own folder, so its own .ckpt
         if not distributed.is_rank0():  # rank duties: rank 0 writes, the others wait for it
             distributed.barrier()
             return None
@@ -100,9 +106,15 @@ class Checkpointing(Callback):
             path = self.writer.save(state, self.directory / name, copy_of=copy_of)
         finally:
             distributed.barrier()
+        # Older shard folders of this name go once the .ckpt naming the new one (or none) is written.
+        self.writer.run(dcp.drop_older, self.directory, name, folder or "")
         if numbered and self.keep_last:
             self.writer.run(_prune_numbered, self.directory, self.keep_last)
         return path
+
+    def _state(self, trainer: Any) -> dict[str, Any]:
+        state = trainer.state_dict()
+        return dcp.prepare(trainer, state) if dcp.is_sharded(trainer.placement.train_model) else state
 
 
 def _prune_numbered(directory: Path, keep: int) -> None:
@@ -111,3 +123,4 @@ def _prune_numbered(directory: Path, keep: int) -> None:
                       key=lambda p: p.stat().st_mtime_ns)
     for old in numbered[:-keep]:
         old.unlink(missing_ok=True)
+        dcp.drop_older(directory, old.name, keep="")  # its folder of shards, under FSDP

@@ -52,6 +52,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         train(cfg, resume=resume, progress=not args.quiet, state=state, source=source)
     except StopRequested as stop:
+        from torchkiln.commands.slurm import requeue_after
+
+        requeue_after(stop.signum)  # SLURM's warning signal: the checkpoint is written; requeue the job
         return 128 + stop.signum
     finally:
         distributed.destroy()
@@ -116,7 +119,8 @@ def _restart_target(args: argparse.Namespace) -> str | None:
 
 @contextlib.contextmanager
 def stop_on_signals(trainer):
-    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. A second Ctrl-C exits at once."""
+    """First SIGINT/SIGTERM/SIGUSR1: finish the step, checkpoint, stop. A second Ctrl-C exits at
+    once. SIGUSR1 is SLURM's warning before the time limit (`--signal=USR1@90`): see commands/slurm.py."""
     previous = {}
 
     def handler(signum, frame):
@@ -126,7 +130,7 @@ def stop_on_signals(trainer):
         log.warning("received %s: finishing this step and writing a checkpoint (Ctrl-C again to quit now)",
                     signal.Signals(signum).name)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         try:
             previous[sig] = signal.signal(sig, handler)
         except ValueError:  # not the main thread
@@ -214,8 +218,13 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
 
 def _load_state(cfg: Config, trainer: Any, state: dict[str, Any], resume: Path) -> None:
     """A checkpoint into the built Trainer, checked before anything in the run is rewritten."""
+    from torchkiln.engine import dcp
+
     try:
-        trainer.load_state_dict(state)
+        if state.get(dcp.SHARDED):  # an FSDP run's checkpoint: its shards beside it
+            dcp.load(trainer, state, resume)
+        else:
+            trainer.load_state_dict(state)
     except CheckpointError as exc:
         raise CheckpointError(f"{resume}: {exc}") from None
     loop = state["loop"]

@@ -178,9 +178,19 @@ class SchedulerConfig(Component):
     warmup: WarmupConfig | None = None
 
 
+class FSDPConfig(_Strict):
+    wrap: list[str] = Field(default_factory=list, description="module class names sharded as blocks"
+                            " (fully_shard per block, then the root); empty: the root only")
+    reshard_after_forward: bool = Field(True, description="free a block's gathered parameters after its"
+                                        " forward (less memory, one more all-gather in backward)")
+    cpu_offload: bool = Field(False, description="keep the shards and the optimizer step on the CPU")
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+
+
 class TrainerConfig(_Strict):
     epochs: int = Field(10, ge=1)
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|model|(cuda|xpu)(:\d+)?)$",
+                        description="auto, cpu, cuda, cuda:N; model: the model places itself (not moved)")
     precision: Literal["32", "bf16", "fp16"] = "32"
     grad_clip: float | None = Field(None, gt=0.0)
     grad_clip_mode: Literal["norm", "value"] = "norm"
@@ -208,9 +218,11 @@ class TrainerConfig(_Strict):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch's operators (torch.set_num_threads); default:"
         " torch's own (one per core). On shared or busy cores a small model runs much faster with 1-2")
-    strategy: Literal["auto", "ddp", "dp"] = Field(
-        "auto", description="ddp: one process per device (kiln train --devices N or torchrun); dp:"
+    strategy: Literal["auto", "ddp", "dp", "fsdp"] = Field(
+        "auto", description="ddp: one process per device (kiln train --devices N or torchrun); fsdp:"
+        " FSDP2, each process holds a shard of the parameters, gradients and optimizer state; dp:"
         " nn.DataParallel in one process; auto: ddp when started as several processes")
+    fsdp: FSDPConfig = Field(default_factory=lambda: FSDPConfig(), description="strategy fsdp's options")
     sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
     dist_timeout: float = Field(1800.0, gt=0.0, description="seconds a rank waits for the others before"
                                 " the run stops with an error (a dead or hung process)")

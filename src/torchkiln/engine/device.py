@@ -11,7 +11,7 @@ from torchkiln.errors import SettingError
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
+    if device is None or str(device) in ("auto", "model"):  # model: a guess until the model is seen
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -30,3 +30,53 @@ def move_to(batch: Any, device: torch.device, channels_last: bool = False) -> An
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device, channels_last) for v in batch)
     return batch
+
+
+# ------------------------------------------------------------------------------------------
+# models that place themselves (model parallelism: submodules on several devices)
+# ------------------------------------------------------------------------------------------
+SELF_PLACED = "model"  # trainer.device: model -- the Trainer moves neither the model nor its parameters
+
+
+def model_devices(model: torch.nn.Module) -> list[torch.device]:
+    """The devices the model's parameters (then buffers) sit on, in the order they first appear."""
+    seen: list[torch.device] = []
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.device not in seen:
+            seen.append(t.device)
+    return seen
+
+
+def places_itself(model: torch.nn.Module, requested: str | torch.device | None) -> bool:
+    """`trainer.device: model`, or parameters already on several devices: the model is left where it is."""
+    return str(requested) == SELF_PLACED or len(model_devices(model)) > 1
+
+
+def self_placed_devices(model: torch.nn.Module) -> tuple[torch.device, torch.device]:
+    """(inputs' device, loss's device) of a model that places itself.
+
+    Inputs go to the model's declared `input_device`, else to its first parameter's device. The
+    loss, targets and metrics go where the output comes out: the declared `output_device`, else
+    the device of the model's last parameter (the end of a pipeline of submodules).
+    """
+    params = list(model.parameters())
+    if not params and not (hasattr(model, "input_device") and hasattr(model, "output_device")):
+        raise SettingError("device", "model: this model has no parameters to place its inputs by; declare"
+                           " input_device and output_device on it, or use a device name")
+    declared_in = getattr(model, "input_device", None)
+    declared_out = getattr(model, "output_device", None)
+    first = torch.device(declared_in) if declared_in is not None else params[0].device
+    last = torch.device(declared_out) if declared_out is not None else params[-1].device
+    return first, last
+
+
+class SelfPlaced(torch.nn.Module):
+    """A model that places itself, as the loop calls it: its inputs are moved to its input device."""
+
+    def __init__(self, module: torch.nn.Module, input_device: torch.device):
+        super().__init__()
+        self.module = module
+        self.input_device = input_device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*move_to(args, self.input_device), **move_to(kwargs, self.input_device))

@@ -216,10 +216,13 @@ def check_fingerprints(fp: str) -> None:
 
 
 def wrap_model(model: nn.Module, device: torch.device, strategy: str = "auto",
-               sync_batchnorm: bool = False) -> nn.Module:
-    """DDP (one process per device), DataParallel (one process, several GPUs), or the model as is."""
-    if strategy not in ("auto", "ddp", "dp"):
-        raise SettingError("strategy", f"expected auto, ddp or dp; found {strategy!r}")
+               sync_batchnorm: bool = False, optimizer: torch.optim.Optimizer | None = None,
+               fsdp: Any = None) -> nn.Module:
+    """DDP (one process per device), FSDP2 (each rank holds a shard; `fsdp` its FSDPSettings, and
+    `optimizer` is re-pointed at the sharded parameters), DataParallel (one process, several
+    GPUs), or the model as is."""
+    if strategy not in ("auto", "ddp", "dp", "fsdp"):
+        raise SettingError("strategy", f"expected auto, ddp, fsdp or dp; found {strategy!r}")
     if strategy == "dp":
         if is_distributed():
             raise SettingError("strategy", "dp runs in one process; under torchrun or --devices use ddp")
@@ -231,15 +234,19 @@ def wrap_model(model: nn.Module, device: torch.device, strategy: str = "auto",
         log.info("DataParallel over %d GPUs; DDP (kiln train --devices %d) is faster", n, n)
         return nn.DataParallel(model)
     if not is_distributed():
-        if strategy == "ddp":
-            log.info("trainer.strategy ddp in a single process: nothing to distribute"
-                     " (start several with kiln train --devices N or torchrun)")
+        if strategy in ("ddp", "fsdp"):
+            log.info("trainer.strategy %s in a single process: nothing to distribute"
+                     " (start several with kiln train --devices N or torchrun)", strategy)
         return model
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     from torchkiln.seeding import fingerprint
 
     check_fingerprints(fingerprint(model))
+    if strategy == "fsdp":
+        from torchkiln.engine.fsdp import FSDPSettings, shard_model
+
+        return shard_model(model, optimizer, fsdp if fsdp is not None else FSDPSettings())
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -298,6 +305,7 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
     """
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -309,10 +317,14 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
         min_nodes=1, max_nodes=1, nproc_per_node=nprocs, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
         monitor_interval=0.1, start_method="spawn",
+        signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # forwarded to the workers (SLURM's warning)
+        shutdown_timeout=120,  # workers stopped by a signal first write their checkpoint
     )
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
     try:
         elastic_launch(config, sys.executable)("-m", "torchkiln", *worker_args)
+    except SignalException as exc:  # forwarded to the workers, which checkpoint and stop
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failed, failure = exc.get_first_failure()
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0

@@ -20,6 +20,7 @@ from torchkiln.callbacks.notebook import NotebookSupport
 from torchkiln.callbacks.progress import DeviceStatsMonitor, ProgressBar
 from torchkiln.engine.callbacks import Callback
 from torchkiln.engine.finite import FiniteCheck
+from torchkiln.engine.fsdp import FSDPSettings
 from torchkiln.engine.placement import Placement
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.step import OptimizerStep
@@ -57,6 +58,7 @@ def make_trainer(
     cache_size_limit: int | None = None,
     strategy: str = "auto",
     sync_batchnorm: bool = False,
+    fsdp: dict[str, Any] | None = None,
     # the monitor and early stopping
     monitor: str | None = None,
     mode: str | None = None,
@@ -80,7 +82,8 @@ def make_trainer(
     """A Trainer from settings: `run_dir` None writes nothing (checkpoints start once a command
     calls `trainer.use_run_dir`); `progress` shows a bar on a terminal."""
     placement = Placement(device, channels_last=channels_last, compile=compile, compile_options=compile_options,
-                          cache_size_limit=cache_size_limit, strategy=strategy, sync_batchnorm=sync_batchnorm)
+                          cache_size_limit=cache_size_limit, strategy=strategy, sync_batchnorm=sync_batchnorm,
+                          fsdp=FSDPSettings.from_dict(fsdp, precision) if strategy == "fsdp" else None)
     step = OptimizerStep(precision=precision, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode,
                          accumulate=accumulate, scaler_options=scaler_options)
     schedule = LRSchedule(optimizer, scheduler, interval=scheduler_interval, monitor=monitor, warmup_steps=warmup_steps,

@@ -139,11 +139,11 @@ class OptimizerStep:
     def clip(self, params: list[nn.Parameter], want_norm: bool) -> torch.Tensor | None:
         """Clip (already unscaled) gradients; return their total norm before clipping."""
         if self.grad_clip is not None and self.grad_clip_mode == "norm":
-            return torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            return full_value(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if want_norm and params else None
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(params, self.grad_clip)
-        return norm
+        return full_value(norm)
 
     def step(self, want_norm: bool = False) -> StepResult:
         """unscale -> clip -> step -> update -> zero_grad. `stepped` is False when the scaler skipped."""
@@ -174,6 +174,12 @@ class OptimizerStep:
             self.scaler.load_state_dict(state["scaler"])
             self._scale = None
         self.skipped = int(state.get("skipped", 0))
+
+
+def full_value(norm: torch.Tensor | None) -> torch.Tensor | None:
+    """Under FSDP the gradients are DTensor shards and their norm a DTensor (clip_grad_norm_ reduces
+    it over the ranks before clipping): the plain tensor of its value, for logging."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def is_finite(value: float) -> bool:

@@ -71,7 +71,7 @@ class Trainer:
         self.task = task or ClassificationTask()
         self.loss_fn = loss_fn if loss_fn is not None else self.task.make_loss(None)
         self.epochs = int(epochs)
-        self.placement = placement or Placement()
+        self.placement = (placement or Placement()).adopt(model)  # a model that places itself keeps its devices
         self.stepper = (step or OptimizerStep()).bind(optimizer, self.placement.device)
         self.schedule = schedule if isinstance(schedule, LRSchedule) else LRSchedule(optimizer, schedule)
         self.monitor = monitor if isinstance(monitor, Monitor) else Monitor(monitor)
