@@ -43,6 +43,14 @@ def _add_train(sub) -> None:
                    help="start N processes on this machine (DDP, one per GPU; Gloo on CPU)")
     t.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="with --devices: restart the workers up to K times, resuming from the last checkpoint")
+    t.add_argument("--fast-dev-run", type=int, nargs="?", const=2, metavar="N",
+                   help="N batches (default 2) of train, val and test through everything (callbacks, loggers,"
+                   " a checkpoint and a resume) in a temporary run directory; one line per check")
+    t.add_argument("--overfit-batches", type=int, metavar="N",
+                   help="train on the same N batches (no shuffle, augmentation or scheduler), validated on"
+                   " themselves, 50 epochs unless trainer.epochs=K; ends with a pass/fail verdict line")
+    t.add_argument("--overfit-threshold", type=float, default=0.1, metavar="F",
+                   help="--overfit-batches passes when the loss falls to this share of its start (default 0.1)")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
@@ -133,7 +141,10 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if action is not None and getattr(args, action) is None:
         parser.parse_args([args.command, "--help"])
         return 2
-    name = "kfold" if args.command == "train" and args.folds else COMMANDS[args.command]  # train --folds
+    name = COMMANDS[args.command]
+    if args.command == "train":  # train --folds; --fast-dev-run and --overfit-batches (commands/devrun.py)
+        devrun = args.fast_dev_run is not None or args.overfit_batches is not None
+        name = "devrun" if devrun else "kfold" if args.folds else name
     return importlib.import_module(f"torchkiln.commands.{name}").main(args)
 
 
