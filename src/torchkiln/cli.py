@@ -13,7 +13,7 @@ from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
 COMMANDS = {"train": "train", "test": "test", "report": "report", "summary": "summary", "export": "export",
-            "config": "config", "data": "data"}
+            "config": "config", "data": "data", "lr-find": "lr_find"}
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
 
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data):
+    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data, _add_lr_find):
         add(sub)
     return p
 
@@ -107,6 +107,19 @@ def _add_data(sub) -> None:
                     " (default: <output_dir>/<name>/data_stats)")
     st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
     st.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_lr_find(sub) -> None:
+    f = sub.add_parser("lr-find", help="LR range test on the run's own parts: lr_find.png and a suggested LR"
+                       " (the last line printed)")
+    f.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
+    f.add_argument("-o", "--out", help="folder for lr_find.png and lr_find.json (default: <output_dir>/<name>/lr_find)")
+    f.add_argument("--apply", metavar="OUT.yaml", help="write the config with the suggested LR set"
+                   " (optimizer.args.lr, and OneCycleLR's max_lr)")
+    f.add_argument("--start", type=float, default=1e-7, help="first LR (default 1e-7)")
+    f.add_argument("--end", type=float, default=10.0, help="last LR (default 10)")
+    f.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    f.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
 def main(argv: list[str] | None = None) -> int:

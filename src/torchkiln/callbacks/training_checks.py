@@ -1,7 +1,9 @@
 """"Does training work" checks (`trainer.checks: warn | strict | off`), in the first epoch, cheap.
 
 - The loss is finite and moving: the losses of the first epoch's optimizer steps (at least 3; read
-  from the device once, at the epoch's end) are all finite and not all the same.
+  from the device once, at the epoch's end) are all finite and not all the same, and the trainable
+  parameters changed (their norms, kept on the device, differ from those at the start: a learning
+  rate of 0 or an optimizer that holds none of the trainable parameters shows here).
 - Every trainable parameter received a gradient: after the first backward that reached any
   parameter, those with `requires_grad` and no gradient are named (unused parameters: the classic
   cause of DDP's "Expected to have finished reduction" error).
@@ -45,9 +47,14 @@ class TrainingChecks(Callback):
         self._grads_seen = False
         self._grads_finite: torch.Tensor | None = None
         self._check_grads = True
+        self._params: list[torch.Tensor] = []
+        self._norms: torch.Tensor | None = None  # the trainable parameters' norms at the start
 
     def on_fit_start(self, trainer: Any) -> None:
         self._check_grads = trainer.stepper.scaler is None
+        if not self.done and trainer.loop.global_step == 0:
+            self._params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
+            self._norms = _norms(self._params)
 
     def _find(self, text: str) -> None:
         self.findings.append(text)
@@ -94,6 +101,9 @@ class TrainingChecks(Callback):
         elif len(losses) >= 2 and float(losses.max() - losses.min()) <= 1e-7 * max(1.0, float(losses.abs().mean())):
             self._find(f"the loss did not change over the first {len(losses)} steps ({float(losses[0]):.6g}):"
                        " a learning rate of 0, every parameter frozen, or outputs detached from the graph")
+        elif self._norms is not None and torch.equal(self._norms, _norms(self._params)):
+            self._find(f"no trainable parameter changed in the first {len(losses)} steps: a learning rate of"
+                       " 0, or an optimizer that does not hold the model's parameters")
         elif len(losses) >= 2:
             self.passed.append(f"the loss is finite and moving ({float(losses[0]):.4g} -> {float(losses[-1]):.4g}"
                                f" over {len(losses)} steps)")
@@ -103,7 +113,7 @@ class TrainingChecks(Callback):
                            " (trainer.grad_clip) or look for a log/sqrt/division of 0 in the model or loss")
             else:
                 self.passed.append("gradients are finite")
-        self._grads_finite = None
+        self._grads_finite, self._params, self._norms = None, [], None
 
     def on_fit_end(self, trainer: Any, summary: dict[str, Any]) -> None:
         if self.mode != "off":
@@ -120,3 +130,7 @@ class TrainingChecks(Callback):
         losses = state.get("losses")
         self._losses = list(losses.unbind()) if isinstance(losses, torch.Tensor) else []
         self._grads_seen = bool(state.get("grads_seen", False))
+
+
+def _norms(params: list[torch.Tensor]) -> torch.Tensor | None:
+    return torch.stack(torch._foreach_norm([p.detach() for p in params])) if params else None
