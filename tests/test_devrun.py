@@ -41,7 +41,7 @@ def test_fast_dev_run_goes_through_everything_and_leaves_nothing(tmp_path):
 
 def test_fast_dev_run_fails_on_a_finding_and_overfit_gives_a_verdict(tmp_path, cli, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "tests"))  # kiln_faults, as the config names it
-    bad = write_config(tmp_path, small_config(tmp_path, model={"type": "kiln_faults:UnusedParamMLP"}), "bad.yaml")
+    bad = write_config(tmp_path, small_config(tmp_path, model={"type": "kiln_faults:UnusedParamMLP", "args": {}}), "bad.yaml")
     code, out, _ = cli("train", "--fast-dev-run", "-c", str(bad))
     assert code == 1
     assert re.search(r"FAIL\s+checks\s+2 trainable parameter\(s\) received no gradient: spare.weight, spare.bias",

@@ -203,9 +203,9 @@ class NanGrad(nn.Module):
         return self.fc(x) + (self.fc.weight.sum() - self.fc.weight.sum()).sqrt()
 
 
-def _fit(model, loader, lr=0.05, checks="warn"):
+def _fit(model, loader, lr=0.05, checks="warn", **settings):
     trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=lr), epochs=1, progress=False,
-                           checks=checks)
+                           checks=checks, **settings)
     return trainer.fit(loader)["checks"]
 
 
@@ -217,7 +217,7 @@ def test_checks_pass_on_a_working_run_and_name_what_is_wrong(digits, caplog):
     assert len(found) == 1 and "spare.weight, spare.bias" in found[0] and "unused parameters" in found[0]
     assert "check: 2 trainable parameter(s) received no gradient" in caplog.text
     assert "no trainable parameter changed" in _fit(nn.Linear(64, 10), digits, lr=0.0)["findings"][0]
-    assert "non-finite gradients" in _fit(NanGrad(), digits)["findings"][0]
+    assert "non-finite gradients" in _fit(NanGrad(), digits, on_nonfinite="skip_batch")["findings"][0]
     with pytest.raises(TrainingError, match="trainer.checks: strict: 2 trainable parameter"):
         _fit(Unused(), digits, checks="strict")
     trainer = make_trainer(Unused(), torch.optim.SGD(Unused().parameters(), lr=0.1), epochs=1, progress=False,
