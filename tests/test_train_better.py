@@ -128,21 +128,21 @@ def test_swa_averages_the_last_epochs_and_recomputes_batchnorm(tmp_path):
     cfg = small_config(tmp_path, data={"batch_size": 128, "dataset": {"type": "Digits", "args": {"classes": [0, 1, 2, 3]}}},
                        model={"type": "SmallCNN", "args": {"num_classes": 4, "width": 8}},
                        metrics=["accuracy"],
-                       trainer={"epochs": 3, "save_period": 1, "swa": {"start_epoch": 2, "lr": 0.002,
+                       trainer={"epochs": 2, "save_period": 1, "swa": {"start_epoch": 1, "lr": 0.002,
                                                                        "anneal_epochs": 1}},
                        logging={"progress": False, "plots": False, "tensorboard": False})
     run, summary = train(resolve(cfg, "t"), progress=False)
     last = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert weights_kind(last) == "swa" and last["averaged"]["epochs_averaged"] == 2
-    assert "averaged" not in load_checkpoint(run / "checkpoints" / "epoch-002.ckpt")
-    w2 = load_checkpoint(run / "checkpoints" / "epoch-002.ckpt")["model"]
-    avg, w3 = last["averaged"]["weights"], last["model"]
-    assert torch.allclose(avg["features.0.weight"], (w2["features.0.weight"] + w3["features.0.weight"]) / 2, atol=1e-6)
+    assert "averaged" not in load_checkpoint(run / "checkpoints" / "epoch-001.ckpt")
+    w1 = load_checkpoint(run / "checkpoints" / "epoch-001.ckpt")["model"]
+    avg, w2 = last["averaged"]["weights"], last["model"]
+    assert torch.allclose(avg["features.0.weight"], (w1["features.0.weight"] + w2["features.0.weight"]) / 2, atol=1e-6)
     # update_bn: the average's BatchNorm statistics are its own, not the training model's
     bn = [k for k in avg if k.endswith("running_mean")]
-    assert bn and all(not torch.equal(avg[k], w3[k]) for k in bn)
+    assert bn and all(not torch.equal(avg[k], w2[k]) for k in bn)
     lrs = [h["lr/group0"] for h in last["loop"]["history"]]
-    assert lrs[0] == pytest.approx(0.01) and lrs[2] == pytest.approx(0.002)  # SWALR annealed to swa.lr
+    assert lrs[0] == pytest.approx(0.01) and lrs[1] == pytest.approx(0.002)  # SWALR annealed to swa.lr
     assert "SWA: 2 epoch(s) averaged, BatchNorm statistics recomputed" in (run / "train.log").read_text()
 
 
