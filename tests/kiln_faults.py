@@ -107,3 +107,16 @@ class StepCountingLR(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.steps = state["steps"]
+
+
+class UnusedParamMLP(torch.nn.Module):
+    """An MLP with a layer its forward never calls: the first-epoch checks must name it."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                        torch.nn.Linear(32, num_classes))
+        self.spare = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

@@ -12,9 +12,18 @@ from torchkiln.errors import KilnError
 from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
-COMMANDS = {"train": "train", "test": "test", "report": "report", "summary": "summary", "export": "export",
-            "config": "config", "data": "data",
-            "new": "new", "list": "list"}
+COMMANDS = {
+    "train": "train",
+    "test": "test",
+    "report": "report",
+    "summary": "summary",
+    "export": "export",
+    "config": "config",
+    "data": "data",
+    "new": "new",
+    "list": "list",
+    "lr-find": "lr_find",
+}
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
 
@@ -28,8 +37,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data,
-                _add_new, _add_list):
+    adders = (
+        _add_train,
+        _add_test,
+        _add_report,
+        _add_summary,
+        _add_export,
+        _add_config,
+        _add_data,
+        _add_new,
+        _add_list,
+        _add_lr_find,
+    )
+    for add in adders:
         add(sub)
     return p
 
@@ -45,6 +65,14 @@ def _add_train(sub) -> None:
                    help="start N processes on this machine (DDP, one per GPU; Gloo on CPU)")
     t.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="with --devices: restart the workers up to K times, resuming from the last checkpoint")
+    t.add_argument("--fast-dev-run", type=int, nargs="?", const=2, metavar="N",
+                   help="N batches (default 2) of train, val and test through everything (callbacks, loggers,"
+                   " a checkpoint and a resume) in a temporary run directory; one line per check")
+    t.add_argument("--overfit-batches", type=int, metavar="N",
+                   help="train on the same N batches (no shuffle, augmentation or scheduler), validated on"
+                   " themselves, 50 epochs unless trainer.epochs=K; ends with a pass/fail verdict line")
+    t.add_argument("--overfit-threshold", type=float, default=0.1, metavar="F",
+                   help="--overfit-batches passes when the loss falls to this share of its start (default 0.1)")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
@@ -117,6 +145,17 @@ def _add_list(sub) -> None:
     ls.add_argument("kind", nargs="?", metavar="KIND",
                     help="models, datasets, losses, optimizers, schedulers, metrics, callbacks or tasks")
     ls.add_argument("--filter", metavar="TEXT", help="only names containing TEXT (or matching a glob: 'resnet*')")
+def _add_lr_find(sub) -> None:
+    f = sub.add_parser("lr-find", help="LR range test on the run's own parts: lr_find.png and a suggested LR"
+                       " (the last line printed)")
+    f.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
+    f.add_argument("-o", "--out", help="folder for lr_find.png and lr_find.json (default: <output_dir>/<name>/lr_find)")
+    f.add_argument("--apply", metavar="OUT.yaml", help="write the config with the suggested LR set"
+                   " (optimizer.args.lr, and OneCycleLR's max_lr)")
+    f.add_argument("--start", type=float, default=1e-7, help="first LR (default 1e-7)")
+    f.add_argument("--end", type=float, default=10.0, help="last LR (default 10)")
+    f.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    f.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +190,10 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if action is not None and getattr(args, action) is None:
         parser.parse_args([args.command, "--help"])
         return 2
-    name = "kfold" if args.command == "train" and args.folds else COMMANDS[args.command]  # train --folds
+    name = COMMANDS[args.command]
+    if args.command == "train":  # train --folds; --fast-dev-run and --overfit-batches (commands/devrun.py)
+        devrun = args.fast_dev_run is not None or args.overfit_batches is not None
+        name = "devrun" if devrun else "kfold" if args.folds else name
     return importlib.import_module(f"torchkiln.commands.{name}").main(args)
 
 

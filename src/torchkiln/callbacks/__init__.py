@@ -3,9 +3,13 @@
 `callbacks: [{type, args}]` in a config adds callbacks by registered name or import path.
 """
 
+from torchkiln.callbacks.ema import EMA
 from torchkiln.callbacks.monitor import EarlyStopping
+from torchkiln.callbacks.swa import SWA
+from torchkiln.callbacks.training_checks import TrainingChecks
 from torchkiln.registry import CALLBACKS
 
-CALLBACKS.register(EarlyStopping)
+for _cb in (EarlyStopping, EMA, SWA, TrainingChecks):
+    CALLBACKS.register(_cb)
 
-__all__ = ["EarlyStopping"]
+__all__ = ["EMA", "SWA", "EarlyStopping", "TrainingChecks"]

@@ -31,7 +31,13 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
     """Write model.safetensors (or model.pt) and model.json into `out_dir` (default RUN_DIR/export)."""
     import torch
 
-    from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, strip_prefixes
+    from torchkiln.engine.checkpoint import (
+        FORMAT,
+        load_checkpoint,
+        model_weights,
+        strip_prefixes,
+        weights_kind,
+    )
     from torchkiln.version import __version__
 
     if fmt not in FORMATS:
@@ -46,7 +52,7 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
     state = load_checkpoint(ckpt)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt}: not a torchkiln checkpoint")
-    weights = {k: v.detach().cpu().contiguous() for k, v in strip_prefixes(state["model"]).items()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in strip_prefixes(model_weights(state, ckpt)).items()}
     config: dict[str, Any] = state.get("config") or {}
     loop = state.get("loop") or {}
     info = {
@@ -54,6 +60,7 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
         **_rebuild_info(config),
         "task": config.get("task"),
         "source_checkpoint": str(ckpt),
+        "weights": weights_kind(state),  # ema / swa: the averaged weights the run validated; model: as trained
         "epoch": loop.get("epoch"),
         "global_step": loop.get("global_step"),
         "monitor": (config.get("trainer") or {}).get("monitor"),

@@ -164,20 +164,21 @@ def resume_config(target: str, cfg: Config | None, overrides: list[str]
 
 def train(cfg: Config, resume: Path | None = None, progress: bool = True,
           state: dict[str, Any] | None = None, source: str | None = None,
-          loggers: list[Any] = ()) -> tuple[Path, dict[str, Any]]:
+          loggers: list[Any] = (), batches: Any | None = None) -> tuple[Path, dict[str, Any]]:
     """Validate, build, train; returns the run directory and the summary.
 
     Everything is checked and built before the run directory is made: a config that cannot run
     leaves nothing behind. With `resume` (a checkpoint path; `state` its loaded content, if
     already loaded) the run continues in that checkpoint's run directory. `source` (the config
-    file) prefixes config errors; `loggers` are added to the run's own.
+    file) prefixes config errors; `loggers` are added to the run's own. `batches(cfg, data, loaders)`
+    gives the loaders to run on instead (commands/devrun.py: a few batches, the same batches).
     """
     with config_errors_from(source):
-        return _train(cfg, resume, progress, state, loggers)
+        return _train(cfg, resume, progress, state, loggers, batches)
 
 
 def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, Any] | None,
-           extra_loggers: list[Any]) -> tuple[Path, dict[str, Any]]:
+           extra_loggers: list[Any], batches: Any | None = None) -> tuple[Path, dict[str, Any]]:
     from torchkiln.config.build import check_components
 
     check_components(cfg)
@@ -199,6 +200,7 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
             state = state if state is not None else load_resumable(resume)
         trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=resume is None,
                                              normalization=stored_normalization(state))
+        loaders = batches(cfg, data, loaders) if batches is not None else loaders
         _log_batch_size(cfg)
         if state is not None:
             _load_state(cfg, trainer, state, resume)

@@ -83,6 +83,30 @@ SamplerSpec = Annotated[
 ]
 
 
+class MixupConfig(_Strict):
+    """Mixup / CutMix on training batches (torchvision v2); soft targets go to the loss."""
+
+    mixup_alpha: float = Field(0.2, ge=0.0, description="Beta(alpha, alpha) of MixUp's mixing weight (0: off)")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="Beta(alpha, alpha) of CutMix's box area (0: off)")
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="share of training batches mixed")
+
+
+class EMAConfig(_Strict):
+    """An exponential moving average of the weights; validation, best.ckpt and inference use it."""
+
+    decay: float = Field(0.999, gt=0.0, lt=1.0)
+    warmup: bool = Field(True, description="decay min(decay, (1 + n) / (10 + n)) at the n-th update")
+    every_n_steps: int = Field(1, ge=1, description="update after every N-th optimizer step")
+
+
+class SWAConfig(_Strict):
+    """Stochastic weight averaging (torch.optim.swa_utils); BatchNorm recomputed at the end."""
+
+    start_epoch: int = Field(ge=1, description="first epoch (1-based) averaged; SWALR sets the LR from then")
+    lr: float = Field(gt=0.0, description="the SWA learning rate SWALR anneals to")
+    anneal_epochs: int = Field(1, ge=0, description="epochs of cosine annealing to lr")
+
+
 class DataConfig(_Strict):
     dataset: Component = Field(default_factory=lambda: Component(type="Digits"))
     val_dataset: Component | None = None
@@ -120,6 +144,8 @@ class DataConfig(_Strict):
         None, description="standardize features (and regression targets) with the training split's mean/std;"
         " true for both"
     )
+    mixup: MixupConfig | None = Field(None, description="mixup / cutmix of training batches (soft targets);"
+                                      " train metrics use each sample's dominant label")
 
     @field_validator("normalize", mode="before")
     @classmethod
@@ -226,6 +252,17 @@ class TrainerConfig(_Strict):
     sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
     dist_timeout: float = Field(1800.0, gt=0.0, description="seconds a rank waits for the others before"
                                 " the run stops with an error (a dead or hung process)")
+    checks: Literal["warn", "strict", "off"] = Field(
+        "warn", description="first-epoch checks (finite, moving loss; every parameter gets a gradient; finite"
+        " gradients): warn logs them and puts them in summary.json, strict makes them errors")
+    ema: EMAConfig | None = Field(None, description="EMA of the weights (validation and best.ckpt use it)")
+    swa: SWAConfig | None = Field(None, description="stochastic weight averaging from start_epoch")
+
+    @model_validator(mode="after")
+    def _one_average(self) -> TrainerConfig:
+        if self.ema is not None and self.swa is not None:
+            raise ValueError("ema and swa exclude each other (each gives the weights validated and exported)")
+        return self
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -146,6 +146,10 @@ def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
                           " other; set one of them off")
     loaders = {"train": make_loader(data.train, d.batch_size, train=True, shuffle=d.shuffle, drop_last=d.drop_last,
                                     balanced_labels=balanced, fast=fast, batch_sampler=queries, **common)}
+    if d.mixup is not None:  # soft targets from mixed training batches (data/mixup.py)
+        from torchkiln.data.mixup import with_mixup
+
+        loaders["train"] = with_mixup(loaders["train"], d.mixup, data.num_classes)
     for split in ("val", "test"):
         ds = getattr(data, split)
         if ds is not None:

@@ -45,6 +45,10 @@ class Callback:
     def check(self, trainer: Trainer, logged: set[str]) -> None:
         """Before anything runs (`logged`: the numbers this run will log): refuse what cannot work."""
 
+    def on_fit_loaders(self, trainer: Trainer, train_loader: Iterable, val_loader: Iterable | None) -> None:
+        """At the start of fit, before `on_fit_start`: the loaders this fit runs on, for a callback that
+        passes over the data itself (SWA recomputes BatchNorm statistics on the training batches)."""
+
     def on_fit_start(self, trainer: Trainer) -> None:
         """Before the first epoch (after a resume's state was loaded)."""
 
@@ -60,6 +64,11 @@ class Callback:
     def validation_samples(self, trainer: Trainer, epoch: int) -> int | None:
         """How many misclassified inputs to collect in this epoch's validation (None: no samples)."""
         return None
+
+    def on_validation_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before validation. A callback may put other weights in the model here (EMA, SWA: the
+        weights validated and saved as the checkpoint's inference weights) and put the training
+        weights back in `on_validation_end`."""
 
     def on_validation_end(self, trainer: Trainer, epoch: int, record: dict[str, float],
                           samples: list[ValidationSample]) -> None:

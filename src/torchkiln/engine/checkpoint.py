@@ -20,7 +20,10 @@ from torchkiln.errors import CheckpointError
 FORMAT = "torchkiln-checkpoint"
 TMP_PREFIX = ".tmp-"
 PACKED = "torchkiln-packed-tensors"
-PACKED_ENTRIES = ("optimizer",)  # the checkpoint entries written packed (see encode)
+PACKED_ENTRIES = ("optimizer",)
+# {"kind": "ema" | "swa", "weights": state_dict, ...}: the averaged weights that validation used and
+# inference takes (`model_weights`); absent without EMA/SWA. `state["model"]` stays the training weights.
+AVERAGED = "averaged"  # the checkpoint entries written packed (see encode)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path | None = None) -> Path:
@@ -306,13 +309,23 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0][:160] if text else type(exc).__name__)
 
 
-def model_weights(state: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
-    """The model state_dict inside a torchkiln checkpoint, or the file itself if it is a state_dict."""
+def model_weights(state: dict[str, Any], path: str | Path = "checkpoint",
+                  averaged: bool = True) -> dict[str, torch.Tensor]:
+    """The weights to infer with from a torchkiln checkpoint (or the file itself if it is a state_dict):
+    the averaged weights (EMA, SWA) when the checkpoint holds them and `averaged`, else the
+    training weights (`state["model"]`, what a resume continues from)."""
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        return state["model"]
+        held = state.get(AVERAGED)
+        return held["weights"] if averaged and isinstance(held, dict) else state["model"]
     if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
         return state
     raise CheckpointError(f"{path}: neither a torchkiln checkpoint nor a state_dict")
+
+
+def weights_kind(state: dict[str, Any]) -> str:
+    """Which weights `model_weights` gives: "ema", "swa" (averaged) or "model" (the training weights)."""
+    held = state.get(AVERAGED) if isinstance(state, dict) else None
+    return str(held.get("kind", "averaged")) if isinstance(held, dict) else "model"
 
 
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,10 +14,13 @@ import torch
 from torch import nn
 
 from torchkiln.callbacks.checkpointing import Checkpointing
+from torchkiln.callbacks.ema import EMA
 from torchkiln.callbacks.freezing import FreezeSchedule
 from torchkiln.callbacks.monitor import EarlyStopping, Monitor
 from torchkiln.callbacks.notebook import NotebookSupport
 from torchkiln.callbacks.progress import DeviceStatsMonitor, ProgressBar
+from torchkiln.callbacks.swa import SWA
+from torchkiln.callbacks.training_checks import TrainingChecks
 from torchkiln.engine.callbacks import Callback
 from torchkiln.engine.finite import FiniteCheck
 from torchkiln.engine.fsdp import FSDPSettings
@@ -71,6 +74,10 @@ def make_trainer(
     keep_last: int | None = None,
     async_checkpoints: bool = True,
     config: dict[str, Any] | None = None,
+    # checks and weight averaging (callbacks/training_checks.py, ema.py, swa.py)
+    checks: str = "warn",
+    ema: dict[str, Any] | None = None,
+    swa: dict[str, Any] | None = None,
     # the rest of the loop
     freezer: Any | None = None,
     on_nonfinite: str = "stop",
@@ -94,6 +101,12 @@ def make_trainer(
     parts.append(DeviceStatsMonitor(log_every_n_steps))
     if progress:
         parts.append(ProgressBar(every_n_steps=log_every_n_steps))
+    if checks != "off":
+        parts.append(TrainingChecks(checks))
+    if ema is not None:
+        parts.append(EMA(**ema))
+    if swa is not None:
+        parts.append(SWA(**swa))
     if early_stop is not None:
         parts.append(EarlyStopping(early_stop))
     if in_notebook():

@@ -128,7 +128,8 @@ class Trainer:
     def defer_finite_check(self, value: bool | None) -> None:
         self.finite.defer = value
 
-    def _setup(self) -> None:
+    def setup(self) -> None:
+        """Put the model, loss and metrics on the device (compiled, wrapped); once."""
         if self.placement.ready:
             return
         self.placement.setup(self.raw_model, (self.loss_fn, self.val_metrics, self.train_metrics), self.optimizer)
@@ -163,8 +164,9 @@ class Trainer:
             resume: str | Path | dict | None = None) -> dict[str, Any]:
         """Train for `epochs` (continuing from `resume`, a checkpoint path or its loaded dict)."""
         started = time.perf_counter()
-        self._setup()
+        self.setup()
         self.resolve_monitor(val_loader is not None)
+        self.callbacks.call("on_fit_loaders", self, train_loader, val_loader)
         self._start(resume)
         try:
             for epoch in range(self.loop.epoch, self.epochs):
@@ -317,7 +319,7 @@ class Trainer:
     def forward_pass(self, loader: Iterable) -> Iterator[tuple[Any, Any, Any]]:
         """(batch, outputs, targets) for every batch of `loader`: the one forward pass of evaluation,
         prediction and reports (eval mode, inference mode, autocast, on the device, without DDP)."""
-        self._setup()  # outside inference_mode: parameters moved there would become inference tensors
+        self.setup()  # outside inference_mode: parameters moved there would become inference tensors
         model = self.placement.eval_model
         model.eval()
         with torch.inference_mode():
@@ -346,6 +348,7 @@ class Trainer:
         all ranks collect when rank 0 asks, and rank 0 gets the union."""
         wanted = distributed.broadcast_object(self.callbacks.sample_count(self, epoch))
         collector = ValidationCollector(wanted, self.task.validation_views) if wanted is not None else None
+        self.callbacks.call("on_validation_start", self, epoch)
         record = self.evaluate(loader, "val", collector)
         samples = collector.result() if collector is not None else []
         if collector is not None and distributed.is_distributed():

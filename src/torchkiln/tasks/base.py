@@ -150,6 +150,8 @@ class ClassificationTask(Task):
         from torchkiln.metrics.confusion import ConfusionMetric
 
         outputs = outputs.detach()
+        if targets.is_floating_point() and targets.dim() == 2:  # soft targets (data.mixup): the dominant label
+            targets = targets.argmax(dim=1)
         labels = probs = None
         for metric in metrics.values() if hasattr(metrics, "values") else [metrics]:
             if isinstance(metric, ConfusionMetric):
