@@ -15,3 +15,4 @@ for p in 32 bf16 fp16; do
 done 2>&1 | tee "$OUT/cli_cuda.log"
 python3 benchmarks/gpu_check.py --quick 2>&1 | tee "$OUT/gpu_check.log"
 python3 benchmarks/fsdp_gpu_check.py 2>&1 | tee "$OUT/fsdp_gpu_check.log"  # issue 23: FSDP, self-placed model
+python3 benchmarks/gpu_check.py --quick --batch 256 --no-checkpoint 2>&1 | tee "$OUT/gpu_check_256.log"

@@ -1,7 +1,9 @@
 """GPU check: ResNet-50 on synthetic 224x224 images through torchkiln's Trainer, beside a hand-written loop.
 
 Prints a Markdown table of images/s and peak GPU memory for fp32, bf16, fp16, bf16 + channels_last
-and bf16 + torch.compile. Exits 0 with "skipped: no CUDA" where there is no GPU.
+and bf16 + torch.compile, then the peak allocated device memory while a ResNet-50 + AdamW
+checkpoint is written (target: at most 1% above the state alone). Exits 0 with "skipped: no
+CUDA" where there is no GPU. Run it at `--batch 64` and `--batch 256`.
 
     python benchmarks/gpu_check.py            # 5 warm-up + 30 timed steps of batch 64 per variant
     python benchmarks/gpu_check.py --quick    # 3 + 10 steps
@@ -157,6 +159,44 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoint_memory(arch: str, device: torch.device, directory: Path) -> str:
+    """Peak allocated device memory while a ResNet-50 + AdamW checkpoint is written, inline and in
+    the background (one pinned host snapshot), against the peak of the state alone."""
+    from torchkiln.engine.checkpoint import CheckpointWriter, save_checkpoint
+
+    model = make_model(arch, False, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for q in model.parameters():
+        q.grad = torch.randn_like(q)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    sync(device)
+    lines = ["| checkpoint of " + arch + " + AdamW | peak allocated (GiB) | x state alone | seconds |",
+             "|---|---:|---:|---:|"]
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.max_memory_allocated(device)
+    lines.append(f"| state alone | {base / 2**30:.3f} | 1.000x | - |")
+    for label, save in (("save_checkpoint (inline)", lambda: save_checkpoint(state, directory / "inline.ckpt")),
+                        ("CheckpointWriter (background)", lambda: _background(CheckpointWriter, state, directory))):
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        save()
+        seconds = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(device)
+        lines.append(f"| {label} | {peak / 2**30:.3f} | {peak / base:.3f}x | {seconds:.2f} |")
+    return "\n".join(lines)
+
+
+def _background(writer_cls, state: dict, directory: Path) -> None:
+    writer = writer_cls(background=True)
+    try:
+        writer.save(state, directory / "background.ckpt")
+        writer.wait()
+    finally:
+        writer.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="3 warm-up + 10 timed steps")
@@ -168,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to smoke-test this script")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint memory check")
     args = p.parse_args(argv)
     args.steps = args.steps or (10 if args.quick else 30)
     args.warmup = args.warmup if args.warmup is not None else (3 if args.quick else 5)
@@ -200,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['wall_s']:.1f}s", flush=True)
     print()
     print(table(results))
+    if device.type == "cuda" and not args.no_checkpoint:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print()
+            print(checkpoint_memory(args.arch, device, Path(tmp)), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0 if len(results) == len(names) else 1

@@ -59,14 +59,12 @@ def _stall_on_save(n: int, ready: str) -> None:
         while True:
             time.sleep(1)
 
-    def write_file(path, data) -> None:
+    def write_file(path, state) -> None:
         calls[0] += 1
         if calls[0] != n:
-            return real_write(path, data)
-        with open(path, "xb") as f:
-            f.write(bytes(data)[: len(data) // 2])
-            f.flush()
-        hang(path)
+            return real_write(path, state)
+        with open(path, "xb") as f:  # the stream stops halfway through the archive
+            torch.save(state, _HalfWriter(f, len(_serialized(state)) // 2, lambda: hang(path)))
 
     def link_or_copy(source, path) -> None:
         calls[0] += 1
@@ -75,6 +73,33 @@ def _stall_on_save(n: int, ready: str) -> None:
             hang(path)
 
     checkpoint._write_file, checkpoint._link_or_copy = write_file, link_or_copy
+
+
+class _HalfWriter:
+    """A file that takes the first `limit` bytes written to it, then stops the writer where it is."""
+
+    def __init__(self, f, limit: int, stop):
+        self.f, self.left, self.stop = f, limit, stop
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        self.f.write(data[: self.left])
+        self.left -= min(self.left, len(data))
+        if not self.left:
+            self.f.flush()
+            self.stop()
+        return len(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _serialized(state) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 if __name__ == "__main__":

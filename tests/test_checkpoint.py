@@ -26,12 +26,7 @@ import yaml
 
 from conftest import ROOT, kiln, small_config, write_config
 from torchkiln import __version__
-from torchkiln.engine.checkpoint import (
-    load_checkpoint,
-    pack_tensors,
-    save_checkpoint,
-    unpack_tensors,
-)
+from torchkiln.engine.checkpoint import load_checkpoint, save_checkpoint
 from torchkiln.errors import CheckpointError
 
 # One thread per process: the same numbers either way, and parallel test runs do not thrash.
@@ -112,36 +107,139 @@ def test_checkpoint_holds_complete_plain_state(mlp_run):
     assert mid["loop"]["batch_in_epoch"] == 15 and mid["epoch_accum"]["count"] > 0
 
 
-def test_packed_tensors_come_back_as_they_were():
-    """The optimizer's many small tensors are written as one flat tensor per dtype; unpacked, each
-    is its own tensor again, with its dtype, shape and values, inside the same structure."""
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_optimizer_entry_is_the_optimizers_own_state_dict(mlp_run):
+    """A plain torch user loads the optimizer entry with torch.load and optimizer.load_state_dict."""
+    raw = torch.load(mlp_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert set(raw["optimizer"]) == {"state", "param_groups"}
+    assert all(isinstance(t, torch.Tensor) for s in raw["optimizer"]["state"].values() for t in s.values())
+    from torchkiln.models.small import MLP
+
+    model = MLP(**yaml.safe_load((mlp_run / "config.yaml").read_text())["model"]["args"])
+    model.load_state_dict(raw["model"])
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.load_state_dict(raw["optimizer"])
+    assert same(optimizer.state_dict()["state"], raw["optimizer"]["state"])
+
+
+def legacy_packed(obj):
+    """The optimizer entry as torchkiln wrote it before checkpoints were streamed: its tensors in
+    one flat tensor per dtype, an index of (pack, offset, ndim, shape...) rows, a skeleton."""
+    tensors, key = [], "torchkiln-packed-tensors"
+
+    def strip(o):
+        if isinstance(o, torch.Tensor):
+            tensors.append(o)
+            return {key: len(tensors) - 1}
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items()}
+        return type(o)(strip(v) for v in o) if isinstance(o, (list, tuple)) else o
+
+    skeleton, groups = strip(obj), {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    width, rows, flat = 3 + max(t.dim() for t in tensors), [None] * len(tensors), []
+    for g, ids in enumerate(groups.values()):
+        flat.append(torch.cat([tensors[i].reshape(-1) for i in ids]))
+        offset = 0
+        for i in ids:
+            shape = list(tensors[i].shape)
+            rows[i] = [g, offset, len(shape), *shape] + [0] * (width - 3 - len(shape))
+            offset += tensors[i].numel()
+    return {key: skeleton, "flat": flat, "index": torch.tensor(rows, dtype=torch.int64)}
+
+
+def test_checkpoints_of_the_previous_format_still_load(tmp_path, mlp_run):
+    state = load_checkpoint(mlp_run / "checkpoints" / "last.ckpt")
     g = torch.Generator().manual_seed(0)
-    obj = {
-        "state": {0: {"step": torch.tensor(7.0), "exp_avg": torch.randn(3, 4, generator=g)},
-                  1: {"step": torch.tensor(7.0), "exp_avg": torch.randn(5, generator=g)}},
-        "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1]}],
-        "mixed": [torch.arange(4), torch.empty(0, 2), torch.ones(2, 1, 1, 2, dtype=torch.bfloat16), "text", None],
-        "t": torch.randn(2, 3, generator=g).t(),  # not contiguous
-    }
-    packed = pack_tensors(obj)
-    assert [t.dtype for t in packed["flat"]] == [torch.float32, torch.int64, torch.bfloat16]
-    back = unpack_tensors(packed)
+    state["optimizer"]["extra"] = [torch.arange(4), torch.empty(0, 2), torch.ones(2, 1, 2, dtype=torch.bfloat16),
+                                   torch.randn(2, 3, generator=g).t(), "text", None]
+    old = {**state, "optimizer": legacy_packed(state["optimizer"])}
+    torch.save(old, tmp_path / "old.ckpt")
+    back = load_checkpoint(tmp_path / "old.ckpt")
+    assert same(back, state)
+    back["optimizer"]["state"][0]["exp_avg"].add_(1)  # each its own storage, not a view of the pack
+    assert not torch.equal(back["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
 
-    def same(a, b):
-        if isinstance(a, torch.Tensor):
-            return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-                    and b.is_contiguous())
-        if isinstance(a, dict):
-            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-        if isinstance(a, (list, tuple)):
-            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-        return a == b
 
-    assert same(obj, back)
-    back["state"][0]["exp_avg"].add_(1)  # each its own storage, not a view of the pack
-    assert torch.equal(back["state"][1]["exp_avg"], obj["state"][1]["exp_avg"])
-    single = {"one": torch.ones(2)}
-    assert pack_tensors(single) is single  # nothing to gain from packing one tensor
+def big_state(mb: int = 48) -> dict:
+    g = torch.Generator().manual_seed(1)
+    n = mb * (1 << 20) // 4 // 6
+    return {"format": "torchkiln-checkpoint", "model": {f"w{i}": torch.randn(n, generator=g) for i in range(6)},
+            "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "loop": {"history": [{"epoch": 1}]}}
+
+
+def test_save_streams_to_the_file_and_load_reads_in_place(tmp_path):
+    """No in-memory copy of the archive on either side (the old save built one in a BytesIO)."""
+    import tracemalloc
+
+    state, path = big_state(), tmp_path / "big.ckpt"
+    tracemalloc.start()
+    try:
+        save_checkpoint(state, path)
+        saved_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        back = load_checkpoint(path)
+        loaded_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert path.stat().st_size > 48 << 20
+    assert saved_peak < 4 << 20 and loaded_peak < 4 << 20, (saved_peak, loaded_peak)
+    assert same(back, state)
+    assert same(torch.load(path, weights_only=True), state)  # a plain torch.save archive
+
+
+def test_truncated_or_flipped_checkpoints_are_caught(tmp_path):
+    state, path = big_state(16), tmp_path / "big.ckpt"
+    save_checkpoint(state, path)
+    data = path.read_bytes()
+    for cut in (100, len(data) // 3, len(data) - 100, len(data) - 1):
+        bad = tmp_path / f"cut-{cut}.ckpt"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="truncated|corrupted") as info:
+            load_checkpoint(bad)
+        assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:  # one bit flipped inside a tensor's record
+        record = next(i for i in archive.infolist() if i.filename.endswith("/data/3"))
+    flipped = bytearray(data)
+    flipped[record.header_offset + record.compress_size // 2 + 200] ^= 0x10
+    bad = tmp_path / "flipped.ckpt"
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"record \S+/data/3 fails its checksum"):
+        load_checkpoint(bad)
+
+
+def test_background_write_is_one_snapshot_taken_at_save(tmp_path):
+    from torchkiln.engine.checkpoint import CheckpointWriter, snapshot
+
+    state = big_state(4)
+    copied = snapshot(state)
+    assert same(copied, state)
+    assert all(copied["model"][k].data_ptr() != state["model"][k].data_ptr() for k in state["model"])
+    assert copied["loop"]["history"] is not state["loop"]["history"]
+    expected = snapshot(state)
+    writer = CheckpointWriter(background=True)
+    try:
+        writer.save(state, tmp_path / "last.ckpt")
+        for t in state["model"].values():  # training goes on at once
+            t.add_(1)
+        state["loop"]["history"].append({"epoch": 2})
+        writer.wait()
+    finally:
+        writer.close()
+    assert same(load_checkpoint(tmp_path / "last.ckpt"), expected)
 
 
 # ------------------------------------------------------------------------------------------

@@ -99,16 +99,30 @@ def test_broken_image_files_name_the_file(tmp_path):
 
 
 def test_skip_policy_counts_drops_and_still_fails_above_max(tmp_path):
+    """Nothing is decoded up front: an empty file is dropped at build time, a truncated one is
+    skipped when it is read (its place taken by the next sample that reads), and listed."""
+    from torchkiln.data.skipping import SkipBroken
+
     root = make_folder(tmp_path / "imgs", {"a": 20, "b": 20})
     good = (root / "a" / "1.png").read_bytes()
     (root / "a" / "truncated.png").write_bytes(good[:60])
     (root / "b" / "empty.png").write_bytes(b"")
     ds = ImageFolder(str(root), on_error="skip", max_skipped=0.1)
-    assert len(ds) == 40
-    assert sorted(Path(p).name for p, _ in ds.skipped) == ["empty.png", "truncated.png"]
-    for i in range(len(ds)):  # every remaining item decodes
-        ds[i]
-    with pytest.raises(DataError, match=r"2 of 42 inputs are broken .*max_skipped=0.01"):
+    assert len(ds) == 41 and [Path(p).name for p, _ in ds.skipped] == ["empty.png"]
+    bad = next(i for i, it in enumerate(ds.items) if it.path.name == "truncated.png")
+    reader = SkipBroken(ds, ds.skip_log)
+    assert torch.equal(reader[bad][0], ds[(bad + 1) % len(ds)][0])  # the next one, every time
+    assert sorted(Path(p).name for p, _ in ds.skip_log.found) == ["empty.png", "truncated.png"]
+    for i in range(len(ds)):  # every sample reads
+        reader[i]
+    listed = tmp_path / "skipped_files.txt"  # the run's list: other processes' finds count too
+    listed.write_text(f"{root / 'b' / '3.png'}\tfound by a worker\n")
+    strict = ImageFolder(str(root), on_error="skip", max_skipped=0.05)
+    strict.skip_log.attach(listed)
+    with pytest.raises(DataError, match=r"3 of 42 inputs are broken .*max_skipped=0.05"):
+        SkipBroken(strict, strict.skip_log)[bad]
+    assert "truncated.png" in listed.read_text()
+    with pytest.raises(DataError, match=r"1 of 42 inputs are broken .*max_skipped=0.01"):
         ImageFolder(str(root), on_error="skip", max_skipped=0.01)
 
 

@@ -67,6 +67,45 @@ def test_train_on_image_folder_skips_broken_files_and_lists_them(tmp_path, capsy
     assert summary["epochs_completed"] == 1
 
 
+@pytest.mark.slow
+def test_broken_files_found_mid_epoch_are_skipped_the_same_way_after_a_resume(tmp_path):
+    """Two PNGs that fail only when decoded: the run is killed (-9)
+    mid-epoch 2 and resumed; its final weights equal an uninterrupted run's bit for bit, and
+    skipped_files.txt lists each broken file once."""
+    import os
+
+    import torch
+
+    from conftest import ROOT
+
+    root = make_folder(tmp_path / "imgs", {"a": 24, "b": 24}, jpeg_every=0)
+    for cls in ("a", "b"):
+        (root / cls / "zz-truncated.png").write_bytes((root / cls / "1.png").read_bytes()[:70])
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    finals, listed = [], []
+    for name, kill_at in (("ref", 0), ("killed", 8)):
+        cfg = _image_cfg(tmp_path / name, root, on_error="skip", max_skipped=0.1,
+                         trainer={"epochs": 2, "monitor": "val/accuracy", "checkpoint_every_steps": 2})
+        cfg["model"] = {"type": "kiln_faults:FaultyCNN", "args": {"in_channels": 3, "width": 4, "num_classes": 2}}
+        cfg["logging"] = {"progress": False, "plots": False}
+        path = write_config(tmp_path, cfg, f"{name}.yaml")
+        first = kiln("train", "-c", str(path), env={**env, "KILN_FAULT_KILL_AT": str(kill_at)})
+        if kill_at:
+            assert first.returncode == -9, first.stderr[-2000:]
+            kiln("train", "-c", str(path), "--resume", "auto", env=env, check=True)
+        else:
+            assert first.returncode == 0, first.stderr[-2000:]
+        (run_dir,) = (tmp_path / name / "runs" / "t").iterdir()
+        finals.append(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["model"])
+        listed.append(sorted((run_dir / "skipped_files.txt").read_text().splitlines()))
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    for lines in listed:
+        assert [Path(ln.split("\t")[0]).relative_to(root).as_posix() for ln in lines] == \
+            ["a/zz-truncated.png", "b/zz-truncated.png"]
+        assert all("cannot decode image" in ln for ln in lines)
+
+
 def test_train_with_a_corrupt_image_fails_with_one_line_naming_it(tmp_path):
     root = make_folder(tmp_path / "imgs", {"a": 8, "b": 8})
     (root / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)

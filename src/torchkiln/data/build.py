@@ -58,6 +58,7 @@ def _task_is(cfg: Any, kind: str) -> bool:
 def build_data(cfg: Any, data_cls: type, normalization: dict[str, Any] | None = None) -> Any:
     """Datasets per split; `normalization` (a run's stored statistics) replaces fitting them."""
     from torchkiln.data.groups import dataset_groups
+    from torchkiln.data.skipping import Skipped, skip_broken
     from torchkiln.data.splits import split_dataset
     from torchkiln.registry import load_builtins
 
@@ -72,13 +73,13 @@ def build_data(cfg: Any, data_cls: type, normalization: dict[str, Any] | None = 
     test_frac = 0.0 if d.test_dataset else d.test_split
     train, val, test = split_dataset(dataset, val_frac, test_frac, seed, stratify=d.stratify,
                                      folds=d.folds, fold=d.fold)
-    skipped = list(getattr(dataset, "skipped", []))
+    logs = {"train": _skip_log(dataset), "val": _skip_log(dataset), "test": _skip_log(dataset)}
     if d.val_dataset:
         val = build_dataset(d.val_dataset, "data.val_dataset", d)
-        skipped += getattr(val, "skipped", [])
+        logs["val"] = _skip_log(val)
     if d.test_dataset:
         test = build_dataset(d.test_dataset, "data.test_dataset", d)
-        skipped += getattr(test, "skipped", [])
+        logs["test"] = _skip_log(test)
     stats = None
     if d.normalize is not None:
         from torchkiln.data.normalize import Standardization, fit, standardize_splits
@@ -88,12 +89,12 @@ def build_data(cfg: Any, data_cls: type, normalization: dict[str, Any] | None = 
         train, val, test = standardize_splits(dataset, [train, val, test], stats)
     t = d.transforms
     return data_cls(
-        with_transforms(train, t.train, "data.transforms.train"),
-        with_transforms(val, t.eval, "data.transforms.eval"),
-        with_transforms(test, t.eval, "data.transforms.eval"),
+        skip_broken(with_transforms(train, t.train, "data.transforms.train"), logs["train"]),
+        skip_broken(with_transforms(val, t.eval, "data.transforms.eval"), logs["val"]),
+        skip_broken(with_transforms(test, t.eval, "data.transforms.eval"), logs["test"]),
         getattr(dataset, "num_classes", None),
         getattr(dataset, "classes", None),
-        skipped=skipped,
+        skipped=Skipped(list({id(g): g for g in logs.values() if g is not None}.values())),
         normalization=stats,
     )
 
@@ -205,8 +206,20 @@ def balanced_labels(cfg: Any, train: Dataset) -> np.ndarray | None:
     return labels
 
 
+def _skip_log(dataset: Dataset) -> Any:
+    """The SkipLog of a data set read under on_error: skip (under its wrappers), else None."""
+    from torchkiln.data.wrappers import unwrap
+
+    return getattr(unwrap(dataset, lambda ds: getattr(ds, "skip_log", None) is not None)[0], "skip_log", None)
+
+
 def write_skipped(run_dir: Path, skipped: list[tuple[str, str]]) -> None:
-    """The broken inputs that `on_error: skip` left out, one per line, in the run directory."""
-    if skipped:
-        lines = [f"{path}\t{reason}" for path, reason in skipped]
-        (Path(run_dir) / SKIPPED).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    """The broken inputs that `on_error: skip` left out, one per line, in the run directory: those
+    found when the data were built, then (appended by any process) those found while reading."""
+    path = Path(run_dir) / SKIPPED
+    earlier = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []  # a resumed run's
+    lines = list(dict.fromkeys([f"{p}\t{reason}" for p, reason in skipped] + earlier))
+    if lines:
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if hasattr(skipped, "attach"):
+        skipped.attach(path)

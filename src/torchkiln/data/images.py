@@ -3,8 +3,9 @@
 Files are listed and checked cheaply when the dataset is built (missing, empty, unknown label);
 pixels are decoded lazily in `__getitem__`. With `on_error: raise` (the default) the first
 broken input ends the run with one line naming the file (and CSV line). With `on_error: skip`
-every file is also decoded once up front, broken ones are dropped and listed in `skipped`, and
-the build still fails when more than `max_skipped` (a fraction) is broken.
+the inputs found broken at build time are dropped and listed in `skipped`; a file that fails to
+decode later raises `BrokenInput`, which the split's `SkipBroken` (data/skipping.py) turns into
+a deterministic skip, listed in `skip_log`. More than `max_skipped` (a fraction) broken fails.
 
 Samples are `(image, target)` with `image` a uint8 `tv_tensors.Image` (C, H, W); the data
 builder appends `ToDtype(float32, scale=True)` to the configured transforms.
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from torchkiln.data.skipping import BrokenInput, SkipLog
 from torchkiln.errors import DataError
 from torchkiln.registry import DATASETS
 
@@ -41,29 +43,33 @@ class Item:
 
 
 def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, where: str = "") -> Any:
-    """Open, size-check and fully decode one image; any failure is a DataError naming the file."""
+    """Open, size-check and fully decode one image; any failure is a BrokenInput (a DataError)
+    naming the file."""
     from PIL import Image, UnidentifiedImageError
     from torchvision import tv_tensors
     from torchvision.transforms.v2.functional import pil_to_tensor
 
-    hint = "; fix or remove the file, or set data.on_error: skip"
     try:
         with Image.open(path) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"{path}{where}: image is {im.width}x{im.height}, above max_pixels={max_pixels}"
-                                f"{hint}")
+                _broken(path, where, f"image is {im.width}x{im.height}, above max_pixels={max_pixels}")
             rgb = im.convert(mode)  # forces the full decode: truncation shows up here
     except DataError:
         raise
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}{where}: image file not found{hint}") from exc
+    except FileNotFoundError:
+        _broken(path, where, "image file not found")
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}{where}: image exceeds Pillow's decompression-bomb limit ({exc}){hint}") from exc
-    except UnidentifiedImageError as exc:
-        raise DataError(f"{path}{where}: not a readable image (unknown format or corrupt header){hint}") from exc
+        _broken(path, where, f"image exceeds Pillow's decompression-bomb limit ({exc})")
+    except UnidentifiedImageError:
+        _broken(path, where, "not a readable image (unknown format or corrupt header)")
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}{where}: cannot decode image ({exc}){hint}") from exc
+        _broken(path, where, f"cannot decode image ({exc})")
     return tv_tensors.Image(pil_to_tensor(rgb))
+
+
+def _broken(path: Path, where: str, what: str) -> None:
+    reason = f"{path}{where}: {what}"
+    raise BrokenInput(f"{reason}; fix or remove the file, or set data.on_error: skip", str(path), reason)
 
 
 class ImageFiles(Dataset):
@@ -80,7 +86,8 @@ class ImageFiles(Dataset):
         self.max_skipped = float(max_skipped)
         self.max_pixels = max_pixels
         self.items: list[Item] = []
-        self.skipped: list[tuple[str, str]] = []  # (file, reason)
+        self.skipped: list[tuple[str, str]] = []  # (file, reason), found when the data set is built
+        self.skip_log: SkipLog | None = None  # on_error: skip: those, then those found while reading
 
     def _problem(self, message: str, item_path: Path | str) -> None:
         """A broken input: raise at once, or remember it when skipping."""
@@ -89,7 +96,8 @@ class ImageFiles(Dataset):
         self.skipped.append((str(item_path), message))
 
     def _check_files(self, items: list[Item], source: str) -> list[Item]:
-        """Cheap checks for every file; with on_error: skip, also a full decode of each."""
+        """Cheap checks for every file (it exists, it is not empty); nothing is decoded here: with
+        on_error: skip, a file that fails to decode is skipped when it is read (data/skipping.py)."""
         good: list[Item] = []
         for it in items:
             try:
@@ -100,12 +108,6 @@ class ImageFiles(Dataset):
             if size == 0:
                 self._problem(f"{it.path}{it.where}: image file is empty (0 bytes)", it.path)
                 continue
-            if self.on_error == "skip":
-                try:
-                    decode_image(it.path, self.mode, self.max_pixels, it.where)
-                except DataError as exc:
-                    self.skipped.append((str(it.path), str(exc).split("; fix")[0]))
-                    continue
             good.append(it)
         total = len(good) + len(self.skipped)
         if not good:
@@ -118,6 +120,8 @@ class ImageFiles(Dataset):
                                 f" data.max_skipped={self.max_skipped:g}); first: {first}")
             log.warning("%s: skipped %d of %d broken inputs (listed in skipped_files.txt); first: %s",
                         source, len(self.skipped), total, first)
+        if self.on_error == "skip":
+            self.skip_log = SkipLog(source, [str(it.path) for it in good], self.max_skipped, self.skipped)
         return good
 
     def __len__(self) -> int:

@@ -1,15 +1,24 @@
-"""Checkpoints that are always whole (temp file, fsync, rename) and load safely (weights_only)."""
+"""Checkpoints that are always whole (temp file, fsync, rename) and load safely (weights_only).
+
+A checkpoint is a plain `torch.save` archive of plain data: `torch.load(f)["model"]` and
+`["optimizer"]` are what `model.state_dict()` and `optimizer.state_dict()` gave. It is streamed
+straight into its temp file (no copy of the state in memory, nothing gathered on a device); the
+archive's writer checksums every record (CRC-32) as its bytes go out, and loading checks each
+record against its checksum as its bytes come in, before anything from the file is used.
+"""
 
 from __future__ import annotations
 
+import copy
 import errno
-import io
 import math
 import os
 import pickle
 import re
 import shutil
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +28,12 @@ from torchkiln.errors import CheckpointError
 
 FORMAT = "torchkiln-checkpoint"
 TMP_PREFIX = ".tmp-"
-PACKED = "torchkiln-packed-tensors"
-PACKED_ENTRIES = ("optimizer",)
+PACKED = "torchkiln-packed-tensors"  # the optimizer entry of checkpoints before 0.x: still read
+WRITE_BUFFER = 1 << 20  # small records coalesce into 1 MiB writes; bigger ones go straight out
+CHECK_CHUNK = 4 << 20  # records of 8 MiB and more are read in 4 MiB chunks, checksummed alongside
 # {"kind": "ema" | "swa", "weights": state_dict, ...}: the averaged weights that validation used and
 # inference takes (`model_weights`); absent without EMA/SWA. `state["model"]` stays the training weights.
-AVERAGED = "averaged"  # the checkpoint entries written packed (see encode)
+AVERAGED = "averaged"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path | None = None) -> Path:
@@ -36,8 +46,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, copy_of: str | Path
     return CheckpointWriter(background=False).save(state, path, copy_of)
 
 
-def _write_checkpoint(data: memoryview | None, path: Path, copy_of: Path | None) -> None:
-    """`data` (or a second name of `copy_of`) under a temp name, synced, then renamed to `path`."""
+def _write_checkpoint(state: Any, path: Path, copy_of: Path | None) -> None:
+    """`state` (or a second name of `copy_of`) under a temp name, synced, then renamed to `path`."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,7 +55,7 @@ def _write_checkpoint(data: memoryview | None, path: Path, copy_of: Path | None)
         if copy_of is not None:
             _link_or_copy(copy_of, tmp)
         else:
-            _write_file(tmp, data)
+            _write_file(tmp, state)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except OSError as exc:
@@ -65,12 +75,14 @@ def _write_checkpoint(data: memoryview | None, path: Path, copy_of: Path | None)
 class CheckpointWriter:
     """Writes checkpoints in the order given, from one background thread (or inline).
 
-    `save` serializes the state at once, on the caller's thread, so training may change it the
-    moment `save` returns; the writing (bytes, fsync, rename, second names) happens behind, in
-    order. A file is whole once it has its final name, whichever thread wrote it. At most one
-    checkpoint's bytes wait at a time: a `save` of new bytes first waits for what came before.
-    `wait` returns once everything handed over is on disk, and raises the first failure (a
-    CheckpointError naming the file); after a failure nothing further is written.
+    In the background, `save` first takes one snapshot of the state (tensors copied to host
+    memory, pinned for an accelerator's, with one synchronization), so training may change the
+    state the moment `save` returns; the writing (serializing into the file, fsync, rename,
+    second names) happens behind, in order. A file is whole once it has its final name, whichever
+    thread wrote it. At most one snapshot waits at a time: a `save` of a new state first waits for
+    what came before. `wait` returns once everything handed over is on disk, and raises the first
+    failure (a CheckpointError naming the file); after a failure nothing further is written.
+    Inline, the state is serialized straight from where it lives, one tensor at a time.
     """
 
     def __init__(self, background: bool = True):
@@ -83,9 +95,7 @@ class CheckpointWriter:
         path = Path(path)
         if copy_of is None:
             self.wait()
-            buffer = io.BytesIO()  # serialized in memory, written in one call: half the time of
-            torch.save(encode(state), buffer)  # torch.save's record-by-record writes to the file
-            self._submit(_write_checkpoint, buffer.getbuffer(), path, None)
+            self._submit(_write_checkpoint, snapshot(state) if self.background else state, path, None)
         else:
             self._submit(_write_checkpoint, None, path, Path(copy_of))
         return path
@@ -130,12 +140,40 @@ class CheckpointWriter:
                 self._pool = None
 
 
-def _write_file(path: Path, data: memoryview | bytes) -> None:
-    """Write and fsync `data` as the new file `path`."""
-    with open(path, "xb") as f:
-        f.write(data)
+def _write_file(path: Path, state: Any) -> None:
+    """Serialize `state` into the new file `path` as the bytes are made, then fsync it."""
+    with open(path, "xb", buffering=WRITE_BUFFER) as f:
+        torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
+
+
+def snapshot(obj: Any) -> Any:
+    """One copy of `obj` (dicts, lists and tuples of tensors and plain data) that nothing else
+    holds: tensors copied to host memory (pinned for an accelerator's, copied without blocking,
+    then one synchronization per device), containers rebuilt, other values deep-copied."""
+    devices: set[torch.device] = set()
+
+    def copy_of(o: Any) -> Any:
+        if isinstance(o, torch.Tensor):
+            if o.device.type == "cpu":
+                return o.detach().clone()
+            host = torch.empty(o.shape, dtype=o.dtype, pin_memory=torch.cuda.is_available()
+                               and o.device.type == "cuda")
+            host.copy_(o.detach(), non_blocking=host.is_pinned())
+            devices.add(o.device)
+            return host
+        if type(o) is dict:
+            return {k: copy_of(v) for k, v in o.items()}
+        if type(o) in (list, tuple):
+            return type(o)(copy_of(v) for v in o)
+        return copy.deepcopy(o)
+
+    out = copy_of(obj)
+    for device in devices:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return out
 
 
 def _link_or_copy(source: Path, path: Path) -> None:
@@ -179,65 +217,17 @@ def clean_stale_temps(directory: str | Path) -> list[Path]:
     return removed
 
 
-def encode(state: dict[str, Any]) -> dict[str, Any]:
-    """A torchkiln checkpoint as written: the optimizer's state with its tensors packed
-    (`pack_tensors`); the model stays a plain state_dict that `torch.load(f)["model"]` gives."""
-    if not (isinstance(state, dict) and state.get("format") == FORMAT):
-        return state
-    return {k: pack_tensors(v) if k in PACKED_ENTRIES else v for k, v in state.items()}
-
-
 def decode(state: Any) -> Any:
-    """What `encode` packed, as it was."""
+    """A checkpoint as `save_checkpoint` writes it today. Checkpoints of earlier versions held the
+    optimizer's tensors packed into one flat tensor per dtype: they come back unpacked."""
     if not (isinstance(state, dict) and state.get("format") == FORMAT):
         return state
     return {k: unpack_tensors(v) for k, v in state.items()}
 
 
-def pack_tensors(obj: Any) -> Any:
-    """`obj` (dicts, lists and tuples holding tensors) with its tensors gathered into one flat
-    tensor per dtype and device. torch.save pays ~14 us per tensor whatever its size, and an
-    optimizer holds a few per parameter (AdamW: two moments and a step count): for the default
-    model its 33 tensors took 0.65 ms of a 1.2 ms save, packed about 0.2 ms. Only CPU tensors
-    are packed: packing an accelerator's would make a second full copy of them on its memory."""
-    tensors: list[torch.Tensor] = []
-
-    def strip(o: Any) -> Any:
-        if isinstance(o, torch.Tensor) and o.device.type == "cpu":
-            tensors.append(o)
-            return {PACKED: len(tensors) - 1}
-        if type(o) is dict:
-            return {k: strip(v) for k, v in o.items()}
-        if type(o) in (list, tuple):
-            return type(o)(strip(v) for v in o)
-        return o
-
-    skeleton = strip(obj)
-    if len(tensors) < 2:
-        return obj
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    width = 3 + max(t.dim() for t in tensors)
-    flat, rows = [], [[]] * len(tensors)
-    for g, ids in enumerate(groups.values()):
-        with torch.no_grad():
-            flat.append(torch.cat([_flat_view(tensors[i]) for i in ids]))
-        offset = 0
-        for i in ids:
-            shape = list(tensors[i].shape)
-            rows[i] = [g, offset, len(shape), *shape] + [0] * (width - 3 - len(shape))
-            offset += tensors[i].numel()
-    # Rows of (pack, offset, ndim, shape...) as one tensor: pickling a Python object costs ~0.5 us.
-    return {PACKED: skeleton, "flat": flat, "index": torch.tensor(rows, dtype=torch.int64)}
-
-
-def _flat_view(t: torch.Tensor) -> torch.Tensor:
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
-
-
 def unpack_tensors(obj: Any) -> Any:
-    """The structure `pack_tensors` packed, each tensor its own (a copy, not a view of the pack)."""
+    """A structure packed by earlier versions (a skeleton, one flat tensor per dtype and an index
+    of (pack, offset, ndim, shape...) rows) as it was, each tensor its own copy."""
     if not (isinstance(obj, dict) and PACKED in obj and "flat" in obj):
         return obj
     flat = obj["flat"]
@@ -260,16 +250,25 @@ def unpack_tensors(obj: Any) -> Any:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with weights_only=True; never retry without it. Errors name the file, on one line."""
+    """Load with weights_only=True; never retry without it. Every record's bytes are checked
+    against the archive's CRC-32 as they are read. Errors name the file, on one line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    problem = _file_problem(path)
+    records, problem = _records(path)
     if problem:
         raise CheckpointError(f"{path}: {problem}")
+    reader = None
     try:
-        return decode(torch.load(path, map_location=map_location, weights_only=True))
+        with open(path, "rb", buffering=0) as raw:
+            reader = _CheckedReader(raw, records)
+            try:
+                state = torch.load(reader, map_location=map_location, weights_only=True)
+                reader.check_unread()
+            finally:
+                reader.close()
     except pickle.UnpicklingError as exc:
+        _raise_damaged(path, reader, exc)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if found or "weights_only" in str(exc).lower() and "global" in str(exc).lower():
             what = f" ({found.group(1)})" if found else ""
@@ -280,28 +279,147 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupted): {_first_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - a damaged file can fail in any of torch's readers
+        _raise_damaged(path, reader, exc)
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupted): {_first_line(exc)}") from None
+    return decode(state)
 
 
-def _file_problem(path: Path) -> str | None:
-    """Why this file cannot be a torch.save archive, judged from its bytes (None if it may be)."""
+def _raise_damaged(path: Path, reader: _CheckedReader | None, exc: BaseException) -> None:
+    if reader is not None and reader.bad:
+        raise CheckpointError(f"{path}: corrupted checkpoint (record {reader.bad} fails its checksum)") from None
+
+
+class _CheckedReader:
+    """The file object torch.load reads a checkpoint through: each record's bytes, read whole
+    into their tensor's memory (`readinto`), are checked against the record's CRC-32 right there.
+    `records`: the archive's records by the offset of their local header."""
+
+    def __init__(self, raw: Any, records: dict[int, zipfile.ZipInfo]):
+        self.raw, self.records = raw, records
+        self.data_at: dict[int, zipfile.ZipInfo] = {}  # record data offset -> record
+        self.checked: set[str] = set()
+        self.bad: str | None = None
+        self._pool = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self._check(self.raw.tell() - len(data), memoryview(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        at = self.raw.tell()
+        view = memoryview(buffer).cast("B")
+        info = self.data_at.get(at)
+        if info is not None and len(view) == info.file_size >= 2 * CHECK_CHUNK:
+            n, crc = self._read_checking(view)  # a big record: read and checksum side by side
+            self._verdict(info, crc if n == len(view) else None)
+            return n
+        n = self._read_into(view)
+        self._check(at, view[:n])
+        return n
+
+    def _read_into(self, view: memoryview) -> int:
+        n, size = 0, len(view)
+        while n < size:  # a raw read may return fewer bytes than asked
+            got = self.raw.readinto(view[n:])
+            if not got:
+                break
+            n += got
+        return n
+
+    def _read_checking(self, view: memoryview) -> tuple[int, int]:
+        """Read `view` chunk by chunk while another thread checksums the chunks already read
+        (zlib lets go of the GIL): the check costs what is left of it after the reading. Every
+        chunk's checksum is done before this returns (the memory is the caller's)."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchkiln-crc")
+        crc, n, last = [0], 0, None
+
+        def add(chunk: memoryview) -> None:
+            crc[0] = zlib.crc32(chunk, crc[0])
+
+        try:
+            while n < len(view):
+                got = self._read_into(view[n:n + CHECK_CHUNK])
+                if not got:
+                    break
+                last = self._pool.submit(add, view[n:n + got])
+                n += got
+        finally:
+            if last is not None:
+                last.result()  # one worker: the chunks were summed in order
+        return n, crc[0]
+
+    def _check(self, at: int, data: memoryview) -> None:
+        info = self.records.get(at)
+        if info is not None and len(data) == 30 and data[:4] == b"PK\x03\x04":  # a local header
+            name_len, extra_len = struct.unpack("<HH", data[26:30])
+            self.data_at[at + 30 + name_len + extra_len] = info
+            return
+        info = self.data_at.get(at)
+        if info is not None and len(data) == info.file_size:
+            self._verdict(info, zlib.crc32(data))
+
+    def _verdict(self, info: zipfile.ZipInfo, crc: int | None) -> None:
+        if crc is None:
+            return  # short read: torch.load reports the truncation
+        if crc != info.CRC:
+            self.bad = self.bad or info.filename
+            raise CheckpointError(f"record {info.filename} fails its checksum")
+        self.checked.add(info.filename)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def check_unread(self) -> None:
+        """Check the records torch.load did not read whole through `readinto` (if any)."""
+        unread = [i for i in self.records.values() if i.filename not in self.checked]
+        if not unread:
+            return
+        with zipfile.ZipFile(self.raw) as archive:
+            for info in unread:
+                with archive.open(info) as member:  # zipfile checks the CRC at the end
+                    while member.read(1 << 20):
+                        pass
+
+
+def _records(path: Path) -> tuple[dict[int, zipfile.ZipInfo], str | None]:
+    """The archive's records by header offset, or why this file cannot be a torch.save archive."""
     size = path.stat().st_size
     if size == 0:
-        return "empty file (a checkpoint write that never finished?)"
+        return {}, "empty file (a checkpoint write that never finished?)"
     with open(path, "rb") as f:
         head = f.read(4)
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()  # CRC of every record: torch.load itself does not check
+                infos = archive.infolist()
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-            return f"corrupted checkpoint ({_first_line(exc)})"
-        return f"corrupted checkpoint (record {bad} fails its checksum)" if bad else None
+            return {}, f"corrupted checkpoint ({_first_line(exc)})"
+        if any(i.header_offset + i.file_size > size for i in infos):
+            return {}, f"truncated checkpoint ({size} bytes; records end past the end of the file)"
+        return {i.header_offset: i for i in infos}, None
     if head == b"PK\x03\x04":
-        return f"truncated checkpoint ({size} bytes; the end of the archive is missing)"
+        return {}, f"truncated checkpoint ({size} bytes; the end of the archive is missing)"
     if head[:1] == b"\x80":
-        return None  # torch's legacy (pre-1.6) format: torch.load judges it
-    return f"not a PyTorch checkpoint (wrong file type; it starts with {head!r})"
+        return {}, None  # torch's legacy (pre-1.6) format: torch.load judges it
+    return {}, f"not a PyTorch checkpoint (wrong file type; it starts with {head!r})"
 
 
 def _first_line(exc: BaseException) -> str:
