@@ -13,7 +13,7 @@ from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
 COMMANDS = {"train": "train", "test": "test", "report": "report", "summary": "summary", "export": "export",
-            "config": "config", "data": "data"}
+            "config": "config", "data": "data", "tune": "tune"}
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
 
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data):
+    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data, _add_tune):
         add(sub)
     return p
 
@@ -99,6 +99,16 @@ def _add_data(sub) -> None:
                     " (default: <output_dir>/<name>/data_stats)")
     st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
     st.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_tune(sub) -> None:
+    u = sub.add_parser("tune", help="hyperparameter search over config keys (tune: section) with Ray Tune")
+    u.add_argument("-c", "--config", help="YAML or JSON config file with a tune: section")
+    u.add_argument("--address", metavar="auto|ray://HOST:10001",
+                   help="join this Ray cluster (default: start a local Ray with this machine's CPUs and GPUs)")
+    u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search (its tune-<timestamp> folder)")
+    u.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    u.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
 def main(argv: list[str] | None = None) -> int:
