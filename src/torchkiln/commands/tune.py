@@ -157,7 +157,7 @@ def run_trial(values: dict[str, Any], base: dict[str, Any], search_dir: str, sou
     try:
         cfg = resolve(with_values(base, values), source)
         resume = _restored(tune.get_checkpoint(), run_dir)
-        with _planned_run_dir(run_dir):
+        with _planned_run_dir(run_dir), _finished_before_exit():
             train(cfg, resume=resume, progress=False, source=source)
     except StopRequested:
         return
@@ -184,6 +184,24 @@ def _restored(checkpoint: Any, run_dir: Path) -> Path | None:
         shutil.copyfile(Path(folder) / LAST, target)
     log.info("trial restored from its checkpoint %s", target)
     return target
+
+
+@contextlib.contextmanager
+def _finished_before_exit(limit_s: float = 120.0):
+    """Ray ends the worker of a trial its scheduler stopped as soon as the trial's report returns;
+    the run still writes its last files (summary.json, curves) on this thread. The worker's exit
+    waits for them (a process killed outright does not wait)."""
+    import atexit
+    import threading
+
+    done = threading.Event()
+    wait = lambda: done.wait(limit_s)  # noqa: E731
+    atexit.register(wait)
+    try:
+        yield
+    finally:
+        done.set()
+        atexit.unregister(wait)
 
 
 @contextlib.contextmanager

@@ -82,14 +82,14 @@ def collect(ray_dir: Path, trials_dir: Path, keys: list[str], metric: str, mode:
 def write(table: Table, search_dir: Path, metric: str, strip: Callable[[dict], dict]) -> str:
     """trials.csv, best.yaml and plots/ in the search directory; returns the table as text."""
     columns = ["trial", *table.keys, f"best {metric}", "epochs", "status", "reason"]
-    rows = [[t.trial_id, *(_show(t.values[k]) for k in table.keys), _show(t.best), t.epochs, t.status, t.reason]
+    rows = [[t.trial_id, *(t.values[k] for k in table.keys), t.best, t.epochs, t.status, t.reason]
             for t in table.trials]
     with open(search_dir / TRIALS_CSV, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
-        writer.writerows(rows)
+        writer.writerows([["" if c is None else c for c in row] for row in rows])
     best = table.best
-    lines = [_format(columns, rows)]
+    lines = [_format(columns, [[_show(c) for c in row] for row in rows])]
     if best is not None:
         _write_best(best, search_dir / BEST, strip)
         lines.append(f"\nbest trial {best.trial_id}: {metric} {best.best:.6g}; its config {search_dir / BEST}"

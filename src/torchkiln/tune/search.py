@@ -35,7 +35,8 @@ def start_ray(address: str | None) -> None:
     quick: no dashboard, no usage stats, the trials' output stays in their train.log."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the working directory (relative data paths)
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the trials write their own files
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")  # a reused worker waits for its trial's end
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
 
     if ray.is_initialized():
@@ -67,7 +68,7 @@ def tuner(trial: Callable, settings: TuneSettings, space: dict[str, Distribution
         metric=metric, mode=mode, num_samples=settings.num_samples, scheduler=_scheduler(settings, epochs),
         search_alg=_searcher(settings, space, seed),
         max_concurrent_trials=settings.max_concurrent if settings.searcher == "optuna" else None,  # random: its own
-        reuse_actors=False,
+        reuse_actors=True,  # one process per concurrent trial: torch is imported once
     )
     return tune.Tuner(trainable, param_space={k: d.to_ray() for k, d in space.items()},
                       tune_config=config, run_config=run)
