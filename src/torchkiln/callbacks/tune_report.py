@@ -90,10 +90,12 @@ class TuneReport(Callback):
                 checkpoint = tune.Checkpoint.from_directory(tmp)
             try:
                 tune.report({**numbers, EPOCH: epoch}, checkpoint=checkpoint)  # Ray copies the folder
-            except SystemExit:  # the scheduler stopped this trial
+            except SystemExit:  # the scheduler stopped this trial (at max_t: its last epoch)
+                _stopped["by_search"] = True
+                if epoch >= trainer.epochs:
+                    return False
                 log.info("the search stopped this trial after epoch %d (a weaker %s than the others)",
                          epoch, self.metric or "monitor")
                 trainer.stop_after_epoch()
-                _stopped["by_search"] = True
                 return True
         return False

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from torchkiln.rundir import CHECKPOINTS, LAST, runs_root
 
 log = logging.getLogger("torchkiln")
 SEARCH_CONFIG = "search.yaml"
+_RUN_DONE = threading.Event()  # this worker's trial has finished its run (set when no trial runs)
+_RUN_DONE.set()
 TRIALS = "trials"
 
 
@@ -129,7 +132,25 @@ def _trainable(cfg: Config, search_dir: Path, source: str, metric: str):
     base["callbacks"] = [*base["callbacks"], {"type": "TuneReport", "args": {"metric": metric}}]
     if base["trainer"]["threads"] is None:  # as many threads as the trial's CPUs, in config.yaml too
         base["trainer"]["threads"] = max(1, int(cfg.tune.resources_per_trial.cpu))
-    return tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), source=source)
+    from ray.tune.trainable import wrap_function
+
+    trainable = wrap_function(tune.with_parameters(run_trial, base=base, search_dir=str(search_dir), source=source))
+
+    class Trial(trainable):
+        """Ray ends the worker of a trial its scheduler stopped right after releasing the trial's
+        report; the run then still writes its last files (summary.json, curves). Wait for them."""
+
+        def cleanup(self):
+            try:
+                super().cleanup()
+            finally:
+                # imported by reference: Ray pickles this class
+                from torchkiln.commands.tune import wait_for_run
+
+                wait_for_run()
+
+    Trial.__name__ = Trial.__qualname__ = "trial"
+    return Trial
 
 
 def _strip_search(data: dict[str, Any]) -> dict[str, Any]:
@@ -141,9 +162,22 @@ def _strip_search(data: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------
 # one trial (in a Ray worker)
 # ------------------------------------------------------------------------------------------
+def wait_for_run(limit_s: float = 120.0) -> None:
+    """Until this worker's trial has finished its run (at once when none runs)."""
+    _RUN_DONE.wait(limit_s)
+
+
 def run_trial(values: dict[str, Any], base: dict[str, Any], search_dir: str, source: str) -> None:
     """A trial: the base config with its sampled `values`, trained as `kiln train` would, in its
     own run directory; restored from the checkpoint it gave Ray, when Ray restarts it."""
+    _RUN_DONE.clear()
+    try:
+        _run_trial(values, base, search_dir, source)
+    finally:
+        _RUN_DONE.set()
+
+
+def _run_trial(values: dict[str, Any], base: dict[str, Any], search_dir: str, source: str) -> None:
     from ray import tune
 
     from torchkiln.callbacks.tune_report import stopped_by_search
@@ -157,7 +191,7 @@ def run_trial(values: dict[str, Any], base: dict[str, Any], search_dir: str, sou
     try:
         cfg = resolve(with_values(base, values), source)
         resume = _restored(tune.get_checkpoint(), run_dir)
-        with _planned_run_dir(run_dir), _finished_before_exit():
+        with _planned_run_dir(run_dir):
             train(cfg, resume=resume, progress=False, source=source)
     except StopRequested:
         return
@@ -184,24 +218,6 @@ def _restored(checkpoint: Any, run_dir: Path) -> Path | None:
         shutil.copyfile(Path(folder) / LAST, target)
     log.info("trial restored from its checkpoint %s", target)
     return target
-
-
-@contextlib.contextmanager
-def _finished_before_exit(limit_s: float = 120.0):
-    """Ray ends the worker of a trial its scheduler stopped as soon as the trial's report returns;
-    the run still writes its last files (summary.json, curves) on this thread. The worker's exit
-    waits for them (a process killed outright does not wait)."""
-    import atexit
-    import threading
-
-    done = threading.Event()
-    wait = lambda: done.wait(limit_s)  # noqa: E731
-    atexit.register(wait)
-    try:
-        yield
-    finally:
-        done.set()
-        atexit.unregister(wait)
 
 
 @contextlib.contextmanager
