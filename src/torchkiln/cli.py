@@ -23,6 +23,7 @@ COMMANDS = {
     "new": "new",
     "list": "list",
     "lr-find": "lr_find",
+    "tune": "tune",
 }
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_new,
         _add_list,
         _add_lr_find,
+        _add_tune,
     )
     for add in adders:
         add(sub)
@@ -145,6 +147,8 @@ def _add_list(sub) -> None:
     ls.add_argument("kind", nargs="?", metavar="KIND",
                     help="models, datasets, losses, optimizers, schedulers, metrics, callbacks or tasks")
     ls.add_argument("--filter", metavar="TEXT", help="only names containing TEXT (or matching a glob: 'resnet*')")
+
+
 def _add_lr_find(sub) -> None:
     f = sub.add_parser("lr-find", help="LR range test on the run's own parts: lr_find.png and a suggested LR"
                        " (the last line printed)")
@@ -156,6 +160,16 @@ def _add_lr_find(sub) -> None:
     f.add_argument("--end", type=float, default=10.0, help="last LR (default 10)")
     f.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     f.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_tune(sub) -> None:
+    u = sub.add_parser("tune", help="hyperparameter search over config keys (tune: section) with Ray Tune")
+    u.add_argument("-c", "--config", help="YAML or JSON config file with a tune: section")
+    u.add_argument("--address", metavar="auto|ray://HOST:10001",
+                   help="join this Ray cluster (default: start a local Ray with this machine's CPUs and GPUs)")
+    u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search (its tune-<timestamp> folder)")
+    u.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    u.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
 def main(argv: list[str] | None = None) -> int:

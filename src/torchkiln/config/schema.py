@@ -303,6 +303,52 @@ class LoggingConfig(_Strict):
         raise ValueError("expected auto or a number of epochs >= 1")
 
 
+# -- tune: `kiln tune`'s search (torchkiln/tune/) ----------------------------------------------
+class TuneScheduler(_Strict):
+    """ASHA stops weak trials early: at epochs grace_period * reduction_factor**k, a trial below
+    the top 1/reduction_factor of those that reached that epoch ends."""
+
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: int | None = Field(None, ge=1, description="default: trainer.epochs")
+
+
+class TuneResources(_Strict):
+    cpu: float = Field(1.0, ge=0.0)
+    gpu: float = Field(0.0, ge=0.0)
+
+
+class TuneSettings(_Strict):
+    """`kiln tune`: which config keys to search, how, and for which number."""
+
+    metric: str | None = Field(None, description="default: trainer.monitor (and its mode)")
+    mode: Literal["min", "max"] | None = Field(None, description="default: the monitor's mode")
+    num_samples: int = Field(8, ge=1, description="trials (with grid: each grid point this many times)")
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="dotted config key -> {loguniform|uniform: [lo, hi]},"
+        " {randint: [lo, hi]} (hi excluded), {choice: [...]} or {grid: [...]}")
+    scheduler: TuneScheduler | None = Field(default_factory=TuneScheduler, description="asha, or none")
+    searcher: Literal["optuna", "random"] = Field("optuna", description="random: also the one for grid")
+    max_concurrent: int | None = Field(None, ge=1, description="default: as many as the resources allow")
+    resources_per_trial: TuneResources = Field(default_factory=TuneResources)
+
+    @field_validator("space")
+    @classmethod
+    def _known_forms(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from torchkiln.tune.distributions import parse_space
+
+        parse_space(v)
+        return v
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_name(cls, v: Any) -> Any:
+        if v is None or v == "none":
+            return None
+        return {"type": v} if isinstance(v, str) else v
+
+
 class Config(_Strict):
     """A whole run. `kiln config schema` prints this as JSON Schema."""
 
@@ -321,6 +367,7 @@ class Config(_Strict):
         default_factory=list, description="added to the loop, in order: a registered name (EarlyStopping)"
         " or an import path 'package.module:Name' to a torchkiln.Callback")
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    tune: TuneSettings | None = Field(None, description="`kiln tune`: the hyperparameter search (extra: torchkiln[tune])")
 
     @field_validator("name")
     @classmethod
