@@ -42,6 +42,9 @@ NOT_PER_SAMPLE = {
 }
 
 
+BOX_STEPS = {"RandomIoUCrop", "SanitizeBoundingBoxes"}  # steps that only detection pipelines take
+
+
 def transform_names() -> list[str]:
     from torchvision.transforms import v2
 
@@ -54,8 +57,6 @@ def resolve_transform(name: str, where: str, boxes: bool = False) -> Callable:
     if ":" in name:
         return import_path(name, where)
     from torchvision.transforms import v2
-
-    from torchkiln.data.detection.transforms import BOX_STEPS
 
     if name in NOT_PER_SAMPLE and not (boxes and name in BOX_STEPS):
         raise ConfigError(f"{where}: transform '{name}' cannot be a data.transforms step: {NOT_PER_SAMPLE[name]}")

@@ -72,8 +72,9 @@ class MeanAP(_Quiet):
         if self._result is None:
             if not any(len(b) for b in self.inner.detection_box):  # no prediction at all: nothing found
                 self._result = {k: torch.tensor(0.0) for k in SCORES.values()}
-                self._result["map_per_class"] = torch.zeros(0)
-                self._result["classes"] = torch.zeros(0, dtype=torch.int64)
+                truth = [t.reshape(-1) for t in self.inner.groundtruth_labels]
+                self._result["classes"] = torch.cat(truth).unique() if truth else torch.zeros(0, dtype=torch.int64)
+                self._result["map_per_class"] = torch.zeros(len(self._result["classes"]))
             else:
                 self._result = self.inner.compute()
         return self._result

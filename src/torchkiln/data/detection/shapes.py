@@ -61,6 +61,7 @@ def make_shapes(out: str | Path, images: int = 300, size: int = 128, seed: int =
     rng = np.random.default_rng(seed)
     entries, anns = [], []
     injected = {k: 0 for k in [*FAULT_KINDS, "missing_image", "images_without_annotations"]}
+    clean = []  # images with boxes and no fault: one of them loses its file
     for i in range(images):
         faults = {k for j, k in enumerate(FAULT_KINDS) if (i + j) % FAULT_EVERY == 0}
         empty = rng.random() < empty_share and not faults
@@ -73,13 +74,14 @@ def make_shapes(out: str | Path, images: int = 300, size: int = 128, seed: int =
             injected["size_mismatch"] += 1
         entries.append(entry)
         injected["images_without_annotations"] += int(empty)
+        if boxes and not faults:
+            clean.append(name)
         for n, (cat, box) in enumerate(boxes):
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": box,
                          "area": box[2] * box[3], "iscrowd": 0})
             if n == 0:
                 _inject(anns, faults, size, injected)
-    missing = entries[-1]["file_name"]  # one image entry whose file is gone
-    (out / "images" / missing).unlink()
+    (out / "images" / clean[-1]).unlink()  # one image entry whose file is gone
     injected["missing_image"] = 1
     data = {"images": entries, "annotations": anns,
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CATEGORIES)]}

@@ -10,8 +10,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-BOX_STEPS = {"RandomIoUCrop", "SanitizeBoundingBoxes"}  # steps that only detection pipelines take
-
 
 def is_detection(dataset: Any) -> bool:
     """Whether `dataset` (under Subsets and wrappers) is a detection data set."""
