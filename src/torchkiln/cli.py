@@ -131,6 +131,21 @@ def _add_data(sub) -> None:
                     " (default: <output_dir>/<name>/data_stats)")
     st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
     st.add_argument("overrides", nargs="*", metavar="key.path=value")
+    ck = dsub.add_parser("check", help="audit COCO-format (or CSV) box annotations: count and list every fault;"
+                         " --fix writes a corrected copy")
+    ck.add_argument("annotations", metavar="ANN", help="COCO JSON, or a CSV of image,x1,y1,x2,y2,label")
+    ck.add_argument("--images", required=True, metavar="DIR", help="the image folder")
+    ck.add_argument("--fix", metavar="OUT", help="write the corrected annotations here (the input is kept)")
+    ck.add_argument("--inverted", choices=["fix", "drop"], default="fix",
+                    help="inverted corners: put them in order (default) or drop the box")
+    ck.add_argument("--min-size", type=float, default=1.0, help="boxes with a side below this are dropped")
+    ck.add_argument("--strict", action="store_true", help="exit 1 when any fault was found")
+    ck.add_argument("--report", default="report.json", help="where report.json goes (default: ./report.json)")
+    sh = dsub.add_parser("shapes", help="write the generated detection demo (COCO JSON + images, injected faults)")
+    sh.add_argument("out", help="folder for annotations.json, faults.json and images/")
+    sh.add_argument("--images", type=int, default=300)
+    sh.add_argument("--size", type=int, default=128)
+    sh.add_argument("--seed", type=int, default=0)
 
 
 def _add_new(sub) -> None:

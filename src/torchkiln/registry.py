@@ -234,6 +234,8 @@ BUILTIN_MODULES = (
     "torchkiln.models.backbones", "torchkiln.tasks.base", "torchkiln.tasks.multilabel", "torchkiln.tasks.ranking",
     "torchkiln.tasks.multihead",
     "torchkiln.callbacks",
+    "torchkiln.data.detection.datasets", "torchkiln.data.detection.collate", "torchkiln.models.detection",
+    "torchkiln.tasks.detection",
 )
 
 

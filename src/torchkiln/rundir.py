@@ -33,6 +33,7 @@ METRICS_JSONL = "metrics.jsonl"  # epoch rows and per-step rows
 SUMMARY = "summary.json"
 NORMALIZATION = "normalization.json"  # data.normalize's statistics
 SKIPPED = "skipped_files.txt"  # the broken inputs `data.on_error: skip` left out
+DATA_REPORT = "data_report.json"  # detection: the annotation audit's counts (data.boxes)
 PLOTS = "plots"
 CURVES = "curves.png"  # in plots/
 TENSORBOARD = "tensorboard"

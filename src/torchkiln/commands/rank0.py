@@ -58,8 +58,10 @@ def run_files(cfg: Config, model: Any, data: Any, run_dir: Path) -> list[Any]:
         return []
     from torchkiln.config.build import build_loggers
     from torchkiln.data.build import write_skipped
+    from torchkiln.data.detection.report import write_data_report
 
     write_skipped(run_dir, data.skipped)
+    write_data_report(run_dir, data)
     if data.normalization is not None:
         (run_dir / NORMALIZATION).write_text(json.dumps(data.normalization.to_dict(), indent=2))
     return build_loggers(cfg, run_dir, model, data.class_names)

@@ -57,16 +57,21 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
     results = trainer.evaluate(loaders[split], split)
     out = {"checkpoint": str(ckpt), "split": split, "samples": len(loaders[split].dataset), **results}
     (run_dir / split_metrics(split)).write_text(json.dumps(out, indent=2))
-    _report(trainer, loaders[split], run_dir, split)
+    _report(trainer, loaders[split], run_dir, split, results)
     return results
 
 
-def _report(trainer, loader, run_dir: Path, split: str) -> None:
-    """Per-class tables and confusion matrices (classification tasks) beside the metrics."""
+def _report(trainer, loader, run_dir: Path, split: str, results: dict[str, float]) -> None:
+    """Per-class tables and confusion matrices (classification tasks), or the task's own table
+    (detection: per-class AP), beside the metrics."""
     from torchkiln.data.wrappers import class_names_of
     from torchkiln.metrics.per_class import collect, write_reports
 
     (run_dir / split_report(split)).unlink(missing_ok=True)
+    table = trainer.task.report_table(results, class_names_of(loader.dataset), split)
+    if table is not None:
+        (run_dir / split_report(split)).write_text(table)
+        return
     outputs, targets = collect(trainer, loader)
     if outputs is not None:
         views = trainer.task.report_views(outputs, targets, class_names_of(loader.dataset))

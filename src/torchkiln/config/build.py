@@ -45,7 +45,7 @@ def check_components(cfg: Config) -> None:
     from torchkiln.data.collate import COLLATES
     from torchkiln.data.transforms import check_transforms
 
-    check_transforms(cfg.data.transforms)
+    check_transforms(cfg.data.transforms, boxes=getattr(task, "metric_kind", None) == "detection")
     _check_sampler(task, cfg.data.sampler)
     if cfg.data.collate is not None:
         COLLATES.get(cfg.data.collate.type, "data.collate.type")
@@ -385,13 +385,18 @@ def build_loggers(cfg: Config, run_dir: Path, model: nn.Module | None = None,
 def data_stats(cfg: Config, out_dir: Path | None = None, max_images: int = 2000) -> tuple[dict[str, Any], Path]:
     """`kiln data stats`: statistics of the configured training split as stored (without
     data.normalize); writes stats.json and class_histogram.png into `out_dir`."""
+    from torchkiln.data.detection.stats import detection_stats
+    from torchkiln.data.detection.transforms import is_detection
     from torchkiln.data.stats import describe_split, write_stats
     from torchkiln.tasks import build_task
 
     check_components(cfg)
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"normalize": None})})  # the stored values
     data = build_data(cfg)
-    stats = describe_split(data.train, data.class_names, build_task(cfg.task), max_images, cfg.seed)
+    if is_detection(data.train):  # box counts from the annotations; no image is decoded
+        stats = detection_stats(data.train, data.class_names)
+    else:
+        stats = describe_split(data.train, data.class_names, build_task(cfg.task), max_images, cfg.seed)
     out_dir = Path(out_dir) if out_dir is not None else Path(cfg.output_dir) / cfg.name / "data_stats"
     write_stats(stats, out_dir)
     return stats, out_dir

@@ -107,6 +107,15 @@ class SWAConfig(_Strict):
     anneal_epochs: int = Field(1, ge=0, description="epochs of cosine annealing to lr")
 
 
+class BoxesConfig(_Strict):
+    """Detection data: what the annotation audit does with faulty boxes when a run starts."""
+
+    on_invalid: Literal["fix", "drop", "error"] = Field(
+        "fix", description="fix: order inverted corners, clip boxes partly outside, drop the rest;"
+        " drop: drop every faulty box; error: refuse the data")
+    min_size: float = Field(1.0, ge=0.0, description="boxes with a side below this many pixels are dropped")
+
+
 class DataConfig(_Strict):
     dataset: Component = Field(default_factory=lambda: Component(type="Digits"))
     val_dataset: Component | None = None
@@ -140,6 +149,7 @@ class DataConfig(_Strict):
         "auto", description="whole queries per batch, shuffled by query (batch_size: about that many items);"
         " auto: on for the ranking task when the data set has query ids (`groups`)"
     )
+    boxes: BoxesConfig = Field(default_factory=BoxesConfig, description="detection: the annotation audit")
     normalize: NormalizeConfig | None = Field(
         None, description="standardize features (and regression targets) with the training split's mean/std;"
         " true for both"

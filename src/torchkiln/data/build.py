@@ -27,7 +27,7 @@ def build_dataset(comp: Any, where: str, data_cfg: Any) -> Dataset:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
         params = {}
-    extra = {k: getattr(data_cfg, k) for k in ("on_error", "max_skipped") if k in params and k not in comp.args}
+    extra = {k: getattr(data_cfg, k) for k in ("on_error", "max_skipped", "boxes") if k in params and k not in comp.args}
     return build(comp, DATASETS, where, **extra)
 
 
@@ -38,12 +38,16 @@ def decodes_images(dataset: Dataset) -> bool:
     return bool(getattr(inner, "decodes_images", False))
 
 
-def with_transforms(dataset: Dataset | None, steps: list, where: str) -> Dataset | None:
-    """Wrap with the split's pipeline; decoded images always end as float32 in [0, 1]."""
+def with_transforms(dataset: Dataset | None, steps: list, where: str, min_box: float = 1.0) -> Dataset | None:
+    """Wrap with the split's pipeline; decoded images always end as float32 in [0, 1]. Detection
+    data get a box-aware pipeline ending in SanitizeBoundingBoxes (boxes below `min_box` go)."""
+    from torchkiln.data.detection.transforms import BoxTransformed, build_box_pipeline, is_detection
     from torchkiln.data.transforms import Transformed, build_pipeline
 
     if dataset is None:
         return None
+    if is_detection(dataset):
+        return BoxTransformed(dataset, build_box_pipeline(steps, where, min_box))
     pipeline = build_pipeline(steps, where, to_float=decodes_images(dataset))
     return dataset if pipeline is None else Transformed(dataset, pipeline)
 
@@ -87,11 +91,11 @@ def build_data(cfg: Any, data_cls: type, normalization: dict[str, Any] | None = 
         stats = Standardization.from_dict(normalization) if normalization is not None else \
             fit(train, d.normalize.features, d.normalize.targets and _task_is(cfg, "RegressionTask"))
         train, val, test = standardize_splits(dataset, [train, val, test], stats)
-    t = d.transforms
+    t, box = d.transforms, d.boxes.min_size
     return data_cls(
-        skip_broken(with_transforms(train, t.train, "data.transforms.train"), logs["train"]),
-        skip_broken(with_transforms(val, t.eval, "data.transforms.eval"), logs["val"]),
-        skip_broken(with_transforms(test, t.eval, "data.transforms.eval"), logs["test"]),
+        skip_broken(with_transforms(train, t.train, "data.transforms.train", box), logs["train"]),
+        skip_broken(with_transforms(val, t.eval, "data.transforms.eval", box), logs["val"]),
+        skip_broken(with_transforms(test, t.eval, "data.transforms.eval", box), logs["test"]),
         getattr(dataset, "num_classes", None),
         getattr(dataset, "classes", None),
         skipped=Skipped(list({id(g): g for g in logs.values() if g is not None}.values())),
@@ -125,12 +129,14 @@ def use_fast_path(cfg: Any, dataset: Dataset, device: Any) -> bool:
 
 def build_loaders(cfg: Any, data: Any) -> dict[str, Any]:
     from torchkiln.data.collate import build_collate
+    from torchkiln.data.detection.collate import DetectionCollate
+    from torchkiln.data.detection.transforms import is_detection
     from torchkiln.data.loaders import make_loader
     from torchkiln.engine.device import resolve_device
 
     d = cfg.data
     device = resolve_device(cfg.trainer.device)
-    collate = build_collate(d.collate)
+    collate = DetectionCollate() if d.collate is None and is_detection(data.train) else build_collate(d.collate)
     from torchkiln.engine import distributed
 
     common = dict(num_workers=d.num_workers, pin_memory=d.pin_memory, persistent_workers=d.persistent_workers,

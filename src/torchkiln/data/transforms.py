@@ -42,6 +42,9 @@ NOT_PER_SAMPLE = {
 }
 
 
+BOX_STEPS = {"RandomIoUCrop", "SanitizeBoundingBoxes"}  # steps that only detection pipelines take
+
+
 def transform_names() -> list[str]:
     from torchvision.transforms import v2
 
@@ -49,12 +52,13 @@ def transform_names() -> list[str]:
                   and n not in NOT_PER_SAMPLE)
 
 
-def resolve_transform(name: str, where: str) -> Callable:
+def resolve_transform(name: str, where: str, boxes: bool = False) -> Callable:
+    """`boxes`: a detection pipeline, which also takes the box-only steps."""
     if ":" in name:
         return import_path(name, where)
     from torchvision.transforms import v2
 
-    if name in NOT_PER_SAMPLE:
+    if name in NOT_PER_SAMPLE and not (boxes and name in BOX_STEPS):
         raise ConfigError(f"{where}: transform '{name}' cannot be a data.transforms step: {NOT_PER_SAMPLE[name]}")
     obj = getattr(v2, name, None)
     if obj is None or not (_is_transform(obj) or name == "Compose"):
@@ -106,9 +110,9 @@ def _lists_to_tensors(factory: Callable, kwargs: dict[str, Any]) -> None:
             kwargs[key] = import_path(value, f"data.transforms: {factory.__name__}.lambd")
 
 
-def build_transform(step: Any, where: str) -> Callable:
+def build_transform(step: Any, where: str, boxes: bool = False) -> Callable:
     name, args = _spec(step)
-    factory = resolve_transform(name, f"{where}.type")
+    factory = resolve_transform(name, f"{where}.type", boxes)
     check_args(factory, args, f"{where}.args")
     kwargs = {k: _convert(k, v, f"{where}.args") for k, v in args.items()}
     _lists_to_tensors(factory, kwargs)
@@ -120,22 +124,23 @@ def build_transform(step: Any, where: str) -> Callable:
 FLOAT_ONLY = {"Normalize", "GaussianNoise", "LinearTransformation"}
 
 
-def build_pipeline(steps: list[Any], where: str, to_float: bool = False) -> Callable | None:
-    """A v2.Compose of the steps (plus ToDtype(float32, scale=True) for decoded images), or None."""
+def build_pipeline(steps: list[Any], where: str, to_float: bool = False, boxes: bool = False) -> Callable | None:
+    """A v2.Compose of the steps (plus ToDtype(float32, scale=True) for decoded images), or None;
+    `boxes`: a detection pipeline (box-only steps allowed)."""
     from torchvision.transforms import v2
 
-    built = [build_transform(s, f"{where}.{i}") for i, s in enumerate(steps)]
+    built = [build_transform(s, f"{where}.{i}", boxes) for i, s in enumerate(steps)]
     if to_float:  # decoded images are uint8 until here: floats from the first step that needs them
         at = next((i for i, s in enumerate(steps) if _spec(s)[0] in FLOAT_ONLY), len(built))
         built.insert(at, v2.ToDtype(torch.float32, scale=True))
     return v2.Compose(built) if built else None
 
 
-def check_transforms(cfg_transforms: Any) -> None:
+def check_transforms(cfg_transforms: Any, boxes: bool = False) -> None:
     """Names and arguments resolve (and build) before any data is read."""
     for split in ("train", "eval"):
         if getattr(cfg_transforms, split):
-            build_pipeline(getattr(cfg_transforms, split), f"data.transforms.{split}")
+            build_pipeline(getattr(cfg_transforms, split), f"data.transforms.{split}", boxes=boxes)
 
 
 class Transformed(Dataset):

@@ -8,6 +8,7 @@ Hooks a subclass may override, all with working defaults:
   check_class_names(class_names)                            the dataset's classes fit the task
   default_monitor(metric_names, has_val)                    what `trainer.monitor` is when unset
   report_views(outputs, targets, class_names)               per-class tables for `kiln test`
+  report_table(results, class_names, split)                 or a table of its own from the results
   validation_views(outputs, targets)                        what validation pictures draw
 """
 
@@ -118,6 +119,10 @@ class Task:
     # -- reports ---------------------------------------------------------------------------
     def report_views(self, outputs: Any, targets: Any, class_names: list[str] | None = None) -> list[ReportView]:
         return []
+
+    def report_table(self, results: dict[str, float], class_names: list[str] | None, split: str) -> str | None:
+        """A task's own `kiln test` table from the split's results (detection: per-class AP), or None."""
+        return None
 
     def validation_views(self, outputs: Any, targets: Any) -> list[ReportView]:
         """The classification views drawn in validation pictures (confusion matrix, misclassified

@@ -1,0 +1,2 @@
+"""Object detection data: COCO and CSV boxes, the annotation audit, box-aware transforms, the
+variable-box collate, statistics, prediction writers and the generated shapes demo."""
