@@ -13,7 +13,8 @@ from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
 COMMANDS = {"train": "train", "test": "test", "report": "report", "summary": "summary", "export": "export",
-            "config": "config", "data": "data"}
+            "config": "config", "data": "data",
+            "find-batch-size": "find_batch_size", "doctor": "doctor"}
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
 
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data):
+    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data,
+                _add_memory):
         add(sub)
     return p
 
@@ -43,6 +45,8 @@ def _add_train(sub) -> None:
                    help="start N processes on this machine (DDP, one per GPU; Gloo on CPU)")
     t.add_argument("--max-restarts", type=int, default=0, metavar="K",
                    help="with --devices: restart the workers up to K times, resuming from the last checkpoint")
+    t.add_argument("--memory-snapshot", type=int, metavar="N",
+                   help="record the first N steps' CUDA memory history into the run's memory_snapshot.pickle")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
@@ -99,6 +103,22 @@ def _add_data(sub) -> None:
                     " (default: <output_dir>/<name>/data_stats)")
     st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
     st.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_memory(sub) -> None:
+    f = sub.add_parser("find-batch-size", help="the largest batch whose training step fits the device's memory")
+    f.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
+    f.add_argument("--mode", default="binsearch", choices=["power", "binsearch"],
+                   help="power: double until out of memory; binsearch: then bisect (default)")
+    f.add_argument("--max", type=int, default=4096, help="the largest size tried (default: 4096)")
+    f.add_argument("--start", type=int, default=2, help="the first size tried (default: 2)")
+    f.add_argument("--margin", type=float, default=0.1, help="fraction kept off the answer (default: 0.1)")
+    f.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    f.add_argument("overrides", nargs="*", metavar="key.path=value")
+    d = sub.add_parser("doctor", help="versions, GPUs, precisions and extras; warns about what will not work"
+                       " well (exit code 1 when something is wrong)")
+    d.add_argument("-c", "--config", help="also check this config's precision against the machine")
+    d.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
 def main(argv: list[str] | None = None) -> int:

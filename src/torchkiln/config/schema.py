@@ -91,7 +91,9 @@ class DataConfig(_Strict):
     test_split: float = Field(0.0, ge=0.0, lt=1.0)
     stratify: bool = True
     split_seed: int | None = Field(None, description="defaults to the run's seed")
-    batch_size: int = Field(64, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        64, description="per process; auto: the largest that fits, found at the start of kiln train"
+        " (kiln find-batch-size), less a 10% margin")
     eval_batch_size: int | None = Field(None, ge=1)
     shuffle: bool = True
     drop_last: bool = False
@@ -214,6 +216,17 @@ class TrainerConfig(_Strict):
     sync_batchnorm: bool = Field(False, description="DDP: BatchNorm statistics over the global batch")
     dist_timeout: float = Field(1800.0, gt=0.0, description="seconds a rank waits for the others before"
                                 " the run stops with an error (a dead or hung process)")
+    # memory (issue 20)
+    on_oom: Literal["stop", "split"] = Field(
+        "stop", description="a step that runs out of memory: stop (write last.ckpt from the state before it, say"
+        " what to try) or split (retry its samples as 2, 4, ... micro-batches: the same gradient)")
+    activation_checkpointing: list[str] | None = Field(
+        None, description="submodule names (layer3, blocks.0) whose activations are recomputed in backward"
+        " (torch.utils.checkpoint) instead of kept")
+    leak_watch: int | None = Field(10, ge=1, description="sample allocated memory (GPU) or RSS (CPU) every N"
+                                   " optimizer steps; warn when it rises steadily across an epoch (null: off)")
+    memory_snapshot: int | None = Field(None, ge=1, description="record the first N steps with torch's CUDA memory"
+                                        " history into memory_snapshot.pickle (kiln train --memory-snapshot N)")
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -15,10 +15,12 @@ from torch import nn
 
 from torchkiln.callbacks.checkpointing import Checkpointing
 from torchkiln.callbacks.freezing import FreezeSchedule
+from torchkiln.callbacks.memory import MemoryReport, MemorySnapshot
 from torchkiln.callbacks.monitor import EarlyStopping, Monitor
 from torchkiln.callbacks.progress import DeviceStatsMonitor, ProgressBar
 from torchkiln.engine.callbacks import Callback
 from torchkiln.engine.finite import FiniteCheck
+from torchkiln.engine.memory import checkpoint_modules
 from torchkiln.engine.placement import Placement
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.step import OptimizerStep
@@ -41,6 +43,11 @@ def make_trainer(
     grad_clip_mode: str = "norm",
     accumulate: int = 1,
     scaler_options: dict[str, Any] | None = None,
+    on_oom: str = "stop",
+    # memory
+    activation_checkpointing: list[str] | None = None,
+    leak_watch: int | None = 10,
+    memory_snapshot: int | None = None,
     # the LR schedule
     scheduler: Any | None = None,
     scheduler_interval: str | None = None,
@@ -80,13 +87,17 @@ def make_trainer(
     placement = Placement(device, channels_last=channels_last, compile=compile, compile_options=compile_options,
                           cache_size_limit=cache_size_limit, strategy=strategy, sync_batchnorm=sync_batchnorm)
     step = OptimizerStep(precision=precision, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode,
-                         accumulate=accumulate, scaler_options=scaler_options)
+                         accumulate=accumulate, scaler_options=scaler_options, on_oom=on_oom)
+    checkpoint_modules(model, activation_checkpointing)
     schedule = LRSchedule(optimizer, scheduler, interval=scheduler_interval, monitor=monitor, warmup_steps=warmup_steps,
                           warmup_start=warmup_start, fractional_epochs=scheduler_fractional_epochs)
     checkpoints = Checkpointing(run_dir, save_period=save_period, every_n_steps=checkpoint_every_steps,
                                 keep_last=keep_last, background=async_checkpoints, config=config)
     parts: list[Callback] = [FreezeSchedule(freezer)] if freezer is not None else []
     parts.append(DeviceStatsMonitor(log_every_n_steps))
+    parts.append(MemoryReport(leak_watch))
+    if memory_snapshot:
+        parts.append(MemorySnapshot(memory_snapshot))
     if progress:
         parts.append(ProgressBar(every_n_steps=log_every_n_steps))
     if early_stop is not None:
