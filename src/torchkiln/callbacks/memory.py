@@ -67,8 +67,8 @@ class MemoryReport(Callback):
         self.samples = []
 
     def on_step_end(self, trainer: Any, info: StepInfo) -> None:
-        if info.step == self._first_step:
-            self._report_estimate(trainer)
+        if self.estimate is None and trainer.stepper.oom.activations is not None:
+            self._report_estimate(trainer)  # the first step measured (the first, unless it ran out of memory)
         if self.every_n_steps and info.step % self.every_n_steps == 0 and info.step > self._first_step:
             self.samples.append((info.step, current_bytes(trainer.device)))  # after step 1's optimizer state
 
@@ -91,8 +91,6 @@ class MemoryReport(Callback):
 
     def _report_estimate(self, trainer: Any) -> None:
         measured = trainer.stepper.oom.activations
-        if measured is None:
-            return
         self.estimate = StepMemory.of(trainer.raw_model, trainer.optimizer, measured[0], measured[1],
                                       trainer.stepper.precision)
         line = self.estimate.line()

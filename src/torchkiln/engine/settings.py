@@ -21,6 +21,7 @@ from torchkiln.callbacks.progress import DeviceStatsMonitor, ProgressBar
 from torchkiln.engine.callbacks import Callback
 from torchkiln.engine.finite import FiniteCheck
 from torchkiln.engine.memory import checkpoint_modules
+from torchkiln.engine.oom import OOMRecovery
 from torchkiln.engine.placement import Placement
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.step import OptimizerStep
@@ -43,7 +44,7 @@ def make_trainer(
     grad_clip_mode: str = "norm",
     accumulate: int = 1,
     scaler_options: dict[str, Any] | None = None,
-    on_oom: str = "stop",
+    on_oom: str | OOMRecovery = "stop",
     # memory
     activation_checkpointing: list[str] | None = None,
     leak_watch: int | None = 10,
