@@ -430,3 +430,16 @@ def test_kiln_train_stop_ends_in_one_line_with_last_ckpt(oom_runs):
     assert len(error) == 1 and "out of memory at epoch 1, batch 1 (32 samples)" in error[0]
     assert "Try: data.batch_size=16 trainer.accumulate=2" in error[0]
     assert (_run_dir(oom_runs["root"], "stop") / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_gpu_memory_script_skips_cleanly_without_cuda(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("memory_check", ROOT / "benchmarks" / "memory_check.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    if torch.cuda.is_available():
+        pytest.skip("runs for real on a GPU (benchmarks/device_check.sh)")
+    assert script.main(["--out", str(tmp_path / "m.md")]) == 0 and not (tmp_path / "m.md").exists()

@@ -271,6 +271,8 @@ def check(cfg: Config, source: str | None = None) -> list[str]:
     ]
     if data.skipped:
         lines.append(f"skipped    {len(data.skipped)} broken input(s) (data.on_error: skip)")
+    if cfg.data.batch_size == "auto":
+        lines.append(f"batch size auto: kiln train finds it first (the batches above are of {FINDER_START})")
     return lines
 
 
