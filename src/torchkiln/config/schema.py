@@ -83,6 +83,13 @@ SamplerSpec = Annotated[
 ]
 
 
+# A number of samples, or auto (the batch-size finder); each form reports its own mistakes.
+BatchSize = Annotated[
+    Annotated[int, Field(ge=1), Tag("Size")] | Annotated[Literal["auto"], Tag("Auto")],
+    Discriminator(lambda v: "Auto" if isinstance(v, str) else "Size"),
+]
+
+
 class DataConfig(_Strict):
     dataset: Component = Field(default_factory=lambda: Component(type="Digits"))
     val_dataset: Component | None = None
@@ -91,7 +98,7 @@ class DataConfig(_Strict):
     test_split: float = Field(0.0, ge=0.0, lt=1.0)
     stratify: bool = True
     split_seed: int | None = Field(None, description="defaults to the run's seed")
-    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+    batch_size: BatchSize = Field(
         64, description="per process; auto: the largest that fits, found at the start of kiln train"
         " (kiln find-batch-size), less a 10% margin")
     eval_batch_size: int | None = Field(None, ge=1)

@@ -101,8 +101,9 @@ def forward_backward(trainer: Trainer, model: nn.Module, batch: Any, weight: flo
             if check is None or trainer.finite.usable(loss, *check):
                 stepper.backward(loss, weight if len(bounds) == 1 else weight * (b - a) / n)
                 adds.append((loss.detach(), b - a, _detached(outputs), targets))
-        share = loss.detach() * ((b - a) / n)
-        total = share if total is None else total + share
+        if len(bounds) > 1:  # the pieces' losses, weighted by their samples (no extra op on the usual path)
+            share = loss.detach() * ((b - a) / n)
+            total = share if total is None else total + share
     return (loss if len(bounds) == 1 else total), adds
 
 
