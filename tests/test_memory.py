@@ -176,15 +176,20 @@ def test_split_gives_the_unsplit_gradient_in_one_step_and_frees_the_failed_step(
         assert len(FREED) == 2 and freed.alive_after_batch == [0, 0]  # gone before the loop went on
 
 
-def test_stop_writes_last_ckpt_from_the_state_before_the_step(tmp_path):
+def test_stop_writes_last_ckpt_from_the_state_before_the_step(tmp_path, caplog):
     data = _data(64)
     loader = DataLoader(data, batch_sampler=[list(range(0, 16)), list(range(16, 32)), list(range(32, 64))])
     torch.manual_seed(0)
     model = _model()
     trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False,
                            device="cpu", train_metrics=False, run_dir=tmp_path)
-    with pytest.raises(OutOfMemoryStop) as err:
+    with caplog.at_level(logging.INFO, logger="torchkiln"), pytest.raises(OutOfMemoryStop) as err:
         trainer.fit(loader)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("memory estimate (32): parameters 4.7 KB + gradients 4.7 KB") for m in logged)
+    assert any(m.startswith("  using it: parameters 4.7 KB") and "for 32 samples" in m for m in logged)
+    assert "  - data.batch_size=16 trainer.accumulate=2 (a batch that fits, half of it; the effective batch stays 32," \
+        " or more)" in logged
     text = str(err.value)
     assert "out of memory at epoch 1, batch 3 (32 samples)" in text
     assert "data.batch_size=16 trainer.accumulate=2" in text and "trainer.on_oom=split" in text
@@ -227,7 +232,10 @@ def _ddp_worker(rank: int, world: int, out: str) -> None:
                             timeout=datetime.timedelta(seconds=60))
     data = _data(128, seed=rank)
     loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data, world, rank, shuffle=False))
-    result = {}
+    model = _model(rank=1)  # only rank 1 runs out above 24; rank 0 would take all 64 of its samples
+    finder = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), progress=False, device="cpu")
+    x, y = data.tensors
+    result = {"finder": find_batch_size(finder, lambda n: (x[:n], y[:n]), samples=64).size}
     for name, limit, policy in (("reference", 10**6, "split"), ("recovered", LIMIT, "split"),
                                 ("stopped", 8, OOMRecovery("split", max_pieces=2))):
         model = _model(limit=limit, rank=1)
@@ -251,6 +259,7 @@ def test_ddp_one_rank_runs_out_and_both_recover_or_both_stop(tmp_path):
 
     mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert r0["finder"] == r1["finder"] == 21  # every rank takes the smallest answer (24, less 10%)
     assert r0["recovered"] == r1["recovered"] == {"steps": 2, "recoveries": 2}  # counted over ranks, on both
     ref, got = (torch.load(tmp_path / f"{n}0.pt") for n in ("reference", "recovered"))
     assert all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)  # the step without running out
@@ -276,15 +285,20 @@ class Leaky(Callback):
 
 
 @pytest.mark.parametrize("leak", [True, False])
-def test_leak_watch_warns_on_a_steady_rise_only(leak, caplog):
-    from torchkiln.callbacks.memory import MemoryReport
+def test_leak_watch_warns_on_a_steady_rise_only(leak, caplog, tmp_path):
+    from torchkiln.callbacks.memory import MemoryReport, MemorySnapshot
 
     loader = DataLoader(_data(512), batch_size=8)
     model = _model(limit=10**6)
-    with caplog.at_level(logging.WARNING, logger="torchkiln"):
+    snapshot = MemorySnapshot(2, tmp_path / "snap.pickle")
+    with caplog.at_level(logging.INFO, logger="torchkiln"):
         trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False,
-                               device="cpu", train_metrics=False, leak_watch=4, callbacks=[Leaky()] if leak else [])
+                               device="cpu", train_metrics=False, leak_watch=4,
+                               callbacks=[Leaky()] if leak else [snapshot])
         trainer.fit(loader)
+    if not leak:  # CUDA only: said, and nothing written
+        assert "memory snapshot: CUDA only; not recorded on cpu" in caplog.messages
+        assert snapshot.written is None and not (tmp_path / "snap.pickle").exists()
     report = next(cb for cb in trainer.callbacks if isinstance(cb, MemoryReport))
     assert [s for s, _ in report.samples] == list(range(4, 65, 4))
     warned = [r.getMessage() for r in caplog.records if "memory rose steadily" in r.getMessage()]
