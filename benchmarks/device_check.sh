@@ -16,3 +16,4 @@ done 2>&1 | tee "$OUT/cli_cuda.log"
 python3 benchmarks/gpu_check.py --quick 2>&1 | tee "$OUT/gpu_check.log"
 python3 benchmarks/fsdp_gpu_check.py 2>&1 | tee "$OUT/fsdp_gpu_check.log"  # issue 23: FSDP, self-placed model
 python3 benchmarks/gpu_check.py --quick --batch 256 --no-checkpoint 2>&1 | tee "$OUT/gpu_check_256.log"
+python3 benchmarks/memory_check.py --out "$OUT/memory_check.md" 2>&1 | tail -40 > "$OUT/memory_check.log"

@@ -24,6 +24,8 @@ COMMANDS = {
     "list": "list",
     "lr-find": "lr_find",
     "tune": "tune",
+    "find-batch-size": "find_batch_size",
+    "doctor": "doctor",
 }
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_list,
         _add_lr_find,
         _add_tune,
+        _add_memory,
     )
     for add in adders:
         add(sub)
@@ -75,6 +78,8 @@ def _add_train(sub) -> None:
                    " themselves, 50 epochs unless trainer.epochs=K; ends with a pass/fail verdict line")
     t.add_argument("--overfit-threshold", type=float, default=0.1, metavar="F",
                    help="--overfit-batches passes when the loss falls to this share of its start (default 0.1)")
+    t.add_argument("--memory-snapshot", type=int, metavar="N",
+                   help="record the first N steps' CUDA memory history into the run's memory_snapshot.pickle")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
@@ -185,6 +190,22 @@ def _add_tune(sub) -> None:
     u.add_argument("--resume", metavar="SEARCH_DIR", help="continue an interrupted search (its tune-<timestamp> folder)")
     u.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     u.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_memory(sub) -> None:
+    f = sub.add_parser("find-batch-size", help="the largest batch whose training step fits the device's memory")
+    f.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
+    f.add_argument("--mode", default="binsearch", choices=["power", "binsearch"],
+                   help="power: double until out of memory; binsearch: then bisect (default)")
+    f.add_argument("--max", type=int, default=4096, help="the largest size tried (default: 4096)")
+    f.add_argument("--start", type=int, default=2, help="the first size tried (default: 2)")
+    f.add_argument("--margin", type=float, default=0.1, help="fraction kept off the answer (default: 0.1)")
+    f.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    f.add_argument("overrides", nargs="*", metavar="key.path=value")
+    d = sub.add_parser("doctor", help="versions, GPUs, precisions and extras; warns about what will not work"
+                       " well (exit code 1 when something is wrong)")
+    d.add_argument("-c", "--config", help="also check this config's precision against the machine")
+    d.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ CURVES = "curves.png"  # in plots/
 TENSORBOARD = "tensorboard"
 EXPORT = "export"  # `kiln export`'s default output folder
 FOLDS = "folds.json"  # `kiln train --folds`: the summary beside the folds' runs
+MEMORY_SNAPSHOT = "memory_snapshot.pickle"  # `kiln train --memory-snapshot N` (CUDA)
 
 
 class Named(Protocol):

@@ -51,6 +51,15 @@ class Checkpointing(Callback):
     def last(self) -> Path | None:
         return self.directory / LAST if self.directory is not None else None
 
+    def save_last(self, state: dict[str, Any]) -> Path | None:
+        """last.ckpt from `state` now, written before this returns (every rank calls it; rank 0
+        writes); None without a directory. An out-of-memory stop saves the state before its step."""
+        if self.directory is None:
+            return None
+        self._save(state, LAST)
+        self.writer.wait()
+        return self.last
+
     def on_fit_start(self, trainer: Any) -> None:
         if self.directory is not None and distributed.is_rank0():
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def model_summary(cfg: Config, batch_size: int | None = None, depth: int = 3) ->
     task = build_task(cfg.task)
     model = build_model(cfg, task.num_outputs(num_classes_of(cfg, data)))  # the width training builds
     freezer = build_freezer(cfg, model)
-    bs = batch_size or cfg.data.batch_size
+    bs = batch_size or (cfg.data.batch_size if cfg.data.batch_size != "auto" else 1)  # auto: kiln train finds it
     x = sample_input(task, data, bs)
     stats = torchinfo.summary(model, input_data=[x], depth=depth, mode="eval", verbose=0, device="cpu",
                               col_names=("output_size", "num_params", "trainable"))

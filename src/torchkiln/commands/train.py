@@ -31,6 +31,8 @@ from torchkiln.rundir import (
 
 log = logging.getLogger("torchkiln")
 NORMALIZATION_KEY = "normalization"  # data.normalize's statistics, beside the resolved config in every checkpoint
+FINDER_START = 2  # the batch-size finder's first size (and what `auto` builds with before it is resolved)
+FINDER_MAX = 4096  # its default bound (a CPU, where nothing runs out, stops here or at the data's size)
 
 
 # ------------------------------------------------------------------------------------------
@@ -41,6 +43,8 @@ def main(args: argparse.Namespace) -> int:
     console(args.quiet)
     from torchkiln.engine import distributed
 
+    if getattr(args, "memory_snapshot", None):  # --memory-snapshot N is the setting trainer.memory_snapshot
+        args.overrides = [*args.overrides, f"trainer.memory_snapshot={args.memory_snapshot}"]
     distributed.quiet_other_ranks()  # a worker of rank > 0 logs warnings and errors only
     if not args.resume and distributed.restart_count() > 0:  # a restarted worker group
         args.resume = _restart_target(args)
@@ -198,6 +202,7 @@ def _train(cfg: Config, resume: Path | None, progress: bool, state: dict[str, An
         if resume is not None:
             resume = Path(resume)
             state = state if state is not None else load_resumable(resume)
+        cfg = resolve_auto(cfg)  # data.batch_size: auto -> the largest batch that fits (every rank alike)
         trainer, loaders, data = build_parts(cfg, progress=progress, pretrained=resume is None,
                                              normalization=stored_normalization(state))
         loaders = batches(cfg, data, loaders) if batches is not None else loaders
@@ -277,6 +282,8 @@ def check(cfg: Config, source: str | None = None) -> list[str]:
     ]
     if data.skipped:
         lines.append(f"skipped    {len(data.skipped)} broken input(s) (data.on_error: skip)")
+    if cfg.data.batch_size == "auto":
+        lines.append(f"batch size auto: kiln train finds it first (the batches above are of {FINDER_START})")
     return lines
 
 
@@ -324,6 +331,7 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
     from torchkiln.seeding import seed_everything
     from torchkiln.tasks import build_task
 
+    cfg = placeholder(cfg)  # data.batch_size: auto is resolved by `kiln train`; building needs a number
     if cfg.trainer.threads is not None:
         import torch
 
@@ -377,3 +385,46 @@ def _log_batch_size(cfg: Config) -> None:
     b, world, k = cfg.data.batch_size, distributed.world_size(), cfg.trainer.accumulate
     log.info("global batch size %d = %d per process x %d process(es) x %d accumulation step(s)",
              b * world * k, b, world, k)
+
+
+# ------------------------------------------------------------------------------------------
+# data.batch_size: auto, and `kiln find-batch-size` (engine/batch_finder.py)
+# ------------------------------------------------------------------------------------------
+def with_batch_size(cfg: Config, size: int) -> Config:
+    """`cfg` with `data.batch_size` set (the rest shared, unchanged)."""
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": int(size)})})
+
+
+def find_batch_size(cfg: Config, *, mode: str = "binsearch", max_size: int = FINDER_MAX, margin: float = 0.1,
+                    start: int = FINDER_START) -> Any:
+    """Build the run as `kiln train` would (data, model, optimizer, precision, compile), then search."""
+    from torchkiln.data.build import build_loaders
+    from torchkiln.engine import distributed
+    from torchkiln.engine.batch_finder import find_batch_size as search
+
+    trainer, _, data = build_parts(with_batch_size(cfg, start), progress=False)
+
+    def batch_of(size: int) -> Any:
+        loader = build_loaders(with_batch_size(cfg, size), data)["train"]
+        return next(iter(loader))
+
+    samples = len(data.train) // distributed.world_size()
+    log.info("batch-size finder (%s) on %s, precision %s, accumulate %d: from %d up to %d", mode,
+             trainer.device, trainer.stepper.precision, trainer.stepper.accumulate, start, min(samples, max_size))
+    return search(trainer, batch_of, samples, mode=mode, start=start, max_size=max_size, margin=margin)
+
+
+def resolve_auto(cfg: Config) -> Config:
+    """`data.batch_size: auto` -> the finder's answer (every rank the same), logged; else `cfg`."""
+    if cfg.data.batch_size != "auto":
+        return cfg
+    result = find_batch_size(cfg)
+    for line in result.lines():
+        log.info("batch-size finder: %s", line)
+    log.info("data.batch_size: auto -> %d (kiln find-batch-size; written to config.yaml)", result.size)
+    return with_batch_size(cfg, result.size)
+
+
+def placeholder(cfg: Config) -> Config:
+    """A config whose batch size is still `auto` gets a concrete one for building (check, summary)."""
+    return with_batch_size(cfg, FINDER_START) if cfg.data.batch_size == "auto" else cfg

@@ -116,6 +116,13 @@ class BoxesConfig(_Strict):
     min_size: float = Field(1.0, ge=0.0, description="boxes with a side below this many pixels are dropped")
 
 
+# A number of samples, or auto (the batch-size finder); each form reports its own mistakes.
+BatchSize = Annotated[
+    Annotated[int, Field(ge=1), Tag("Size")] | Annotated[Literal["auto"], Tag("Auto")],
+    Discriminator(lambda v: "Auto" if isinstance(v, str) else "Size"),
+]
+
+
 class DataConfig(_Strict):
     dataset: Component = Field(default_factory=lambda: Component(type="Digits"))
     val_dataset: Component | None = None
@@ -124,7 +131,9 @@ class DataConfig(_Strict):
     test_split: float = Field(0.0, ge=0.0, lt=1.0)
     stratify: bool = True
     split_seed: int | None = Field(None, description="defaults to the run's seed")
-    batch_size: int = Field(64, ge=1)
+    batch_size: BatchSize = Field(
+        64, description="per process; auto: the largest that fits, found at the start of kiln train"
+        " (kiln find-batch-size), less a 10% margin")
     eval_batch_size: int | None = Field(None, ge=1)
     shuffle: bool = True
     drop_last: bool = False
@@ -267,6 +276,17 @@ class TrainerConfig(_Strict):
         " gradients): warn logs them and puts them in summary.json, strict makes them errors")
     ema: EMAConfig | None = Field(None, description="EMA of the weights (validation and best.ckpt use it)")
     swa: SWAConfig | None = Field(None, description="stochastic weight averaging from start_epoch")
+    # memory (issue 20)
+    on_oom: Literal["stop", "split"] = Field(
+        "stop", description="a step that runs out of memory: stop (write last.ckpt from the state before it, say"
+        " what to try) or split (retry its samples as 2, 4, ... micro-batches: the same gradient)")
+    activation_checkpointing: list[str] | None = Field(
+        None, description="submodule names (layer3, blocks.0) whose activations are recomputed in backward"
+        " (torch.utils.checkpoint) instead of kept")
+    leak_watch: int | None = Field(10, ge=1, description="sample allocated memory (GPU) or RSS (CPU) every N"
+                                   " optimizer steps; warn when it rises steadily across an epoch (null: off)")
+    memory_snapshot: int | None = Field(None, ge=1, description="record the first N steps with torch's CUDA memory"
+                                        " history into memory_snapshot.pickle (kiln train --memory-snapshot N)")
 
     @model_validator(mode="after")
     def _one_average(self) -> TrainerConfig:

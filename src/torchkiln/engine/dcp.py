@@ -106,7 +106,7 @@ def load(trainer: Any, state: dict[str, Any], ckpt: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     folder = verified_folder(ckpt, state[SHARDED])
-    trainer._setup()  # noqa: SLF001 - shard before reading: each rank reads only its part
+    trainer.setup()  # shard before reading: each rank reads only its part
     model, optimizer = trainer.raw_model, trainer.optimizer
     model_sd, optim_sd = get_state_dict(model, optimizer)
     shards = {"model": model_sd, "optimizer": optim_sd}

@@ -198,6 +198,56 @@ def any_rank(signum: int | None, device: torch.device) -> int | None:
     return int(flag.item()) or None
 
 
+def sum_values(values: list[float], device: torch.device) -> list[float]:
+    """Each value summed over ranks (one all-reduce)."""
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _flat_by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Gradients averaged over ranks, one flat all-reduce per dtype (what DDP does, after backward
+    instead of during it); a parameter without a gradient on this rank counts as zeros."""
+    if not is_distributed():
+        return
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    world = world_size()
+    for grads in _flat_by_dtype([p.grad for p in params]).values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """The module's floating buffers (BatchNorm statistics) from rank 0, as DDP keeps them."""
+    if not is_distributed():
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    for group in _flat_by_dtype(buffers).values():
+        flat = torch.cat([b.reshape(-1) for b in group])
+        dist.broadcast(flat, 0)
+        offset = 0
+        for b in group:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
 # ------------------------------------------------------------------------------------------
 # the model
 # ------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 from torchkiln.callbacks.checkpointing import Checkpointing
 from torchkiln.callbacks.ema import EMA
 from torchkiln.callbacks.freezing import FreezeSchedule
+from torchkiln.callbacks.memory import MemoryReport, MemorySnapshot
 from torchkiln.callbacks.monitor import EarlyStopping, Monitor
 from torchkiln.callbacks.notebook import NotebookSupport
 from torchkiln.callbacks.progress import DeviceStatsMonitor, ProgressBar
@@ -24,6 +25,8 @@ from torchkiln.callbacks.training_checks import TrainingChecks
 from torchkiln.engine.callbacks import Callback
 from torchkiln.engine.finite import FiniteCheck
 from torchkiln.engine.fsdp import FSDPSettings
+from torchkiln.engine.memory import checkpoint_modules
+from torchkiln.engine.oom import OOMRecovery
 from torchkiln.engine.placement import Placement
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.step import OptimizerStep
@@ -47,6 +50,11 @@ def make_trainer(
     grad_clip_mode: str = "norm",
     accumulate: int = 1,
     scaler_options: dict[str, Any] | None = None,
+    on_oom: str | OOMRecovery = "stop",
+    # memory
+    activation_checkpointing: list[str] | None = None,
+    leak_watch: int | None = 10,
+    memory_snapshot: int | None = None,
     # the LR schedule
     scheduler: Any | None = None,
     scheduler_interval: str | None = None,
@@ -92,13 +100,32 @@ def make_trainer(
                           cache_size_limit=cache_size_limit, strategy=strategy, sync_batchnorm=sync_batchnorm,
                           fsdp=FSDPSettings.from_dict(fsdp, precision) if strategy == "fsdp" else None)
     step = OptimizerStep(precision=precision, grad_clip=grad_clip, grad_clip_mode=grad_clip_mode,
-                         accumulate=accumulate, scaler_options=scaler_options)
+                         accumulate=accumulate, scaler_options=scaler_options, on_oom=on_oom)
+    checkpoint_modules(model, activation_checkpointing)
     schedule = LRSchedule(optimizer, scheduler, interval=scheduler_interval, monitor=monitor, warmup_steps=warmup_steps,
                           warmup_start=warmup_start, fractional_epochs=scheduler_fractional_epochs)
     checkpoints = Checkpointing(run_dir, save_period=save_period, every_n_steps=checkpoint_every_steps,
                                 keep_last=keep_last, background=async_checkpoints, config=config)
+    parts = _builtin_callbacks(freezer=freezer, log_every_n_steps=log_every_n_steps, leak_watch=leak_watch,
+                               memory_snapshot=memory_snapshot, progress=progress, checks=checks, ema=ema,
+                               swa=swa, early_stop=early_stop)
+    return Trainer(
+        model, optimizer, loss_fn, task=task, metrics=metrics, train_metrics=train_metrics, epochs=epochs,
+        step=step, schedule=schedule, placement=placement, monitor=Monitor(monitor, mode, min_delta),
+        checkpoints=checkpoints, callbacks=[*parts, *callbacks], loggers=loggers,
+        on_nonfinite=FiniteCheck(on_nonfinite), log_every_n_steps=log_every_n_steps,
+    )
+
+
+def _builtin_callbacks(*, freezer: Any | None, log_every_n_steps: int, leak_watch: int | None,
+                       memory_snapshot: int | None, progress: bool, checks: str, ema: dict[str, Any] | None,
+                       swa: dict[str, Any] | None, early_stop: int | None) -> list[Callback]:
+    """The built-in callbacks the settings ask for, in the order they run (before the user's)."""
     parts: list[Callback] = [FreezeSchedule(freezer)] if freezer is not None else []
     parts.append(DeviceStatsMonitor(log_every_n_steps))
+    parts.append(MemoryReport(leak_watch))
+    if memory_snapshot:
+        parts.append(MemorySnapshot(memory_snapshot))
     if progress:
         parts.append(ProgressBar(every_n_steps=log_every_n_steps))
     if checks != "off":
@@ -111,9 +138,4 @@ def make_trainer(
         parts.append(EarlyStopping(early_stop))
     if in_notebook():
         parts.append(NotebookSupport())
-    return Trainer(
-        model, optimizer, loss_fn, task=task, metrics=metrics, train_metrics=train_metrics, epochs=epochs,
-        step=step, schedule=schedule, placement=placement, monitor=Monitor(monitor, mode, min_delta),
-        checkpoints=checkpoints, callbacks=[*parts, *callbacks], loggers=loggers,
-        on_nonfinite=FiniteCheck(on_nonfinite), log_every_n_steps=log_every_n_steps,
-    )
+    return parts

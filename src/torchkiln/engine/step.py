@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from torchkiln.engine.oom import OOMRecovery
 from torchkiln.errors import SettingError
 
 DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,6 +82,7 @@ class OptimizerStep:
         grad_clip_mode: str = "norm",
         accumulate: int = 1,
         scaler_options: dict | None = None,
+        on_oom: str | OOMRecovery = "stop",
     ):
         if str(precision) not in DTYPES:
             raise SettingError("precision", f"expected one of 32, bf16, fp16; found {precision!r}")
@@ -99,6 +101,7 @@ class OptimizerStep:
         self.scaler: torch.amp.GradScaler | None = None
         self.skipped = 0
         self._scale: float | None = None  # the scale after the last update
+        self.oom = on_oom if isinstance(on_oom, OOMRecovery) else OOMRecovery(on_oom)  # a batch's forward/backward
         if optimizer is not None:
             self.bind(optimizer, device if device is not None else "cpu")
 

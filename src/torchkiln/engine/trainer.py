@@ -220,16 +220,9 @@ class Trainer:
         self._epoch_samples = 0
         for i, batch in enumerate(loader, start=start):
             batch = self.placement.to_device(batch)
-            n = self.task.batch_size(batch)
-            last = groups.last(i)
-            with stepper.micro_context(model, last):
-                with stepper.autocast():
-                    outputs, targets = self.task.forward(model, batch)
-                    loss = self.task.loss(self.loss_fn, outputs, targets)
-                if self.finite.usable(loss, epoch, loop.global_step + 1, i):
-                    stepper.backward(loss, groups.weight(i))
-                    groups.used = True
-                    self._totals.add(loss, n, outputs, targets)
+            n, last = self.task.batch_size(batch), groups.last(i)
+            loss, used = stepper.oom.run(self, model, batch, i, groups.weight(i), last, self._totals)  # engine/oom.py
+            groups.used = groups.used or used
             loop.batch_in_epoch, self._epoch_samples = i + 1, self._epoch_samples + n
             self.callbacks.call("on_train_batch_end", self, i, n)
             if last:
@@ -242,6 +235,7 @@ class Trainer:
     def _end_group(self, epoch: int, i: int, loss: torch.Tensor, groups: AccumulationGroups, n_batches: int) -> None:
         """The optimizer step that ends a group of micro-batches (none if each of them was skipped)."""
         used, groups.used = groups.used, False
+        self.stepper.oom.end_group(self, used)
         if not used:
             self.optimizer.zero_grad(set_to_none=True)
             return
@@ -435,6 +429,7 @@ class Trainer:
             "best_epoch": loop.best_epoch,
             "stopped_early": loop.stopped_early,
             "skipped_steps": self.stepper.skipped,
+            "oom_recoveries": self.stepper.oom.recoveries,
             "compile": self.compile_report,
             "final": loop.history[-1] if loop.history else {},
             "fingerprint": self.initial_fingerprint,
