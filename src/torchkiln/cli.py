@@ -13,7 +13,7 @@ from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
 COMMANDS = {"train": "train", "test": "test", "report": "report", "summary": "summary", "export": "export",
-            "config": "config", "data": "data"}
+            "config": "config", "data": "data", "predict": "predict"}
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
 
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"torchkiln {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_test, _add_report, _add_summary, _add_export, _add_config, _add_data):
+    for add in (_add_train, _add_test, _add_predict, _add_report, _add_summary, _add_export, _add_config, _add_data):
         add(sub)
     return p
 
@@ -51,8 +51,32 @@ def _add_test(sub) -> None:
     e.add_argument("run_dir", help="a run directory (runs/<name>/<timestamp>)")
     e.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--tta", default="none", choices=["none", "flip", "flip+crops"],
+                   help="test-time augmentation: average the probabilities over flipped (and cropped) views")
     e.add_argument("-q", "--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict with a run's (or an export's) model; writes a CSV (a submission)")
+    p.add_argument("run_dir", help="a run directory, or an export folder (model.json)")
+    p.add_argument("--input", required=True, metavar="PATH",
+                   help="a folder of images (recursively), a CSV of image paths, or split:test / split:val")
+    p.add_argument("--out", help="the CSV to write (default: RUN_DIR/predictions/predictions.csv)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--id-col", default="id", help="the id column's name (kept from a CSV that has it)")
+    p.add_argument("--pred-col", default="pred", help="the predicted class's column name")
+    p.add_argument("--image-col", help="a CSV's image column (default: the run's data.dataset.args.image_col)")
+    p.add_argument("--root", help="the folder a CSV's image paths are relative to (default: the CSV's)")
+    p.add_argument("--probs", action="store_true", help="a probability column per class")
+    p.add_argument("--topk", type=int, metavar="K", help="the K most probable classes and their probabilities")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "flip+crops"], help="test-time augmentation")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="an unreadable image: stop (raise), or write an empty prediction and list it (skip)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("-q", "--quiet", action="store_true")
 
 
 def _add_report(sub) -> None:
@@ -70,9 +94,9 @@ def _add_summary(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    x = sub.add_parser("export", help="write a run's best weights as safetensors, with the model config")
+    x = sub.add_parser("export", help="write a run's best weights (safetensors, ONNX, torch.export) and model.json")
     x.add_argument("run_dir", help="a run directory (runs/<name>/<timestamp>)")
-    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt"])
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt", "onnx", "pt2"])
     x.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     x.add_argument("-o", "--out", help="output folder (default: RUN_DIR/export)")
 

@@ -36,7 +36,8 @@ class Placement:
     def ready(self) -> bool:
         return self.train_model is not None
 
-    def setup(self, model: nn.Module, modules: Iterable[nn.Module | None], optimizer: torch.optim.Optimizer) -> None:
+    def setup(self, model: nn.Module, modules: Iterable[nn.Module | None],
+              optimizer: torch.optim.Optimizer | None) -> None:
         """Move the model (and the loss, metrics, optimizer state) to the device; compile and wrap."""
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         model.to(self.device, memory_format=memory_format)
@@ -71,8 +72,8 @@ class Placement:
         return report_compilation(self._dynamo_before)
 
 
-def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
-    for state in optimizer.state.values():
+def move_optimizer_state(optimizer: torch.optim.Optimizer | None, device: torch.device) -> None:
+    for state in optimizer.state.values() if optimizer is not None else ():
         for k, v in state.items():
             if isinstance(v, torch.Tensor) and k != "step":
                 state[k] = v.to(device)
