@@ -322,12 +322,12 @@ def test_multilabel_and_regression_writers():
     writer = MultiLabelTask(threshold=0.5).prediction_writer(opts)
     assert writer.header() == ["id", "tags", "prob_a", "prob_b", "prob_c"]
     rows = writer.rows(["x", "y"], torch.tensor([[0.9, 0.2, 0.5], [0.1, 0.1, 0.1]]))
-    assert rows == [["x", "a c", "0.9", "0.2", "0.5"], ["y", "", "0.1", "0.1", "0.1"]]
+    assert rows == [[["x", "a c", "0.9", "0.2", "0.5"]], [["y", "", "0.1", "0.1", "0.1"]]]
 
     two = RegressionTask(targets=2).prediction_writer(PredictOptions(pred_col="y"))
-    assert two.header() == ["id", "y_0", "y_1"] and two.rows(["r"], torch.tensor([[1.5, -2.0]])) == [["r", "1.5", "-2"]]
+    assert two.header() == ["id", "y_0", "y_1"] and two.rows(["r"], torch.tensor([[1.5, -2.0]])) == [[["r", "1.5", "-2"]]]
     one = RegressionTask().prediction_writer(PredictOptions())
-    assert one.header() == ["id", "pred"] and one.rows(["r", "s"], torch.tensor([0.25, 3.0])) == [["r", "0.25"], ["s", "3"]]
+    assert one.header() == ["id", "pred"] and one.rows(["r", "s"], torch.tensor([0.25, 3.0])) == [[["r", "0.25"]], [["s", "3"]]]
 
 
 def test_trainer_predict_takes_dict_outputs_and_needs_no_optimizer():
@@ -352,3 +352,31 @@ def test_trainer_predict_takes_dict_outputs_and_needs_no_optimizer():
     assert set(out) == {"a", "b"} and out["a"].shape == (10, 3) and torch.allclose(out["b"], model(x)["b"].detach())
     with pytest.raises(SettingError, match="fit needs an optimizer"):
         trainer.fit(DataLoader(TensorDataset(x, torch.zeros(10, 2, dtype=torch.long))))
+
+
+def test_rows_stay_in_input_order_for_a_writer_of_several_rows_per_input(tmp_path):
+    """The writer interface a box-predicting task implements: any number of rows per input."""
+    from torchkiln.inference.output import OrderedCsv
+    from torchkiln.tasks.predictions import PredictionWriter, PredictOptions
+
+    class Boxes(PredictionWriter):
+        def header(self):
+            return ["id", "box"]
+
+        def rows(self, ids, scores):
+            return [[[i, f"b{k}"] for k in range(int(n))] for i, n in zip(ids, scores.tolist())]
+
+        def empty_rows(self, id_):
+            return []
+
+        def finish(self, out):
+            (out.parent / "extra.json").write_text("[]")
+            return [out.parent / "extra.json"]
+
+    sink = OrderedCsv(tmp_path / "p.csv", Boxes(PredictOptions(), width=1), ["a", "b", "c", "d"], "skip")
+    sink.failed([(1, "b: broken")])
+    sink.add([0, 2], torch.tensor([2, 0]))
+    sink.add([3], torch.tensor([1]))
+    assert sink.close() == [tmp_path / "p.csv", tmp_path / "extra.json", tmp_path / "p_skipped.txt"]
+    assert (tmp_path / "p.csv").read_text().split() == ["id,box", "a,b0", "a,b1", "d,b0"]
+    assert sink.rows == 3 and sink.skipped == [("b", "b: broken")]

@@ -41,14 +41,8 @@ class OrderedCsv:
             self.pending[index] = self.writer.empty_rows(self.ids[index])
 
     def add(self, positions: list[int], scores: Any) -> None:
-        rows = self.writer.rows([self.ids[i] for i in positions], scores)
-        if len(rows) == len(positions):  # one row per input: kept with its position
-            for i, row in zip(positions, rows):
-                self.pending[i] = [row]
-        else:  # a writer with several (or no) rows per input gives them in input order
-            self.pending[positions[0]] = rows
-            for i in positions[1:]:
-                self.pending[i] = []
+        for i, rows in zip(positions, self.writer.rows([self.ids[i] for i in positions], scores), strict=True):
+            self.pending[i] = rows  # the input's rows (one, several or none), kept with its position
         self._flush()
 
     def _flush(self) -> None:

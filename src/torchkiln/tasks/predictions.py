@@ -6,8 +6,8 @@ broken inputs, the atomic write, the rows/s) is `inference/output.py`'s, so a ne
 what its columns are:
 
 - `header()`: the column names, the id column first;
-- `rows(ids, scores)`: the rows of a batch (one per input for classification; a detection writer
-  may give one per box, or none);
+- `rows(ids, scores)`: the rows of a batch, as one list of rows per input (one row for
+  classification; a detection writer may give one per box, or none);
 - `empty_rows(id)`: the rows of an input that could not be read (`--on-error skip`);
 - `finish(out)`: extra files written beside the CSV at the end (e.g. a COCO results JSON), as paths.
 """
@@ -48,10 +48,10 @@ class PredictionWriter:
             return [o.id_col, o.pred_col]
         return [o.id_col, *(f"{o.pred_col}_{i}" for i in range(self.width))]
 
-    def rows(self, ids: list[str], scores: Any) -> list[list[Any]]:
+    def rows(self, ids: list[str], scores: Any) -> list[list[list[Any]]]:
         values = torch.as_tensor(scores).float().reshape(len(ids), -1)
         self.width = int(values.shape[1]) if self.width is None else self.width
-        return [[i, *map(_fmt, v.tolist())] for i, v in zip(ids, values)]
+        return [[[i, *map(_fmt, v.tolist())]] for i, v in zip(ids, values)]
 
     def empty_rows(self, id_: str) -> list[list[Any]]:
         return [[id_, *[""] * (len(self.header()) - 1)]]
@@ -94,7 +94,7 @@ class ClassWriter(PredictionWriter):
         cols += [f"prob_{c}" for c in self.names] if o.probs else []
         return cols + (_topk_header(min(o.topk, self.width)) if o.topk else [])
 
-    def rows(self, ids: list[str], scores: torch.Tensor) -> list[list[Any]]:
+    def rows(self, ids: list[str], scores: torch.Tensor) -> list[list[list[Any]]]:
         probs = scores.float()
         pred = probs.argmax(dim=1).tolist()
         topk = _topk_cells(probs, self.options.topk, self.names) if self.options.topk else None
@@ -102,7 +102,7 @@ class ClassWriter(PredictionWriter):
         for n, (id_, p) in enumerate(zip(ids, pred)):
             row = [id_, self.names[p]] + ([p] if self.with_index else [])
             row += list(map(_fmt, probs[n].tolist())) if self.options.probs else []
-            out.append(row + (topk[n] if topk else []))
+            out.append([row + (topk[n] if topk else [])])
         return out
 
 
@@ -119,14 +119,14 @@ class MultiLabelWriter(PredictionWriter):
         cols = [o.id_col, o.pred_col] + ([f"prob_{c}" for c in self.names] if o.probs else [])
         return cols + (_topk_header(min(o.topk, self.width)) if o.topk else [])
 
-    def rows(self, ids: list[str], scores: torch.Tensor) -> list[list[Any]]:
+    def rows(self, ids: list[str], scores: torch.Tensor) -> list[list[list[Any]]]:
         probs = scores.float()
         topk = _topk_cells(probs, self.options.topk, self.names) if self.options.topk else None
         out = []
         for n, id_ in enumerate(ids):
             row = [id_, " ".join(self.names[j] for j in (probs[n] >= self.threshold).nonzero().flatten().tolist())]
             row += list(map(_fmt, probs[n].tolist())) if self.options.probs else []
-            out.append(row + (topk[n] if topk else []))
+            out.append([row + (topk[n] if topk else [])])
         return out
 
 
@@ -148,7 +148,7 @@ class MultiHeadWriter(PredictionWriter):
         cols += [f"{h}_prob_{c}" for h, names in self.names.items() for c in names] if o.probs else []
         return cols + (_topk_header(min(o.topk, self.width)) if o.topk and self.task.combined else [])
 
-    def rows(self, ids: list[str], scores: dict[str, torch.Tensor]) -> list[list[Any]]:
+    def rows(self, ids: list[str], scores: dict[str, torch.Tensor]) -> list[list[list[Any]]]:
         heads = {h: scores[h].float() for h in self.task.heads}
         preds = {h: p.argmax(dim=1) for h, p in heads.items()}
         combined = self.task.encode(preds).tolist() if self.task.combined else None
@@ -161,5 +161,5 @@ class MultiHeadWriter(PredictionWriter):
             row = [id_, *(self.names[h][int(preds[h][n])] for h in heads)]
             row += [combined[n]] if combined is not None else []
             row += [_fmt(v) for h in heads for v in heads[h][n].tolist()] if self.options.probs else []
-            out.append(row + (topk[n] if topk else []))
+            out.append([row + (topk[n] if topk else [])])
         return out
