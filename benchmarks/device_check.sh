@@ -14,3 +14,4 @@ for p in 32 bf16 fp16; do
     python3 -c "import json,glob; s=json.load(open(glob.glob('/tmp/runs/digits-$p/*/summary.json')[0])); print('$p', 'best val/accuracy', round(s['best'],4), 'seconds', round(s['seconds'],1))"
 done 2>&1 | tee "$OUT/cli_cuda.log"
 python3 benchmarks/gpu_check.py --quick 2>&1 | tee "$OUT/gpu_check.log"
+{ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_predict.py; python3 benchmarks/predict_export.py --images 4096 --size 64 --device cuda --out "$OUT/predict_export.md"; } 2>&1 | tail -30 | tee "$OUT/predict_export.log"

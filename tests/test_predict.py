@@ -156,6 +156,11 @@ def test_tta_is_the_mean_of_the_separately_computed_views(images_run, tmp_path):
         with torch.no_grad():
             return predictor.model(batch).softmax(dim=1)
 
+    from PIL import Image
+
+    assert torch.allclose(predictor(paths), scores(x), atol=1e-6)  # paths, PIL images: the same inputs
+    one = predictor(Image.open(paths[0]))
+    assert one.shape == (3,) and torch.allclose(one, scores(x[:1])[0], atol=1e-6)
     for tta, views in (("flip", [x, x.flip(-1)]),
                        ("flip+crops", [v for b in [x, *corner_crops(x)] for v in (b, b.flip(-1))])):
         out = predictor.predict(home / "eval", tmp_path / f"{tta}.csv", tta=tta, probs=True, batch_size=4).out
@@ -380,3 +385,18 @@ def test_rows_stay_in_input_order_for_a_writer_of_several_rows_per_input(tmp_pat
     assert sink.close() == [tmp_path / "p.csv", tmp_path / "extra.json", tmp_path / "p_skipped.txt"]
     assert (tmp_path / "p.csv").read_text().split() == ["id,box", "a,b0", "a,b1", "d,b0"]
     assert sink.rows == 3 and sink.skipped == [("b", "b: broken")]
+
+
+@pytest.mark.gpu
+def test_predict_on_cuda_under_bf16_autocast_agrees_with_the_cpu(images_run, tmp_path):
+    import torchkiln
+
+    home, run = images_run
+    paths = sorted((home / "eval").rglob("*.png"))
+    cpu = torchkiln.load(run, device="cpu")(paths)
+    gpu = torchkiln.load(run, device="cuda", precision="bf16")
+    probs = gpu(paths)
+    assert gpu.device.type == "cuda" and probs.device.type == "cpu"
+    assert torch.allclose(probs, cpu, atol=3e-2)
+    out = gpu.predict(home / "eval", tmp_path / "gpu.csv", tta="flip", probs=True).out
+    assert len(_rows(out)) == len(paths)

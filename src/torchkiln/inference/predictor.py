@@ -151,8 +151,8 @@ class Predictor:
     def __call__(self, images: Any, batch_size: int = 64) -> Any:
         """The task's scores (class probabilities, label probabilities, values; a dict per head) for
         one input or a list of them, on the CPU."""
-        single = isinstance(images, (str, Path, torch.Tensor)) and not (isinstance(images, torch.Tensor) and images.dim() == 4)
-        items = [images] if single or not isinstance(images, (list, tuple, torch.Tensor)) else list(images)
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.dim() == 4)
+        items = [images] if single else list(images)
         batches = ({"input": torch.stack([self.preprocess(im) for im in items[i:i + batch_size]])}
                    for i in range(0, len(items), batch_size))
         parts = [_cpu(self.task.scores(outputs)) for _, outputs, _ in self.trainer.forward_pass(batches)]
