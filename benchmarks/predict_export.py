@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "predict_export.md"))
     args = p.parse_args(argv)
     import torch
-
     from machine import machine
+
     from torchkiln.commands.logs import console
 
     console(quiet=True)
