@@ -265,7 +265,7 @@ def _unshare(weights: dict[str, Any]) -> dict[str, Any]:
 def _atomic(path: Path, write) -> None:
     import os
 
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # the suffix kept: torch.export.save wants .pt2
     try:
         write(tmp)
         os.replace(tmp, path)
