@@ -17,3 +17,4 @@ python3 benchmarks/gpu_check.py --quick 2>&1 | tee "$OUT/gpu_check.log"
 python3 benchmarks/fsdp_gpu_check.py 2>&1 | tee "$OUT/fsdp_gpu_check.log"  # issue 23: FSDP, self-placed model
 python3 benchmarks/gpu_check.py --quick --batch 256 --no-checkpoint 2>&1 | tee "$OUT/gpu_check_256.log"
 python3 benchmarks/memory_check.py --out "$OUT/memory_check.md" 2>&1 | tail -40 > "$OUT/memory_check.log"
+{ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_predict.py; python3 benchmarks/predict_export.py --images 4096 --size 64 --device cuda --out "$OUT/predict_export.md"; } 2>&1 | tail -30 | tee "$OUT/predict_export.log"

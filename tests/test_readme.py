@@ -79,6 +79,9 @@ def _data_files(home: Path) -> None:
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(home / "data" / "images" / f"{i}.png")
         rows.append(f"images/{i}.png,{label}")
     (home / "data" / "train.csv").write_text("\n".join(rows) + "\n")
+    (home / "eval" / "images").mkdir(parents=True)  # the competition's unlabeled images (kiln predict)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(home / "eval" / "images" / f"{i}.png")
     # The README's np.savez line, with the arrays it assumes.
     features, relevance = rng.normal(size=(120, 20)), rng.integers(0, 3, 120)
     query_ids = np.repeat(np.arange(12), 10)
@@ -162,6 +165,9 @@ def test_every_kiln_line_in_the_readme_runs(user):
     assert len(ran) >= 15, ran
     assert (home / "resolved.yaml").is_file() and (home / "kiln.schema.json").is_file()
     assert (home / "report" / "index.html").is_file()
+    submission = (home / "submission.csv").read_text().splitlines()  # kiln predict ... --out submission.csv
+    assert submission[0].startswith("ImageID,ans,") and [r.split(",")[0] for r in submission[1:]] == [
+        f"{i}.png" for i in range(8)]
 
 
 # The README's error examples and the mistakes that cause them.

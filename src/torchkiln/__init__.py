@@ -14,12 +14,14 @@ _LAZY = {
     "seed_everything": "torchkiln.seeding",
     "fingerprint": "torchkiln.seeding",
     "run_loggers": "torchkiln.loggers",
+    "load": "torchkiln.inference",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from torchkiln.engine.callbacks import Callback
     from torchkiln.engine.settings import make_trainer
     from torchkiln.engine.trainer import Trainer
+    from torchkiln.inference import load
     from torchkiln.loggers import run_loggers
     from torchkiln.seeding import fingerprint, seed_everything
 
@@ -32,4 +34,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'torchkiln' has no attribute {name!r}")
 
 
-__all__ = ["Callback", "Trainer", "make_trainer", "run_loggers", "seed_everything", "fingerprint", "__version__"]
+__all__ = ["Callback", "Trainer", "make_trainer", "run_loggers", "seed_everything", "fingerprint", "load",
+           "__version__"]

@@ -15,6 +15,7 @@ from torchkiln.version import __version__
 COMMANDS = {
     "train": "train",
     "test": "test",
+    "predict": "predict",
     "report": "report",
     "summary": "summary",
     "export": "export",
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     adders = (
         _add_train,
         _add_test,
+        _add_predict,
         _add_report,
         _add_summary,
         _add_export,
@@ -88,8 +90,32 @@ def _add_test(sub) -> None:
     e.add_argument("run_dir", help="a run directory (runs/<name>/<timestamp>)")
     e.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     e.add_argument("--split", default="test", choices=["test", "val"])
+    e.add_argument("--tta", default="none", choices=["none", "flip", "flip+crops"],
+                   help="test-time augmentation: average the probabilities over flipped (and cropped) views")
     e.add_argument("-q", "--quiet", action="store_true")
     e.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict with a run's (or an export's) model; writes a CSV (a submission)")
+    p.add_argument("run_dir", help="a run directory, or an export folder (model.json)")
+    p.add_argument("--input", required=True, metavar="PATH",
+                   help="a folder of images (recursively), a CSV of image paths, or split:test / split:val")
+    p.add_argument("--out", help="the CSV to write (default: RUN_DIR/predictions/predictions.csv)")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--id-col", default="id", help="the id column's name (kept from a CSV that has it)")
+    p.add_argument("--pred-col", default="pred", help="the predicted class's column name")
+    p.add_argument("--image-col", help="a CSV's image column (default: the run's data.dataset.args.image_col)")
+    p.add_argument("--root", help="the folder a CSV's image paths are relative to (default: the CSV's)")
+    p.add_argument("--probs", action="store_true", help="a probability column per class")
+    p.add_argument("--topk", type=int, metavar="K", help="the K most probable classes and their probabilities")
+    p.add_argument("--tta", default="none", choices=["none", "flip", "flip+crops"], help="test-time augmentation")
+    p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
+                   help="an unreadable image: stop (raise), or write an empty prediction and list it (skip)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("-q", "--quiet", action="store_true")
 
 
 def _add_report(sub) -> None:
@@ -107,9 +133,9 @@ def _add_summary(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    x = sub.add_parser("export", help="write a run's best weights as safetensors, with the model config")
+    x = sub.add_parser("export", help="write a run's best weights (safetensors, ONNX, torch.export) and model.json")
     x.add_argument("run_dir", help="a run directory (runs/<name>/<timestamp>)")
-    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt"])
+    x.add_argument("--format", default="safetensors", choices=["safetensors", "pt", "onnx", "pt2"])
     x.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     x.add_argument("-o", "--out", help="output folder (default: RUN_DIR/export)")
 

@@ -38,6 +38,7 @@ PLOTS = "plots"
 CURVES = "curves.png"  # in plots/
 TENSORBOARD = "tensorboard"
 EXPORT = "export"  # `kiln export`'s default output folder
+PREDICTIONS = "predictions/predictions.csv"  # `kiln predict`'s default output file
 FOLDS = "folds.json"  # `kiln train --folds`: the summary beside the folds' runs
 MEMORY_SNAPSHOT = "memory_snapshot.pickle"  # `kiln train --memory-snapshot N` (CUDA)
 

@@ -1,21 +1,40 @@
-"""`kiln export`: a run's weights as safetensors (or a plain state_dict) plus the model's config.
+"""`kiln export`: a run's weights plus `model.json`, and with `--format onnx|pt2` the model compiled
+for other runtimes, each checked against the eager model on real validation inputs.
 
-The files need neither torchkiln nor pickle to read: `safetensors.torch.load_file` gives the
-state_dict, and `model.json` says which model (type and arguments) it belongs to.
+- `model.json` (inference/card.py) holds all that rebuilds and feeds the model: its type and
+  arguments with `num_classes`, the task and heads, the class names, the eval preprocessing, the
+  input shape and channels, and the torchkiln and torch versions. `torchkiln.load(EXPORT_DIR)`
+  works from it and the weights alone.
+- The weights are `model.safetensors` (`--format pt`: a plain state_dict `model.pt`); they need
+  neither torchkiln nor pickle to read.
+- `onnx`: `model.onnx` from `torch.onnx.export(dynamo=True, external_data=False)` with a dynamic
+  batch axis, checked with `onnx.checker`, run with onnxruntime. `pt2`: `model.pt2`, a
+  `torch.export` ExportedProgram. Both are compared with the eager model at batch 1, 3 and 7; above
+  atol 1e-4 / rtol 1e-3 the export fails (exit 2) and says by how much.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from torchkiln.commands.logs import console
-from torchkiln.errors import CheckpointError, ConfigError
+from torchkiln.errors import CheckpointError, ConfigError, KilnError
+from torchkiln.inference.card import CARD, card_from_config
 from torchkiln.rundir import CHECKPOINTS, EXPORT, LAST, checkpoint_path
 
-FORMATS = ("safetensors", "pt")
+log = logging.getLogger("torchkiln")
+FORMATS = ("safetensors", "pt", "onnx", "pt2")
+PARITY_BATCHES = (1, 3, 7)
+ATOL, RTOL = 1e-4, 1e-3
+EXTRA_HINT = "needs the 'export' extra: pip install 'torchkiln[export]' (onnx, onnxscript, onnxruntime)"
+
+
+class ExportError(KilnError):
+    """The exported program does not match the eager model (or could not be made)."""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -28,21 +47,51 @@ def main(args: argparse.Namespace) -> int:
 
 def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "best",
            out_dir: str | Path | None = None) -> list[Path]:
-    """Write model.safetensors (or model.pt) and model.json into `out_dir` (default RUN_DIR/export)."""
-    import torch
-
-    from torchkiln.engine.checkpoint import (
-        FORMAT,
-        load_checkpoint,
-        model_weights,
-        strip_prefixes,
-        weights_kind,
-    )
-    from torchkiln.version import __version__
-
+    """Write the weights and model.json (and model.onnx / model.pt2) into `out_dir` (default RUN_DIR/export)."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: expected one of {', '.join(FORMATS)}; found {fmt!r}")
+    if fmt == "onnx":
+        require_onnx()
     run_dir = Path(run_dir)
+    ckpt, state = _checkpoint(run_dir, checkpoint)
+    import torch
+
+    from torchkiln.engine.checkpoint import model_weights, strip_prefixes
+    from torchkiln.inference.predictor import build_model
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in strip_prefixes(model_weights(state, ckpt)).items()}
+    card = _card(state, ckpt, fmt, weights)
+    out = Path(out_dir) if out_dir is not None else run_dir / EXPORT
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_write_weights(out, fmt, weights, card)]
+    if fmt in ("onnx", "pt2"):
+        model = build_model(card, weights)
+        inputs = parity_inputs(run_dir, state)
+        card["input"] = input_info(inputs)
+        with torch.no_grad():
+            path = out / f"model.{fmt}"
+            _atomic(path, lambda p: (onnx_export if fmt == "onnx" else pt2_export)(model, inputs[:3], p))
+            card["parity"] = check_parity(model, inputs, runner(fmt, path), fmt)
+        written.append(path)
+    else:
+        card["input"] = _input_from_data(run_dir, state)
+    config_path = out / CARD
+    _atomic(config_path, lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
+    return [*written[:1], config_path, *written[1:]]
+
+
+def require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(f"--format onnx {EXTRA_HINT} ({exc.name} is missing)") from None
+
+
+def _checkpoint(run_dir: Path, checkpoint: str) -> tuple[Path, dict[str, Any]]:
+    from torchkiln.engine.checkpoint import FORMAT, load_checkpoint
+
     ckpt = checkpoint_path(run_dir, checkpoint)
     if checkpoint == "best" and not ckpt.is_file() and (run_dir / CHECKPOINTS / LAST).is_file():
         raise CheckpointError(f"{ckpt}: not found (no epoch finished with a monitored value yet);"
@@ -52,13 +101,19 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
     state = load_checkpoint(ckpt)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt}: not a torchkiln checkpoint")
-    weights = {k: v.detach().cpu().contiguous() for k, v in strip_prefixes(model_weights(state, ckpt)).items()}
+    return ckpt, state
+
+
+def _card(state: dict[str, Any], ckpt: Path, fmt: str, weights: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from torchkiln.engine.checkpoint import weights_kind
+    from torchkiln.version import __version__
+
     config: dict[str, Any] = state.get("config") or {}
     loop = state.get("loop") or {}
-    info = {
-        "model": config.get("model"),
-        **_rebuild_info(config),
-        "task": config.get("task"),
+    return {
+        **card_from_config(config),
         "source_checkpoint": str(ckpt),
         "weights": weights_kind(state),  # ema / swa: the averaged weights the run validated; model: as trained
         "epoch": loop.get("epoch"),
@@ -71,42 +126,131 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                     for k, v in weights.items()},
     }
-    out = Path(out_dir) if out_dir is not None else run_dir / EXPORT
-    out.mkdir(parents=True, exist_ok=True)
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        weights_path = out / "model.safetensors"
-        meta = {"format": "pt", "torchkiln": __version__, "model_type": str((config.get("model") or {}).get("type"))}
-        _atomic(weights_path, lambda p: save_file(_unshare(weights), str(p), metadata=meta))
-    else:
-        weights_path = out / "model.pt"
-        _atomic(weights_path, lambda p: torch.save(weights, p))
-    config_path = out / "model.json"
-    _atomic(config_path, lambda p: p.write_text(json.dumps(info, indent=2) + "\n"))
-    return [weights_path, config_path]
 
 
-def _rebuild_info(config: dict[str, Any]) -> dict[str, Any]:
-    """What rebuilding the model and feeding it needs beyond its type and arguments: the class
-    count, the heads of a multi-head task (name -> classes, in output order) and the eval
-    preprocessing."""
-    model_args = (config.get("model") or {}).get("args") or {}
-    task = config.get("task")
-    heads = None
-    if isinstance(task, dict) and task.get("type") == "multihead":
-        spec = (task.get("args") or {}).get("heads") or {}
-        heads = {name: (h["classes"] if isinstance(h, dict) else h) for name, h in spec.items()}
-    transforms = ((config.get("data") or {}).get("transforms") or {})
-    return {
-        "num_classes": model_args.get("num_classes"),
-        "heads": heads,
-        "preprocessing": {
-            "eval_transforms": transforms.get("eval") or [],
-            "input": "images decoded to float32 RGB (or L) tensors in [0, 1], shape (C, H, W), then the"
-                     " eval transforms (torchvision.transforms.v2) in order; tensor data sets as stored",
-        },
-    }
+def _write_weights(out: Path, fmt: str, weights: dict[str, Any], card: dict[str, Any]) -> Path:
+    if fmt == "pt":
+        import torch
+
+        path = out / "model.pt"
+        _atomic(path, lambda p: torch.save(weights, p))
+        return path
+    from safetensors.torch import save_file
+
+    path = out / "model.safetensors"
+    meta = {"format": "pt", "torchkiln": card["torchkiln"], "model_type": str(card["model"]["type"])}
+    _atomic(path, lambda p: save_file(_unshare(weights), str(p), metadata=meta))
+    return path
+
+
+# -- real inputs ----------------------------------------------------------------------------------
+def parity_inputs(run_dir: Path, state: dict[str, Any], n: int = max(PARITY_BATCHES)) -> Any:
+    """The first `n` inputs of the run's validation split (else test, else train), as one batch."""
+    import torch
+
+    from torchkiln.inference.run_data import run_data
+
+    data = run_data(run_dir, state)
+    dataset = data.val if data.val is not None else data.test if data.test is not None else data.train
+    xs = [_input_of(dataset[i % len(dataset)]) for i in range(n)]
+    return torch.stack(xs).float()
+
+
+def _input_of(sample: Any) -> Any:
+    import torch
+
+    x = sample["input"] if isinstance(sample, dict) else sample[0] if isinstance(sample, (tuple, list)) else sample
+    return torch.as_tensor(x).as_subclass(torch.Tensor)
+
+
+def input_info(inputs: Any) -> dict[str, Any]:
+    shape = list(inputs.shape[1:])
+    return {"shape": shape, "channels": shape[0] if len(shape) == 3 else None, "dtype": str(inputs.dtype).replace("torch.", "")}
+
+
+def _input_from_data(run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The input shape of one real sample; None when the run's data cannot be read here."""
+    try:
+        return input_info(parity_inputs(run_dir, state, n=1))
+    except (KilnError, OSError) as exc:
+        log.warning("model.json: input shape left out (the run's data could not be read: %s)", exc)
+        return None
+
+
+# -- the formats ----------------------------------------------------------------------------------
+def _dynamic_batch() -> Any:
+    from torch.export import Dim
+
+    return ({0: Dim("batch", min=1, max=65536)},)
+
+
+def onnx_export(model: Any, example: Any, path: Path) -> None:
+    import onnx
+    import torch
+
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, external_data=False,
+                                    dynamic_shapes=_dynamic_batch(), input_names=["input"], verbose=False)
+        program.save(str(path), external_data=False)
+    except Exception as exc:  # noqa: BLE001 - the exporter's many failure kinds: one line
+        raise ExportError(f"torch.onnx.export could not export this model: {str(exc).splitlines()[0]}") from exc
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def pt2_export(model: Any, example: Any, path: Path) -> None:
+    import torch
+
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"torch.export could not export this model: {str(exc).splitlines()[0]}") from exc
+    torch.export.save(program, str(path))
+
+
+def runner(fmt: str, path: Path) -> Any:
+    """A function batch -> list of output arrays, running the exported file as its runtime would."""
+    import torch
+
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda x: [torch.from_numpy(o) for o in session.run(None, {name: x.numpy()})]
+    module = torch.export.load(str(path)).module()
+    return lambda x: _leaves(module(x))
+
+
+def _leaves(outputs: Any) -> list[Any]:
+    if isinstance(outputs, dict):
+        return [t for v in outputs.values() for t in _leaves(v)]
+    if isinstance(outputs, (list, tuple)):
+        return [t for v in outputs for t in _leaves(v)]
+    return [outputs]
+
+
+def check_parity(model: Any, inputs: Any, run: Any, fmt: str) -> dict[str, Any]:
+    """Max abs / rel difference to the eager model per batch size; fails above atol/rtol."""
+    import torch
+
+    report: dict[str, Any] = {"atol": ATOL, "rtol": RTOL, "batches": {}}
+    for b in PARITY_BATCHES:
+        x = inputs[:b]
+        with torch.no_grad():
+            want = [t.float() for t in _leaves(model(x))]
+        got = [torch.as_tensor(t).float() for t in run(x)]
+        if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want)):
+            raise ExportError(f"{fmt} parity at batch {b}: output shapes {[tuple(g.shape) for g in got]},"
+                              f" eager {[tuple(w.shape) for w in want]}")
+        abs_diff = max(float((g - w).abs().max()) for g, w in zip(got, want))
+        rel_diff = max(float(((g - w).abs() / w.abs().clamp_min(1e-12)).max()) for g, w in zip(got, want))
+        close = all(torch.allclose(g, w, atol=ATOL, rtol=RTOL) for g, w in zip(got, want))
+        report["batches"][str(b)] = {"max_abs": abs_diff, "max_rel": rel_diff}
+        log.info("%s parity at batch %d: max abs diff %.3g, max rel diff %.3g", fmt, b, abs_diff, rel_diff)
+        if not close:
+            raise ExportError(f"{fmt} parity at batch {b}: max abs diff {abs_diff:.3g}, max rel diff {rel_diff:.3g},"
+                              f" above atol {ATOL:g} / rtol {RTOL:g} against the eager model")
+    return report
 
 
 def _unshare(weights: dict[str, Any]) -> dict[str, Any]:
@@ -123,10 +267,13 @@ def _unshare(weights: dict[str, Any]) -> dict[str, Any]:
 def _atomic(path: Path, write) -> None:
     import os
 
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")  # the suffix kept: torch.export.save wants .pt2
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{path}: could not write ({exc.strerror or exc})") from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

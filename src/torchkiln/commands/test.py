@@ -16,7 +16,8 @@ from torchkiln.rundir import CONFIG, checkpoint_path, split_metrics, split_repor
 def main(args: argparse.Namespace) -> int:
     """Print the metrics, then the per-class report when the task writes one."""
     console(args.quiet)
-    results = test(Path(args.run_dir), checkpoint=args.checkpoint, split=args.split, overrides=args.overrides)
+    results = test(Path(args.run_dir), checkpoint=args.checkpoint, split=args.split, overrides=args.overrides,
+                   tta=args.tta)
     width = max(len(k) for k in results) if results else 0
     for k, v in results.items():
         print(f"{k:<{width}}  {v:.6f}")
@@ -27,10 +28,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides: list[str] | None = None
-         ) -> dict[str, float]:
+def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides: list[str] | None = None,
+         tta: str | None = None) -> dict[str, float]:
+    """`tta` (flip, flip+crops): the metrics of the probabilities averaged over the views."""
     from torchkiln.commands.train import build_trainer, stored_normalization
     from torchkiln.engine.checkpoint import load_checkpoint, model_weights
+    from torchkiln.inference.tta import make_tta
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG
@@ -54,8 +57,10 @@ def test(run_dir: Path, checkpoint: str = "best", split: str = "test", overrides
         trainer.load_weights(weights)
     except CheckpointError as exc:
         raise CheckpointError(f"{ckpt}: {exc}") from exc
+    trainer.task.use_tta(make_tta(tta))
     results = trainer.evaluate(loaders[split], split)
-    out = {"checkpoint": str(ckpt), "split": split, "samples": len(loaders[split].dataset), **results}
+    out = {"checkpoint": str(ckpt), "split": split, "samples": len(loaders[split].dataset),
+           "tta": tta or "none", **results}
     (run_dir / split_metrics(split)).write_text(json.dumps(out, indent=2))
     _report(trainer, loaders[split], run_dir, split, results)
     return results

@@ -21,6 +21,7 @@ from torchkiln.config.load import (
 )
 from torchkiln.config.schema import Config, to_plain
 from torchkiln.errors import CheckpointError, ConfigError
+from torchkiln.inference.card import CLASS_NAMES_KEY, NORMALIZATION_KEY, plain_names
 from torchkiln.rundir import (
     CONFIG,
     find_checkpoint,
@@ -30,7 +31,6 @@ from torchkiln.rundir import (
 )
 
 log = logging.getLogger("torchkiln")
-NORMALIZATION_KEY = "normalization"  # data.normalize's statistics, beside the resolved config in every checkpoint
 FINDER_START = 2  # the batch-size finder's first size (and what `auto` builds with before it is resolved)
 FINDER_MAX = 4096  # its default bound (a CPU, where nothing runs out, stops here or at the data's size)
 
@@ -358,6 +358,7 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
         resolved["model"]["args"]["num_classes"] = num_classes  # so the checkpoint rebuilds the model
     if data.normalization is not None:
         resolved[NORMALIZATION_KEY] = data.normalization.to_dict()  # checkpoints carry the statistics
+    resolved[CLASS_NAMES_KEY] = plain_names(data.class_names)  # and the class names, for `kiln predict` and export
     trainer = make_trainer(
         model, optimizer, loss, task=task, metrics=metrics, scheduler=scheduler, freezer=freezer,
         callbacks=build_callbacks(cfg), **trainer_settings(cfg, monitor, mode), config=resolved,

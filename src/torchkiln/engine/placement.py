@@ -66,7 +66,8 @@ class Placement:
                      self.device)
         return self
 
-    def setup(self, model: nn.Module, modules: Iterable[nn.Module | None], optimizer: torch.optim.Optimizer) -> None:
+    def setup(self, model: nn.Module, modules: Iterable[nn.Module | None],
+              optimizer: torch.optim.Optimizer | None) -> None:
         """Move the model (and the loss, metrics, optimizer state) to the device; compile and wrap."""
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         if self.self_placed:
@@ -116,10 +117,10 @@ class Placement:
         return report_compilation(self._dynamo_before)
 
 
-def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device | None = None) -> None:
+def move_optimizer_state(optimizer: torch.optim.Optimizer | None, device: torch.device | None = None) -> None:
     """Each parameter's optimizer state onto that parameter's device (a model that places itself
     spans several); `device` is only for state not keyed by a tensor."""
-    for param, state in optimizer.state.items():
+    for param, state in optimizer.state.items() if optimizer is not None else ():
         target = param.device if isinstance(param, torch.Tensor) else device
         if target is None:
             continue

@@ -40,7 +40,7 @@ class LRSchedule:
 
     def __init__(
         self,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         scheduler: Any | None = None,
         *,
         interval: str | None = None,
@@ -66,7 +66,7 @@ class LRSchedule:
         self.warmup_start = float(warmup_start)
         self.fractional_epochs = fractional_epochs
         self.steps_done = 0
-        self._base = [g["lr"] for g in optimizer.param_groups]
+        self._base = [g["lr"] for g in self.param_groups]
         self._apply_warmup()
 
     # -- the two moments the trainer calls --------------------------------------------------
@@ -129,8 +129,12 @@ class LRSchedule:
                  self.optimizer.param_groups[0]["lr"],
                  f", then the new plan's lr {nxt:.3g} at step {step + 1}" if nxt is not None else "")
 
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups if self.optimizer is not None else []  # no optimizer: predict only
+
     def lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
+        return [float(g["lr"]) for g in self.param_groups]
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict:

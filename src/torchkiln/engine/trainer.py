@@ -49,7 +49,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None = None,  # None: evaluate and predict only
         loss_fn: nn.Module | None = None,
         *,
         task: Task | None = None,
@@ -163,6 +163,8 @@ class Trainer:
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
             resume: str | Path | dict | None = None) -> dict[str, Any]:
         """Train for `epochs` (continuing from `resume`, a checkpoint path or its loaded dict)."""
+        if self.optimizer is None:
+            raise SettingError("optimizer", "fit needs an optimizer (evaluate and predict do not)")
         started = time.perf_counter()
         self.setup()
         self.resolve_monitor(val_loader is not None)

@@ -10,6 +10,7 @@ Hooks a subclass may override, all with working defaults:
   report_views(outputs, targets, class_names)               per-class tables for `kiln test`
   report_table(results, class_names, split)                 or a table of its own from the results
   validation_views(outputs, targets)                        what validation pictures draw
+  scores / outputs_from_scores / prediction_writer          predictions and test-time augmentation
 """
 
 from __future__ import annotations
@@ -54,9 +55,15 @@ class Task:
         inputs, targets = batch[0], batch[1] if len(batch) > 1 else None
         return inputs, targets
 
+    tta: Any = None  # test-time augmentation (inference/tta.py), set with use_tta
+
     def forward(self, model: nn.Module, batch: Any) -> tuple[Any, Any]:
         inputs, targets = self.split_batch(batch)
-        return model(inputs), targets
+        return (model(inputs) if self.tta is None else self.tta(model, inputs, self)), targets
+
+    def use_tta(self, tta: Any) -> None:
+        """Outputs become the mean of `tta`'s views' scores (as outputs); None: the plain forward."""
+        self.tta = tta
 
     def loss(self, loss_fn: nn.Module, outputs: Any, targets: Any) -> torch.Tensor:
         return loss_fn(outputs, targets)
@@ -66,6 +73,21 @@ class Task:
 
     def predict(self, outputs: Any) -> Any:
         return outputs
+
+    # -- predictions -----------------------------------------------------------------------
+    def scores(self, outputs: Any) -> Any:
+        """What a prediction reads and test-time augmentation averages (probabilities, values)."""
+        return outputs.float()
+
+    def outputs_from_scores(self, scores: Any) -> Any:
+        """Outputs whose scores are `scores` (so loss, metrics and predictions read averaged views)."""
+        return scores
+
+    def prediction_writer(self, options: Any) -> Any:
+        """The rows of a prediction file (tasks/predictions.py): one value or row of values per input."""
+        from torchkiln.tasks.predictions import PredictionWriter
+
+        return PredictionWriter(options)
 
     def batch_size(self, batch: Any) -> int:
         inputs, _ = self.split_batch(batch)
@@ -169,6 +191,17 @@ class ClassificationTask(Task):
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.argmax(dim=1)
 
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.float().softmax(dim=1)
+
+    def outputs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores.clamp_min(torch.finfo(scores.dtype).tiny).log()  # softmax(log p) = p
+
+    def prediction_writer(self, options: Any) -> Any:
+        from torchkiln.tasks.predictions import ClassWriter
+
+        return ClassWriter(options, options.num_classes)
+
     def report_views(self, outputs: torch.Tensor, targets: torch.Tensor,
                      class_names: list[str] | None = None) -> list[ReportView]:
         return [ReportView("", "multiclass", self.predict(outputs), targets.long(), int(outputs.shape[1]), class_names)]
@@ -227,3 +260,8 @@ class RegressionTask(Task):
 
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return outputs.squeeze(1) if outputs.dim() == 2 and outputs.shape[1] == 1 else outputs
+
+    def prediction_writer(self, options: Any) -> Any:
+        from torchkiln.tasks.predictions import PredictionWriter
+
+        return PredictionWriter(options, self.targets)

@@ -211,6 +211,17 @@ class MultiHeadTask(ClassificationTask):
             preds[self.combined] = self.encode(preds)
         return preds
 
+    def scores(self, outputs: Any) -> dict[str, torch.Tensor]:
+        return {h: o.float().softmax(dim=1) for h, o in self.head_outputs(outputs).items()}
+
+    def outputs_from_scores(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {h: p.clamp_min(torch.finfo(p.dtype).tiny).log() for h, p in scores.items()}
+
+    def prediction_writer(self, options: Any) -> Any:
+        from torchkiln.tasks.predictions import MultiHeadWriter
+
+        return MultiHeadWriter(options, self)
+
     # -- building --------------------------------------------------------------------------
     def build_metrics(self, specs: list[Any], num_classes: int | None):
         from torchmetrics import MetricCollection

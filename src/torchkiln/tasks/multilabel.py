@@ -41,6 +41,17 @@ class MultiLabelTask(Task):
     def predict(self, outputs: torch.Tensor) -> torch.Tensor:
         return (outputs.float().sigmoid() >= self.threshold).long()
 
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.float().sigmoid()
+
+    def outputs_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        return torch.logit(scores, eps=1e-7)  # sigmoid(logit p) = p
+
+    def prediction_writer(self, options: Any) -> Any:
+        from torchkiln.tasks.predictions import MultiLabelWriter
+
+        return MultiLabelWriter(options, options.num_classes, self.threshold)
+
     def report_views(self, outputs: torch.Tensor, targets: torch.Tensor,
                      class_names: list[str] | None = None) -> list[ReportView]:
         return [ReportView("", "multilabel", self.predict(outputs), targets.long(), int(outputs.shape[1]),

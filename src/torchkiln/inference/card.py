@@ -1,0 +1,77 @@
+"""The model card: everything that rebuilds a trained model and feeds it, as plain JSON data.
+
+It is `model.json` in an export folder, and it is derived from a checkpoint (its resolved config)
+for a run directory, so `torchkiln.load` reads both the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torchkiln.errors import CheckpointError
+
+CARD = "model.json"
+CLASS_NAMES_KEY = "class_names"  # the data's class names, beside the resolved config in every checkpoint
+NORMALIZATION_KEY = "normalization"  # data.normalize's statistics (commands/train.py writes both)
+
+
+def card_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The card of a checkpoint's resolved config."""
+    from torchkiln.registry import DATASETS, load_builtins
+
+    load_builtins()
+    data = config.get("data") or {}
+    dataset = data.get("dataset") or {}
+    args = dataset.get("args") or {}
+    try:
+        decodes = bool(getattr(DATASETS.get(dataset.get("type", ""), "data.dataset.type"), "decodes_images", False))
+    except Exception:  # noqa: BLE001 - a user's dataset that no longer imports: no decoding known
+        decodes = False
+    model = config.get("model") or {}
+    trainer = config.get("trainer") or {}
+    return {
+        "model": {"type": model.get("type"), "args": dict(model.get("args") or {})},
+        "num_classes": (model.get("args") or {}).get("num_classes"),
+        "task": config.get("task") or "classification",
+        "heads": _heads(config.get("task")),
+        "class_names": config.get(CLASS_NAMES_KEY),
+        "preprocessing": {
+            "decode": {"mode": args.get("mode", "RGB")} if decodes else None,
+            "eval_transforms": ((data.get("transforms") or {}).get("eval")) or [],
+            "normalization": config.get(NORMALIZATION_KEY),
+            "input": "images decoded to uint8 RGB (or L) tensors (C, H, W), then the eval transforms"
+                     " (torchvision.transforms.v2) in order, with ToDtype(float32, scale=True) before the first"
+                     " float-only step or at the end; tensor data sets as stored",
+        },
+        "image_col": args.get("image_col") if isinstance(args.get("image_col"), str) else None,
+        "precision": str(trainer.get("precision", "32")),
+    }
+
+
+def plain_names(names: Any) -> list[str] | dict[str, list[str]] | None:
+    """A data set's class names as plain data (a list, or a list per head), else None."""
+    if isinstance(names, dict):
+        return {str(k): [str(c) for c in v] for k, v in names.items() if v is not None}
+    if names is not None and not isinstance(names, str) and hasattr(names, "__iter__"):
+        return [str(c) for c in names]
+    return None
+
+
+def _heads(task: Any) -> dict[str, Any] | None:
+    if isinstance(task, dict) and task.get("type") == "multihead":
+        spec = (task.get("args") or {}).get("heads") or {}
+        return {name: (h["classes"] if isinstance(h, dict) else h) for name, h in spec.items()}
+    return None
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / CARD
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable model card ({exc})") from exc
+    if not isinstance(card, dict) or not isinstance(card.get("model"), dict) or not card["model"].get("type"):
+        raise CheckpointError(f"{path}: no model type in it (written by `kiln export`?)")
+    return card
