@@ -12,7 +12,7 @@ from torchkiln.registry import BUILTIN_MODULES
 
 # A module-level registration: `@REG.register`, `REG.register(...)`, `REG.register_scheme(...)`,
 # or metrics' `_register(...)`.
-REGISTERS = re.compile(r"^(@[A-Z_]+\.register\b|[A-Z_]+\.register(_scheme)?\(|_register\()", re.M)
+REGISTERS = re.compile(r"^\s*(@[A-Z_]+\.register\b|[A-Z_]+\.register(_scheme)?\(|_register\()", re.M)
 
 
 def test_every_registering_module_is_listed_once():

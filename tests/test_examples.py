@@ -21,7 +21,8 @@ EXAMPLES = ROOT / "examples"
 
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory):
-    """The mask competition from a copy of its folder: the data generator, `kiln train`, `kiln test`."""
+    """The mask competition from a copy of its folder: the data generator, `kiln train`, `kiln test`,
+    `kiln predict` to submission.csv."""
     home = tmp_path_factory.mktemp("competition") / "mask_competition"
     shutil.copytree(EXAMPLES / "mask_competition", home)
     spec = importlib.util.spec_from_file_location("make_data", home / "make_data.py")
@@ -31,7 +32,19 @@ def competition(tmp_path_factory):
     kiln("train", "-c", "config.yaml", "-q", "trainer.epochs=2", cwd=home, check=True)
     [run] = sorted((home / "runs" / "mask-competition").iterdir())
     tested = kiln("test", str(run.relative_to(home)), cwd=home, check=True)
+    kiln("predict", str(run.relative_to(home)), "--input", "data/eval/info.csv", "--image-col", "ImageID",
+         "--id-col", "ImageID", "--pred-col", "ans", "--out", "submission.csv", "-q", cwd=home, check=True)
     return home, run, tested.stdout
+
+
+def test_the_submission_fills_the_eval_info_in_its_order(competition):
+    home, _, _ = competition
+    with open(home / "data" / "eval" / "info.csv", newline="") as f:
+        info = [r["ImageID"] for r in csv.DictReader(f)]
+    with open(home / "submission.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["ImageID"] for r in rows] == info  # one row per input, in input order
+    assert all(0 <= int(r["ans"]) < 18 for r in rows)  # the combined class: mask*6 + gender*3 + age
 
 
 def test_the_competition_data_has_the_competitions_shape(competition):

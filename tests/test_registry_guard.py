@@ -69,6 +69,8 @@ TASK_DATA = {  # a data set of each task kind
     "classification": {"type": "Digits"}, "multilabel": {"type": "DigitsMultiLabel"},
     "regression": {"type": "DigitsRegression"}, "ranking": {"type": "DigitsRanking"},
 }
+DETECTION_DATA = ("COCODetection", "CSVBoxes", "ShapesDetection")
+DETECTOR = {"type": "fasterrcnn_mobilenet_v3_large_320_fpn", "args": {"min_size": 64, "max_size": 64}}
 KIND_TASK = {"multiclass": "classification", "multilabel": "multilabel", "regression": "regression",
              "ranking": "ranking"}
 MULTIHEAD = {"type": "multihead", "args": {"heads": {"mod3": 3, "parity": 2, "quarter": 3}}}  # DigitsMultiHead
@@ -88,7 +90,19 @@ def _files(tmp: Path) -> dict[str, dict]:
     (tmp / "images.csv").write_text("\n".join(rows) + "\n")
     np.savez(tmp / "data.npz", x=np.random.default_rng(0).normal(size=(40, 4)).astype("float32"),
              y=np.arange(40) % 2)
+    shapes = tmp / "shapes"  # the detection demo, small: COCO JSON + images, and the same boxes as a CSV
+    subprocess.run([sys.executable, "-m", "torchkiln", "data", "shapes", str(shapes), "--images", "12",
+                    "--size", "64"], check=True, capture_output=True, env={"PYTHONPATH": str(ROOT / "src")})
+    ann = json.loads((shapes / "annotations.json").read_text())
+    names = {i["id"]: i["file_name"] for i in ann["images"]}
+    box_rows = ["image,x1,y1,x2,y2,label"] + [
+        f"{names[a['image_id']]},{a['bbox'][0]},{a['bbox'][1]},{a['bbox'][0] + a['bbox'][2]},"
+        f"{a['bbox'][1] + a['bbox'][3]},{a['category_id']}" for a in ann["annotations"] if a["image_id"] in names]
+    (tmp / "boxes.csv").write_text("\n".join(box_rows) + "\n")
     return {
+        "COCODetection": {"annotations": str(shapes / "annotations.json"), "images": str(shapes / "images")},
+        "CSVBoxes": {"csv": str(tmp / "boxes.csv"), "images": str(shapes / "images")},
+        "ShapesDetection": {"root": str(shapes)},
         "ImageFolder": {"root": str(tmp / "folder")},
         "CsvImages": {"csv_file": str(tmp / "images.csv")},
         "TensorFile": {"path": str(tmp / "data.npz")},
@@ -111,14 +125,24 @@ def _configs(tmp: Path, offered: dict[str, list[str]]) -> list[tuple[str, dict]]
     digits = _cfg(tmp)["data"]
     images = {**digits, "dataset": {"type": "CsvImages", "args": files["CsvImages"]}}
     tabular = {"type": "MLP", "args": {"in_features": 4, "hidden": [8]}}
+    detection = {**digits, "dataset": {"type": "ShapesDetection", "args": files["ShapesDetection"]}}
     for name in offered["dataset"]:
         data = {**digits, "dataset": {"type": name, "args": files.get(name, {})}}
+        if name in DETECTION_DATA:
+            out.append((f"dataset {name}", _cfg(tmp, data=data, task="detection", model=DETECTOR, metrics=[])))
+            continue
         task = {"DigitsMultiLabel": "multilabel", "DigitsRegression": "regression", "DigitsRanking": "ranking",
                 "DigitsMultiHead": MULTIHEAD}.get(name, "classification")
         model = IMAGES_CNN if name in ("CsvImages", "ImageFolder") else tabular if name == "TensorFile" else None
         extra = {"model": model} if model else {}
         out.append((f"dataset {name}", _cfg(tmp, data=data, task=task, metrics=[], **extra)))
+    from torchkiln.models.detection import DETECTORS
+
     for name in offered["model"]:
+        if name in DETECTORS:
+            out.append((f"model {name}", _cfg(tmp, model={"type": name}, task="detection", data=detection,
+                                              metrics=[])))
+            continue
         out.append((f"model {name}", _cfg(tmp, model={"type": name})))
     out.append(("model timm:resnet18", _cfg(tmp, model={"type": "timm:resnet18", "args": {"in_chans": 1}})))
     out.append(("model torchvision:resnet18", _cfg(tmp, model={"type": "torchvision:resnet18"}, data=images)))
@@ -142,7 +166,9 @@ def _configs(tmp: Path, offered: dict[str, list[str]]) -> list[tuple[str, dict]]
             extra = {"model": tabular} if binary else {}
             out.append((f"metric {name} ({task})", _cfg(tmp, task=task, data=data, metrics=[name], **extra)))
     for name in offered["task"]:
-        if name == "multihead":
+        if name == "detection":
+            out.append(("task detection", _cfg(tmp, task=name, data=detection, model=DETECTOR, metrics=[])))
+        elif name == "multihead":
             data = {**digits, "dataset": {"type": "DigitsMultiHead"}}
             out.append(("task multihead", _cfg(tmp, task=MULTIHEAD, data=data, metrics=[])))
         else:
@@ -155,6 +181,10 @@ def _configs(tmp: Path, offered: dict[str, list[str]]) -> list[tuple[str, dict]]
         data = {**images, "transforms": {"train": steps, "eval": []}}
         out.append((f"transform {name}", _cfg(tmp, data=data, model=IMAGES_CNN)))
     for name in offered["collate"]:
+        if name == "detection":
+            out.append((f"collate {name}", _cfg(tmp, data={**detection, "collate": {"type": name}},
+                                                task="detection", model=DETECTOR, metrics=[])))
+            continue
         out.append((f"collate {name}", _cfg(tmp, data={**digits, "collate": {"type": name}})))
     for name in ("default", "balanced"):
         out.append((f"sampler {name}", _cfg(tmp, data={**digits, "sampler": name})))

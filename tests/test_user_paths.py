@@ -173,17 +173,6 @@ def test_evaluate_before_fit_leaves_no_inference_tensors(tmp_path):
     trainer.fit(loader)
 
 
-def test_packing_leaves_accelerator_tensors_where_they_are():
-    from torchkiln.engine.checkpoint import PACKED, pack_tensors, unpack_tensors
-
-    state = {"cpu": [torch.ones(3), torch.zeros(2)], "dev": [torch.empty(4, device="meta"), torch.empty(2, device="meta")]}
-    packed = pack_tensors(state)
-    assert all(t.device.type == "cpu" for t in packed["flat"])  # no concatenation on the device
-    assert packed[PACKED]["dev"][0] is state["dev"][0]
-    out = unpack_tensors(packed)
-    assert torch.equal(out["cpu"][0], torch.ones(3)) and out["dev"][1] is state["dev"][1]
-
-
 # ------------------------------------------------------------------------------------------
 # 8 and 10. smaller things
 # ------------------------------------------------------------------------------------------
