@@ -116,6 +116,10 @@ def test_ema_validates_saves_and_exports_the_ema_weights(ema_runs, tmp_path):
     exported = load_file(str(weights_path))
     assert all(torch.equal(exported[k], ema_w[k].cpu()) for k in exported)
     assert json.loads(info_path.read_text())["weights"] == "ema"
+    import torchkiln  # kiln predict's model: the EMA weights too
+
+    predictor = torchkiln.load(ref, checkpoint="best", device="cpu")
+    assert all(torch.equal(v.cpu(), ema_w[k].cpu()) for k, v in predictor.model.state_dict().items())
     # mixup's soft targets: train accuracy is on the dominant label, and is logged
     history = best["loop"]["history"]
     assert all(0.0 <= h["train/accuracy"] <= 1.0 for h in history) and history[-1]["val/accuracy"] > 0.5
