@@ -92,7 +92,13 @@ def test_checkpoint_holds_complete_plain_state(mlp_run):
     state = load_checkpoint(mlp_run / "checkpoints" / "last.ckpt")  # the rest unpacked
     assert state["model"].keys() == raw["model"].keys()
     assert state["torchkiln"] == __version__ and state["torch"] == str(torch.__version__)
-    assert state["config"] == yaml.safe_load((mlp_run / "config.yaml").read_text())
+    from torchkiln.inference.card import CLASS_NAMES_KEY, NORMALIZATION_KEY
+
+    # the resolved config, plus what inference needs from the data (class names, normalization)
+    assert state["config"][CLASS_NAMES_KEY] == [str(i) for i in range(10)]
+    extra = (CLASS_NAMES_KEY, NORMALIZATION_KEY)
+    assert {k: v for k, v in state["config"].items() if k not in extra} == \
+        yaml.safe_load((mlp_run / "config.yaml").read_text())
     json.dumps(state["config"])  # the resolved config is plain data, not pickled objects
     assert {"python", "numpy", "torch", "cuda"} <= set(state["rng"])
     assert state["loop"]["epoch"] == 1 and state["loop"]["global_step"] == BATCHES

@@ -105,7 +105,7 @@ class Predictor:
         from torchkiln.tasks import build_task
 
         self.model, self.card, self.run_dir, self.checkpoint = model, card, run_dir, checkpoint
-        self.task = build_task(card.get("task") or "classification")
+        self.task = build_task(_without_losses(card.get("task") or "classification"))
         prep = card.get("preprocessing") or {}
         self.mode = (prep.get("decode") or {}).get("mode", "RGB")
         self.decodes = prep.get("decode") is not None
@@ -242,6 +242,16 @@ class Predictor:
                 yield batch
         if bar is not None:
             bar.close()
+
+
+def _without_losses(spec: Any) -> Any:
+    """The task spec without its heads' losses: inference needs none, and a loss's `balanced`
+    weights would need the training labels."""
+    if not isinstance(spec, dict) or not isinstance((spec.get("args") or {}).get("heads"), dict):
+        return spec
+    heads = {name: ({k: v for k, v in head.items() if k != "loss"} if isinstance(head, dict) else head)
+             for name, head in spec["args"]["heads"].items()}
+    return {**spec, "args": {**spec["args"], "heads": heads}}
 
 
 def _bar(total: int, enabled: bool) -> Any:
