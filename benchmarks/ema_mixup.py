@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # beside it: machine.p
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from machine import machine  # noqa: E402
+from machine import machine, write_results  # noqa: E402
 
 from torchkiln.config.load import apply_overrides, default_config_path, read_file, resolve  # noqa: E402
 
@@ -86,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = [r[0] - b[0] for r, b in zip(rows, base)]
         shown = "-" if name == "default" else f"{statistics.mean(diff):+.4f} ({min(diff):+.4f}..{max(diff):+.4f})"
         lines.append(f"| {name} | {stats([r[0] for r in rows])} | {stats([r[1] for r in rows])} | {shown} |")
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_results(lines, args.out)
     return 0
 
 

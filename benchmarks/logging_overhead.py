@@ -35,7 +35,7 @@ if (_SRC / "torchkiln").is_dir():
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # beside it: machine.py
 
 import torch  # noqa: E402
-from machine import machine  # noqa: E402
+from machine import machine, write_results  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from torchkiln.callbacks.logging_hub import LoggerHub  # noqa: E402
@@ -196,11 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if device_numbers:
         lines.append(f"Device numbers of the last epoch: {device_numbers}")
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_results(lines, args.out)
     return 0
 
 

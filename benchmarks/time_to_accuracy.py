@@ -27,7 +27,7 @@ if (_ROOT / "src" / "torchkiln").is_dir():
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # beside it: machine.py
 
 import torch  # noqa: E402
-from machine import machine  # noqa: E402
+from machine import machine, write_results  # noqa: E402
 
 from torchkiln.config.load import apply_overrides, default_config_path, read_file, resolve  # noqa: E402
 from torchkiln.loggers.base import Logger  # noqa: E402
@@ -135,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             lines.append(f"| {name} | 0/{n} | - | - | - | - |")
     lines += ["", f"Fastest: {best[0]}, {best[1]:.2f} s (median)." if best else "No config reached the target."]
-    text = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_results(lines, args.out)
     return 0
 
 
