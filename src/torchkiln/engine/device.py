@@ -80,3 +80,20 @@ class SelfPlaced(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*move_to(args, self.input_device), **move_to(kwargs, self.input_device))
+
+
+def to_cpu(outputs: Any) -> Any:
+    """A batch's outputs (a tensor, or a dict of them: one per head) as float32 on the CPU."""
+    if isinstance(outputs, dict):
+        return {k: v.float().cpu() for k, v in outputs.items()}
+    return outputs.float().cpu()
+
+
+def cat_outputs(parts: list[Any]) -> Any:
+    """Batches' outputs (tensors, or dicts of the same keys) concatenated along the batch;
+    none: an empty tensor."""
+    if not parts:
+        return torch.empty(0)
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)

@@ -27,6 +27,7 @@ from torchkiln.data.loaders import epoch_batch_sizes, set_loader_epoch
 from torchkiln.engine import distributed
 from torchkiln.engine.callbacks import Callback, CallbackList, StepInfo
 from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, load_model_weights, strip_prefixes
+from torchkiln.engine.device import cat_outputs, to_cpu
 from torchkiln.engine.finite import FiniteCheck
 from torchkiln.engine.placement import Placement, move_optimizer_state
 from torchkiln.engine.schedule import LRSchedule
@@ -361,13 +362,7 @@ class Trainer:
     def predict(self, loader: Iterable) -> torch.Tensor | dict[str, torch.Tensor]:
         """Model outputs for every batch, concatenated on the CPU; a model that returns a dict (one
         entry per head) gives a dict of the same keys, each concatenated over the batches."""
-        outs = [{k: v.float().cpu() for k, v in outputs.items()} if isinstance(outputs, dict)
-                else outputs.float().cpu() for _, outputs, _ in self.forward_pass(loader)]
-        if not outs:
-            return torch.empty(0)
-        if isinstance(outs[0], dict):
-            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-        return torch.cat(outs)
+        return cat_outputs([to_cpu(outputs) for _, outputs, _ in self.forward_pass(loader)])
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkiln.engine.device import cat_outputs, to_cpu
 from torchkiln.errors import CheckpointError, ConfigError, DataError
 from torchkiln.inference.card import CARD, card_from_config, read_card
 from torchkiln.inference.sources import (
@@ -155,8 +156,8 @@ class Predictor:
         items = [images] if single else list(images)
         batches = ({"input": torch.stack([self.preprocess(im) for im in items[i:i + batch_size]])}
                    for i in range(0, len(items), batch_size))
-        parts = [_cpu(self.task.scores(outputs)) for _, outputs, _ in self.trainer.forward_pass(batches)]
-        scores = _cat(parts)
+        parts = [to_cpu(self.task.scores(outputs)) for _, outputs, _ in self.trainer.forward_pass(batches)]
+        scores = cat_outputs(parts)
         return _first(scores) if single else scores
 
     # -- files ----------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ class Predictor:
         started = time.perf_counter()
         try:
             for batch, outputs, _ in self.trainer.forward_pass(self._batches(src, sink, batch_size, num_workers, progress)):
-                sink.add(batch["index"].tolist(), _cpu(self.task.scores(outputs)))
+                sink.add(batch["index"].tolist(), to_cpu(self.task.scores(outputs)))
         except BaseException:
             sink.abort()
             raise
@@ -262,18 +263,6 @@ def _bar(total: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, desc="predict", unit="img", file=sys.stderr, leave=False, dynamic_ncols=True)
-
-
-def _cpu(scores: Any) -> Any:
-    return {k: v.float().cpu() for k, v in scores.items()} if isinstance(scores, dict) else scores.float().cpu()
-
-
-def _cat(parts: list[Any]) -> Any:
-    if not parts:
-        return torch.empty(0)
-    if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
 
 
 def _first(scores: Any) -> Any:
