@@ -183,8 +183,9 @@ def _add_new(sub) -> None:
     n = sub.add_parser("new", help="make a project of your own: a package with its data, model, config"
                        " and tests, registered with torchkiln by entry points")
     n.add_argument("name", help="the project's name (a Python package name: letters, digits, _)")
-    n.add_argument("--template", default="classification", choices=["classification", "multihead"],
-                   help="classification: one label; multihead: several heads (mask, gender, age)")
+    n.add_argument("--template", default="classification", choices=["classification", "multihead", "detection"],
+                   help="classification: one label; multihead: several heads (mask, gender, age);"
+                   " detection: boxes (a small Faster R-CNN)")
     n.add_argument("--dir", help="where to make the project folder (default: ./NAME)")
 
 

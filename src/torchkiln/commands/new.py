@@ -1,4 +1,4 @@
-"""`kiln new NAME [--template classification|multihead] [--dir DIR]`: a project of your own.
+"""`kiln new NAME [--template classification|multihead|detection] [--dir DIR]`: a project of your own.
 
 The project is a package (`pyproject.toml` with torchkiln entry points for its Dataset and model),
 its config, a one-epoch smoke test and a README, copied from the templates shipped in
@@ -21,12 +21,16 @@ from torchkiln.version import __version__
 TEMPLATES = {
     "classification": {
         "description": "Classifies images of three patterns", "outputs": "3", "in_channels": "1",
-        "outputs_note": "", "folder_note": "a folder with one sub-folder of images per class",
+        "outputs_note": "", "own_data": "`root:` (a folder with one sub-folder of images per class)",
     },
     "multihead": {
         "description": "Predicts mask, gender and age from face images", "outputs": "8", "in_channels": "3",
         "outputs_note": " (8: the heads' 3 + 2 + 3 outputs, which the multihead task splits)",
-        "folder_note": "a folder with the images and labels.csv: image, mask, gender, age",
+        "own_data": "`root:` (a folder with the images and labels.csv: image, mask, gender, age)",
+    },
+    "detection": {
+        "description": "Finds rectangles, ellipses and triangles in images (boxes, a small Faster R-CNN)",
+        "own_data": "`annotations:` (COCO JSON) and `images:` (their folder)",
     },
 }
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
