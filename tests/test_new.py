@@ -75,6 +75,8 @@ def test_the_project_is_renamed_throughout(projects, template):
     camel = "".join(part.capitalize() for part in name.split("_"))
     assert f'{camel}Net = "{name}.models:{camel}Net"' in pyproject
     assert f'{camel}Data = "{name}.data:{camel}Data"' in pyproject
+    extra = "[detection]" if template == "detection" else ""  # COCO reading and mAP for boxes
+    assert f'dependencies = ["torchkiln{extra}>=' in pyproject
     assert f"type: {camel}Data" in texts[path / "configs" / "default.yaml"]
     readme = texts[path / "README.md"]
     assert "pip install -e ." in readme and "kiln train -c configs/default.yaml" in readme

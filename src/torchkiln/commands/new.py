@@ -21,16 +21,17 @@ from torchkiln.version import __version__
 TEMPLATES = {
     "classification": {
         "description": "Classifies images of three patterns", "outputs": "3", "in_channels": "1",
-        "outputs_note": "", "own_data": "`root:` (a folder with one sub-folder of images per class)",
+        "outputs_note": "", "own_data": "`root:` (a folder with one sub-folder of images per class)", "extra": "",
     },
     "multihead": {
         "description": "Predicts mask, gender and age from face images", "outputs": "8", "in_channels": "3",
         "outputs_note": " (8: the heads' 3 + 2 + 3 outputs, which the multihead task splits)",
-        "own_data": "`root:` (a folder with the images and labels.csv: image, mask, gender, age)",
+        "own_data": "`root:` (a folder with the images and labels.csv: image, mask, gender, age)", "extra": "",
     },
     "detection": {
         "description": "Finds rectangles, ellipses and triangles in images (boxes, a small Faster R-CNN)",
         "own_data": "`annotations:` (COCO JSON) and `images:` (their folder)",
+        "extra": "[detection]",  # pycocotools (COCO annotations) and faster-coco-eval (mAP)
     },
 }
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
