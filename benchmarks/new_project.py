@@ -48,7 +48,7 @@ def run(template: str, home: Path) -> list[tuple[str, float, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--template", default="classification", choices=["classification", "multihead"])
+    p.add_argument("--template", default="classification", choices=["classification", "multihead", "detection"])
     p.add_argument("--out", help="a Markdown file for the result table")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
