@@ -1,7 +1,8 @@
 """Object detection: the annotation audit and `kiln data check`, the datasets (empty images, CSV
-boxes), training steps on fixed boxes, mAP with empty predictions, the prediction writers, and a
-small shapes run through `kiln` (data_report.json, per-component losses, kiln test's per-class
-AP, resume, kiln data stats)."""
+boxes), training steps on fixed boxes (also under bf16 autocast and gradient accumulation), mAP with
+empty predictions, the prediction writers, and one small shapes run through `kiln` (data_report.json,
+per-component losses, TensorBoard box pictures, kiln test's per-class AP, resume, kiln predict's
+boxes CSV and COCO results JSON, --tta refused, kiln data stats)."""
 
 from __future__ import annotations
 
@@ -134,27 +135,33 @@ def test_images_without_annotations_have_empty_boxes(tmp_path):
     assert targets[0]["boxes"][0].tolist() == [SIZE - 24.0, 4.0, SIZE - 4.0, 24.0]  # flipped with the image
 
 
-def test_two_training_steps_on_fixed_boxes_and_prediction_files(tmp_path):
-    from torchkiln.data.detection.writers import (
-        predict_detections,
-        write_boxes_csv,
-        write_coco_results,
-    )
+def _train(tmp_path, **settings):
     from torchkiln.engine.settings import make_trainer
     from torchkiln.models.detection import build_detector
     from torchkiln.tasks.detection import DetectionTask
 
     torch.manual_seed(0)
     ds, _, loader = _loaders(tmp_path)
-    model = build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", 2, min_size=SIZE, max_size=SIZE)
-    model.train()
+    model = build_detector("fasterrcnn_tiny", 2, min_size=SIZE, max_size=SIZE)
+    task = DetectionTask()
+    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=1e-3), task=task,
+                           metrics=task.build_metrics([], 2), epochs=1, **settings)
+    return ds, loader, trainer, trainer.fit(loader, loader)
+
+
+def test_two_training_steps_on_fixed_boxes_and_prediction_files(tmp_path):
+    from torchkiln.data.detection.writers import (
+        predict_detections,
+        write_boxes_csv,
+        write_coco_results,
+    )
+    from torchkiln.models.detection import build_detector
+
+    model = build_detector("fasterrcnn_tiny", 2, min_size=SIZE, max_size=SIZE).train()
     inverted = {"boxes": torch.tensor([[50.0, 50.0, 34.0, 34.0]]), "labels": torch.tensor([1])}
     with pytest.raises(AssertionError, match="positive height and width"):  # what the audit prevents
         model([torch.rand(3, SIZE, SIZE)], [inverted])
-    task = DetectionTask()
-    trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=1e-3), task=task,
-                           metrics=task.build_metrics([], 2), epochs=1)
-    summary = trainer.fit(loader, loader)
+    ds, loader, trainer, summary = _train(tmp_path)
     final = summary["final"]
     assert summary["global_step"] == 2 and math.isfinite(final["train/loss"])
     assert {"train/loss/classifier", "val/loss/box_reg", "val/map_50", "val/map", "val/ap_per_class/1"} <= set(final)
@@ -166,6 +173,35 @@ def test_two_training_steps_on_fixed_boxes_and_prediction_files(tmp_path):
     n = write_coco_results(records, tmp_path / "results.json", ds.category_ids)
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == n and all(r["category_id"] in (1, 2) and len(r["bbox"]) == 4 for r in results)
+
+
+def test_bf16_autocast_and_gradient_accumulation(tmp_path):
+    """Two micro-batches per optimizer step under bf16 autocast: one step, finite losses."""
+    _, _, trainer, summary = _train(tmp_path, precision="bf16", accumulate=2)
+    final = summary["final"]
+    assert summary["global_step"] == 1  # 2 batches, accumulated into one optimizer step
+    assert all(math.isfinite(final[k]) for k in ("train/loss", "train/loss/classifier", "train/loss/box_reg",
+                                                  "val/loss", "val/map_50"))
+
+
+def test_validation_boxes_are_collected_and_drawn():
+    from torchkiln.loggers.images import boxes_image
+    from torchkiln.loggers.validation import BoxSample, ValidationCollector, merge_samples
+    from torchkiln.tasks.detection import DetectionTask
+
+    collector = ValidationCollector.of(DetectionTask(), 3)
+    images = [torch.rand(3, 32, 48) for _ in range(2)]
+    det = {"boxes": torch.tensor([[2.0, 2.0, 20.0, 20.0]]), "labels": torch.tensor([2]), "scores": torch.tensor([0.9])}
+    true = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]]), "labels": torch.tensor([1])}
+    for _ in range(2):
+        collector.update(images, {"detections": [det, det]}, [true, true])
+    (sample,) = collector.result()
+    assert isinstance(sample, BoxSample) and len(sample.images) == 3  # max_images, over batches
+    picture = boxes_image(sample.images[0], sample.predicted[0], sample.true[0], ["a", "b"])
+    assert picture.shape == (32, 48, 3) and picture.dtype == np.uint8
+    assert (picture == (40, 170, 60)).all(axis=2).any() and (picture == (196, 40, 40)).all(axis=2).any()
+    (merged,) = merge_samples([[sample], [sample]], 4)  # DDP: the ranks' images, up to max_images
+    assert len(merged.images) == 4
 
 
 def _preds(boxes, scores, labels):
@@ -191,7 +227,8 @@ def test_map_with_empty_predictions():
 
 @pytest.fixture(scope="module")
 def shapes_run(tmp_path_factory):
-    """One small shapes run through kiln (1 epoch), then resumed to 2."""
+    """One small shapes run through kiln (1 epoch, the tiny detector), resumed to 2 epochs, then
+    kiln predict over the image folder (kiln test and data stats run in-process, in their tests)."""
     home = tmp_path_factory.mktemp("shapes")
     cfg = {
         "name": "shapes", "seed": 0, "output_dir": str(home / "runs"), "task": "detection",
@@ -199,18 +236,19 @@ def shapes_run(tmp_path_factory):
                                                                    "size": SIZE}},
                  "val_split": 0.25, "test_split": 0.25, "batch_size": 4,
                  "transforms": {"train": [{"type": "RandomHorizontalFlip"}]}},
-        "model": {"type": "fasterrcnn_mobilenet_v3_large_320_fpn",
-                  "args": {"min_size": SIZE, "max_size": SIZE, "box_batch_size_per_image": 32}},
+        "model": {"type": "fasterrcnn_tiny", "args": {"min_size": SIZE, "max_size": SIZE, "width": 16,
+                                                      "box_batch_size_per_image": 32}},
         "optimizer": {"type": "AdamW", "args": {"lr": 1e-3}},
-        "trainer": {"epochs": 1}, "logging": {"progress": False},
+        "trainer": {"epochs": 1}, "logging": {"progress": False, "images": 2},
     }
     path = write_config(home, cfg)
     kiln("train", "-q", "-c", str(path), check=True, timeout=600)
     (run,) = (home / "runs" / "shapes").iterdir()
     first = (run / "metrics.csv").read_text()
-    tested = kiln("test", str(run), check=True, timeout=300)
     kiln("train", "-q", "--resume", str(run), "trainer.epochs=2", check=True, timeout=600)
-    return home, run, path, first, tested
+    predicted = kiln("predict", str(run), "--input", str(home / "shapes" / "images"), "--out", str(home / "boxes.csv"),
+                     "--coco-ann", str(home / "shapes" / "annotations.json"), check=True, timeout=300)
+    return home, run, path, first, predicted
 
 
 @pytest.mark.slow
@@ -227,11 +265,29 @@ def test_a_shapes_run_reports_its_audit_and_losses(shapes_run):
 
 
 @pytest.mark.slow
-def test_kiln_test_prints_per_class_ap(shapes_run):
-    _, run, _, _, tested = shapes_run
-    assert "test/map_50" in tested.stdout
-    table = tested.stdout.split("AP@[.50:.95]", 1)[1]
-    assert all(name in table for name in ("rectangle", "ellipse", "triangle")), tested.stdout
+def test_tensorboard_shows_validation_boxes(shapes_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run, _, _, _ = shapes_run
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    tags = acc.Tags()["images"]
+    assert sorted(tags) == ["val/boxes/0", "val/boxes/1"]  # logging.images: 2
+    (event, *_) = acc.Images("val/boxes/0")
+    assert (event.width, event.height) == (SIZE, SIZE) and event.encoded_image_string.startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_kiln_test_prints_per_class_ap(shapes_run, capsys):
+    _, run, _, _, _ = shapes_run
+    from torchkiln.cli import main
+
+    capsys.readouterr()
+    assert main(["test", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "test/map_50" in out
+    table = out.split("AP@[.50:.95]", 1)[1]
+    assert all(name in table for name in ("rectangle", "ellipse", "triangle")), out
 
 
 @pytest.mark.slow
@@ -244,10 +300,45 @@ def test_a_detection_run_resumes(shapes_run):
 
 
 @pytest.mark.slow
-def test_kiln_data_stats_for_detection(shapes_run, tmp_path):
+def test_kiln_predict_writes_boxes_and_coco_results(shapes_run, tmp_path, capsys):
+    from torchkiln.cli import main
+
+    home, run, _, _, predicted = shapes_run
+    assert predicted.stdout.split() == [str(home / "boxes.csv"), str(home / "boxes.coco.json")]
+    with open(home / "boxes.csv") as f:
+        rows = list(csv.DictReader(f))
+    files = sorted(p.name for p in (home / "shapes" / "images").iterdir())
+    assert rows and list(rows[0]) == ["image", "x1", "y1", "x2", "y2", "label", "score"]
+    assert {r["image"] for r in rows} <= set(files) and {r["label"] for r in rows} <= {"rectangle", "ellipse", "triangle"}
+    assert all(0 <= float(r["x1"]) <= float(r["x2"]) <= SIZE and 0 <= float(r["score"]) <= 1 for r in rows)
+    ann = json.loads((home / "shapes" / "annotations.json").read_text())
+    ids = {im["file_name"]: im["id"] for im in ann["images"]}
+    results = json.loads((home / "boxes.coco.json").read_text())
+    assert len(results) == len(rows)  # one entry per box, ids from --coco-ann
+    assert [(r["image_id"], r["category_id"]) for r in results] == [
+        (ids[r["image"]], ["rectangle", "ellipse", "triangle"].index(r["label"]) + 1) for r in rows]
+    from torchkiln.data.detection.audit import audit
+    from torchkiln.data.detection.datasets import _coco_index
+
+    truth = _coco_index(audit(read_annotations(home / "shapes" / "annotations.json"), home / "shapes" / "images")[1])
+    assert len(truth.loadRes(results).getAnnIds()) == len(results)  # what a COCO evaluator reads
+    x, y, w, h = results[0]["bbox"]
+    assert [x, y, x + w, y + h] == pytest.approx([float(rows[0][k]) for k in ("x1", "y1", "x2", "y2")], abs=0.02)
+    capsys.readouterr()
+    assert main(["predict", str(run), "--input", str(home / "shapes" / "images"), "--out", str(tmp_path / "t.csv"),
+                 "--tta", "flip"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tta flip" in err and "detection" in err
+    assert not list(tmp_path.iterdir())  # refused before any file
+
+
+@pytest.mark.slow
+def test_kiln_data_stats_for_detection(shapes_run, tmp_path, capsys):
+    from torchkiln.cli import main
+
     _, _, path, _, _ = shapes_run
-    proc = kiln("data", "stats", "-c", str(path), "-o", str(tmp_path), check=True)
+    assert main(["data", "stats", "-c", str(path), "-o", str(tmp_path)]) == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["boxes"] > 0 and set(stats["class_counts"]) == {"rectangle", "ellipse", "triangle"}
     assert stats["boxes_per_image"]["max"] >= 1 and "box_sizes" in stats
-    assert "per image" in proc.stdout
+    assert "per image" in capsys.readouterr().out

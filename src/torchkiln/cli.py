@@ -110,6 +110,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--probs", action="store_true", help="a probability column per class")
     p.add_argument("--topk", type=int, metavar="K", help="the K most probable classes and their probabilities")
     p.add_argument("--tta", default="none", choices=["none", "flip", "flip+crops"], help="test-time augmentation")
+    p.add_argument("--coco-ann", metavar="ANN.json", help="detection: the COCO file whose image and category ids"
+                   " the results JSON (<out stem>.coco.json) uses (default: input positions and labels)")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                    help="an unreadable image: stop (raise), or write an empty prediction and list it (skip)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -67,9 +67,12 @@ class LoggerHub(Callback):
         return max(lg.max_images for lg in self._wanting) if self._wanting else None
 
     def on_validation_end(self, trainer: Any, epoch: int, record: dict[str, float], samples: list) -> None:
+        from torchkiln.loggers.validation import BoxSample
+
         for lg in self._wanting:
             for sample in samples:  # one per view: the classes, or each head and the combined class
-                lg.log_validation(epoch + 1, trainer.loop.global_step, sample)
+                draw = lg.log_boxes if isinstance(sample, BoxSample) else lg.log_validation  # or boxes
+                draw(epoch + 1, trainer.loop.global_step, sample)
 
     def on_epoch_end(self, trainer: Any, epoch: int, record: dict[str, float]) -> None:
         self.flush_steps(trainer.skipped_steps)

@@ -83,7 +83,10 @@ class SelfPlaced(torch.nn.Module):
 
 
 def to_cpu(outputs: Any) -> Any:
-    """A batch's outputs (a tensor, or a dict of them: one per head) as float32 on the CPU."""
+    """A batch's outputs (a tensor, or a dict of them: one per head) as float32 on the CPU; a list
+    (one dict per input: detections) keeps its dtypes."""
+    if isinstance(outputs, list):
+        return [{k: v.cpu() for k, v in item.items()} for item in outputs]
     if isinstance(outputs, dict):
         return {k: v.float().cpu() for k, v in outputs.items()}
     return outputs.float().cpu()
@@ -94,6 +97,8 @@ def cat_outputs(parts: list[Any]) -> Any:
     none: an empty tensor."""
     if not parts:
         return torch.empty(0)
+    if isinstance(parts[0], list):
+        return [item for part in parts for item in part]
     if isinstance(parts[0], dict):
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return torch.cat(parts)

@@ -344,7 +344,7 @@ class Trainer:
         Under DDP only rank 0 has loggers, but every rank holds a shard of the validation set:
         all ranks collect when rank 0 asks, and rank 0 gets the union."""
         wanted = distributed.broadcast_object(self.callbacks.sample_count(self, epoch))
-        collector = ValidationCollector(wanted, self.task.validation_views) if wanted is not None else None
+        collector = ValidationCollector.of(self.task, wanted) if wanted is not None else None
         self.callbacks.call("on_validation_start", self, epoch)
         record = self.evaluate(loader, "val", collector)
         samples = collector.result() if collector is not None else []

@@ -154,7 +154,8 @@ class Predictor:
         one input or a list of them, on the CPU."""
         single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.dim() == 4)
         items = [images] if single else list(images)
-        batches = ({"input": torch.stack([self.preprocess(im) for im in items[i:i + batch_size]])}
+        stack = torch.stack if self.task.stacks_inputs else list
+        batches = ({"input": stack([self.preprocess(im) for im in items[i:i + batch_size]])}
                    for i in range(0, len(items), batch_size))
         parts = [to_cpu(self.task.scores(outputs)) for _, outputs, _ in self.trainer.forward_pass(batches)]
         scores = cat_outputs(parts)
@@ -188,19 +189,20 @@ class Predictor:
     def predict(self, source: str | Path, out: str | Path | None = None, *, id_col: str = "id",
                 pred_col: str = "pred", probs: bool = False, topk: int | None = None, tta: str | None = None,
                 on_error: str = "raise", batch_size: int = 64, num_workers: int = 0,
-                image_col: str | None = None, root: str | Path | None = None, progress: bool = False
-                ) -> PredictResult:
-        """Write the prediction file for `source` (default RUN_DIR/predictions/predictions.csv)."""
+                image_col: str | None = None, root: str | Path | None = None, progress: bool = False,
+                coco_ann: str | None = None) -> PredictResult:
+        """Write the prediction file for `source` (default RUN_DIR/predictions/predictions.csv);
+        detection: one row per box, and the COCO results JSON beside it (ids from `coco_ann`)."""
         from torchkiln.inference.output import OrderedCsv
         from torchkiln.inference.tta import make_tta
 
         src = self.source(source, image_col=image_col, id_col=id_col, root=root)
         out = Path(out) if out is not None else self._default_out()
-        options = PredictOptions(id_col, pred_col, probs, topk, self.class_names, self.num_classes)
+        options = PredictOptions(id_col, pred_col, probs, topk, self.class_names, self.num_classes, coco_ann)
         if topk is not None and topk < 1:
             raise ConfigError(f"--topk: expected a number >= 1; found {topk}")
+        self.task.use_tta(make_tta(tta))  # refused here (before any file) by a task that cannot average
         sink = OrderedCsv(out, self.task.prediction_writer(options), src.ids, on_error)
-        self.task.use_tta(make_tta(tta))
         started = time.perf_counter()
         try:
             for batch, outputs, _ in self.trainer.forward_pass(self._batches(src, sink, batch_size, num_workers, progress)):
@@ -229,10 +231,12 @@ class Predictor:
 
     def _batches(self, src: Source, sink: Any, batch_size: int, num_workers: int, progress: bool) -> Iterator[Any]:
         """The source's batches in order; unreadable inputs go to `sink` (and batches of none are dropped)."""
+        from functools import partial
+
         from torch.utils.data import DataLoader
 
         loader = DataLoader(src.dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=collate, pin_memory=self.device.type == "cuda")
+                            collate_fn=partial(collate, stack=self.task.stacks_inputs), pin_memory=self.device.type == "cuda")
         bar = _bar(len(src.ids), progress)
         for batch in loader:
             failed = batch.pop("failed")

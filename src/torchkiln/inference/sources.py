@@ -44,7 +44,7 @@ class ImageInputs(Dataset):
         except DataError as exc:
             return {"input": None, "index": index, "error": str(exc).split("; fix")[0]}
         x = self.transform(image) if self.transform is not None else image
-        return {"input": x.as_subclass(torch.Tensor), "index": index}
+        return {"input": x.as_subclass(torch.Tensor), "index": index, "size": torch.tensor(image.shape[-2:])}
 
 
 class SplitInputs(Dataset):
@@ -62,12 +62,15 @@ class SplitInputs(Dataset):
         return {"input": torch.as_tensor(x), "index": index}
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """The readable inputs stacked, their positions, and the (position, error) of the others."""
+def collate(samples: list[dict[str, Any]], stack: bool = True) -> dict[str, Any]:
+    """The readable inputs stacked (a list with `stack` False: images of any size), their positions,
+    their stored (H, W) when known, and the (position, error) of the others."""
     good = [s for s in samples if s["input"] is not None]
+    inputs = [s["input"] for s in good]
     return {
-        "input": default_collate([s["input"] for s in good]) if good else None,
+        "input": (default_collate(inputs) if stack else inputs) if good else None,
         "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
+        "size": torch.stack([s["size"] for s in good]) if good and all("size" in s for s in good) else None,
         "failed": [(s["index"], s["error"]) for s in samples if s["input"] is None],
     }
 

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from torchkiln.loggers.validation import ValidationSample
+    from torchkiln.loggers.validation import BoxSample, ValidationSample
 
 
 class Logger:
@@ -34,6 +34,9 @@ class Logger:
 
     def log_validation(self, epoch: int, step: int, sample: ValidationSample) -> None:
         """Predictions and targets over the validation set (and a few misclassified inputs)."""
+
+    def log_boxes(self, epoch: int, step: int, sample: BoxSample) -> None:
+        """A few validation images with their predicted and true boxes (a detection task)."""
 
     def log_epoch(self, epoch: int, step: int, record: dict[str, float]) -> None:
         """`epoch` is 1-based; `record` holds train/..., val/..., lr..."""

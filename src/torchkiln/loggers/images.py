@@ -193,3 +193,29 @@ def validation_pictures(sample: ValidationSample, class_names: list[str] | dict[
         pictures[f"{tag}misclassified"] = grid
     pictures[f"{tag}confusion_matrix"] = confusion_image(sample, names, f"{about}confusion matrix (epoch {epoch})")
     return pictures
+
+
+GREEN = (40, 170, 60)
+BOX_SCORE = 0.3  # predicted boxes drawn: score at least this
+
+
+def boxes_image(image: torch.Tensor, predicted: dict[str, torch.Tensor], true: dict[str, torch.Tensor],
+                class_names: list[str] | None = None, max_boxes: int = 20) -> np.ndarray:
+    """An (H, W, 3) uint8 picture of one detection input (float, [0, 1]) with its true boxes in green
+    and its predicted boxes (score >= BOX_SCORE, the `max_boxes` best) in red, labelled with the
+    class name (and score), drawn by torchvision's draw_bounding_boxes."""
+    from torchvision.utils import draw_bounding_boxes
+
+    x = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+    keep = (predicted["scores"] >= BOX_SCORE).nonzero().flatten()[:max_boxes]
+
+    def label(i: int) -> str:
+        return class_label(int(i) - 1, class_names) if class_names else str(i)  # 1..C: names[0..C-1]
+
+    drawn = draw_bounding_boxes(x, true["boxes"].float(), [label(i) for i in true["labels"].tolist()],
+                                colors=GREEN, width=1)
+    pred_labels = [f"{label(i)} {s:.2f}" for i, s in zip(predicted["labels"][keep].tolist(),
+                                                         predicted["scores"][keep].tolist())]
+    drawn = draw_bounding_boxes(drawn, predicted["boxes"][keep].float(), pred_labels, colors=RED, width=1)
+    return drawn.permute(1, 2, 0).contiguous().numpy()

@@ -86,6 +86,14 @@ class TensorBoardLogger(Logger):
         with self.pictures.timed(epoch):
             self._pictures(epoch, step, sample)
 
+    def log_boxes(self, epoch, step, sample):
+        """`val/boxes/<i>`: validation image i with its true (green) and predicted (red) boxes."""
+        from torchkiln.loggers.images import boxes_image
+
+        with self.pictures.timed(epoch):
+            for i, (image, pred, true) in enumerate(zip(sample.images, sample.predicted, sample.true)):
+                self._add_image(f"val/boxes/{i}", boxes_image(image, pred, true, self.class_names), step)
+
     def _pictures(self, epoch, step, sample):
         from torchkiln.loggers.images import validation_pictures
 

@@ -40,6 +40,17 @@ class ValidationSample:
         return confusion_matrix(self.preds, self.targets, self.num_classes)
 
 
+@dataclass
+class BoxSample:
+    """A few validation images with their predicted and true boxes (detection), on the CPU, for the
+    loggers that draw them (TensorBoard)."""
+
+    images: list[torch.Tensor]  # (C, H, W) float in [0, 1], as the model saw them
+    predicted: list[dict[str, torch.Tensor]]  # boxes (N, 4) XYXY, labels, scores
+    true: list[dict[str, torch.Tensor]]  # boxes (K, 4) XYXY, labels
+    view: str = "boxes"
+
+
 def as_images(inputs: Any) -> torch.Tensor | None:
     """(N, C, H, W) with C in 1 or 3 (or (N, H, W)), else None: only image inputs are drawn."""
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
@@ -52,6 +63,7 @@ def as_images(inputs: Any) -> torch.Tensor | None:
 
 
 Views = Callable[[Any, Any], list[ReportView]]
+Boxes = Callable[[Any, Any], "tuple[list[dict[str, Any]], list[dict[str, Any]]] | None"]
 
 
 class _ViewParts:
@@ -82,14 +94,38 @@ class ValidationCollector:
     and the combined class for a multi-head task; a batch with none (regression, multi-label) ends
     the collection. Each view keeps up to `max_images` of its own misclassified inputs."""
 
-    def __init__(self, max_images: int = 0, views: Views | None = None):
+    def __init__(self, max_images: int = 0, views: Views | None = None, boxes: Boxes | None = None):
         self.max_images = max(0, int(max_images))
         self.views = views or single_label_views
+        self.boxes = boxes  # a detection task's (predicted, true) boxes per image: a BoxSample instead
         self.usable = True
         self._parts: dict[str, _ViewParts] = {}
+        self._boxes: BoxSample | None = None
+
+    @classmethod
+    def of(cls, task: Any, max_images: int) -> ValidationCollector:
+        """The collector for `task`'s outputs: its classification views, or its boxes."""
+        return cls(max_images, task.validation_views, task.validation_boxes)
+
+    def _add_boxes(self, inputs: Any, outputs: Any, targets: Any) -> bool:
+        """Keep the first `max_images` images with their boxes; False when the task gives none."""
+        if self._boxes is not None and len(self._boxes.images) >= self.max_images:
+            return True
+        pair = self.boxes(outputs, targets) if self.boxes is not None and targets is not None else None
+        if pair is None or not isinstance(inputs, (list, tuple)):
+            return False
+        held = self._boxes or BoxSample([], [], [])
+        self._boxes = held
+        for image, pred, true in zip(inputs, *pair):
+            if len(held.images) >= self.max_images:
+                break
+            held.images.append(image.detach().float().cpu())
+            held.predicted.append({k: v.detach().cpu() for k, v in pred.items()})
+            held.true.append({k: v.detach().cpu() for k, v in true.items()})
+        return True
 
     def update(self, inputs: Any, outputs: Any, targets: Any) -> None:
-        if not self.usable:
+        if not self.usable or (self.max_images and self._add_boxes(inputs, outputs, targets)):
             return
         views = [v for v in self.views(outputs, targets) if _drawable(v)] if targets is not None else []
         if not views or (self._parts and [v.name for v in views] != list(self._parts)):
@@ -110,7 +146,10 @@ class ValidationCollector:
                 parts.held += int(wrong.numel())
 
     def result(self) -> list[ValidationSample]:
-        """One sample per view, in the task's order; none when the outputs were not classification."""
+        """One sample per view, in the task's order (a detection task: one BoxSample); none when the
+        outputs were neither classification nor boxes."""
+        if self._boxes is not None:
+            return [self._boxes]
         if not self.usable:
             return []
         return [parts.sample(name) for name, parts in self._parts.items()]
@@ -125,6 +164,10 @@ def _drawable(view: ReportView) -> bool:
 def merge_samples(samples: list[list[ValidationSample]], max_images: int) -> list[ValidationSample]:
     """One sample per view from several ranks' shards (predictions concatenated, images up to max_images)."""
     by_view: dict[str, list[ValidationSample]] = {}
+    boxes = [s for rank_samples in samples for s in rank_samples or [] if isinstance(s, BoxSample)]
+    if boxes:
+        return [BoxSample(*(sum((getattr(b, k) for b in boxes), [])[:max_images]
+                            for k in ("images", "predicted", "true")))]
     for rank_samples in samples:
         for s in rank_samples or []:
             by_view.setdefault(s.view, []).append(s)

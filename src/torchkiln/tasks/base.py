@@ -10,6 +10,7 @@ Hooks a subclass may override, all with working defaults:
   report_views(outputs, targets, class_names)               per-class tables for `kiln test`
   report_table(results, class_names, split)                 or a table of its own from the results
   validation_views(outputs, targets)                        what validation pictures draw
+  validation_boxes(outputs, targets)                        or the boxes they draw (detection)
   scores / outputs_from_scores / prediction_writer          predictions and test-time augmentation
 """
 
@@ -48,6 +49,7 @@ class Task:
     # metrics): the trainer then updates once per few batches (engine/metric_buffer.py).
     concat_metric_updates = False
     lower_is_better = frozenset({"loss", "mae", "mse", "rmse", "hamming_loss"})
+    stacks_inputs = True  # kiln predict stacks a batch's inputs into one tensor (False: a list)
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         if isinstance(batch, dict):
@@ -150,6 +152,10 @@ class Task:
         """The classification views drawn in validation pictures (confusion matrix, misclassified
         inputs) for one batch; none when the outputs are not single-label classification."""
         return single_label_views(outputs, targets)
+
+    def validation_boxes(self, outputs: Any, targets: Any) -> tuple[list[dict], list[dict]] | None:
+        """(predicted, true) boxes per image for the validation pictures (detection); None: no boxes."""
+        return None
 
 
 def single_label_views(outputs: Any, targets: Any) -> list[ReportView]:

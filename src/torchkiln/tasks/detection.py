@@ -49,6 +49,17 @@ def eval_losses(model: nn.Module, images: list[torch.Tensor], targets: list[dict
             m.training = training
 
 
+def to_stored_pixels(detections: list[dict[str, Any]], images: list[torch.Tensor], sizes: torch.Tensor
+                     ) -> list[dict[str, Any]]:
+    """Boxes from the transformed image's pixels to the stored image's ((H, W) per image in `sizes`)."""
+    out = []
+    for det, image, (h, w) in zip(detections, images, sizes.tolist(), strict=True):
+        sx, sy = w / image.shape[-1], h / image.shape[-2]
+        scale = torch.tensor([sx, sy, sx, sy], dtype=det["boxes"].dtype, device=det["boxes"].device)
+        out.append({**det, "boxes": det["boxes"] * scale})
+    return out
+
+
 def _boxes_labels(items: list[dict[str, Any]], scores: bool = False) -> list[dict[str, torch.Tensor]]:
     keys = ("boxes", "labels", "scores") if scores else ("boxes", "labels")
     return [{k: d[k].detach() for k in keys} for d in items]
@@ -59,11 +70,14 @@ class DetectionTask(Task):
     name = "detection"
     metric_kind = "detection"
     concat_metric_updates = False
+    stacks_inputs = False  # kiln predict's images stay a list (any sizes)
 
     def __init__(self, loss_weights: dict[str, float] | None = None):
         self.loss_weights = dict(loss_weights or {})
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
+        if isinstance(batch, dict):  # kiln predict's inputs: images, no targets
+            return list(batch["input"]), batch.get("target")
         images, targets = batch[0], batch[1] if len(batch) > 1 else None
         return images, targets
 
@@ -72,9 +86,25 @@ class DetectionTask(Task):
         if model.training:
             return {"losses": model(images, targets)}, targets
         detections = model(images)
+        if isinstance(batch, dict) and batch.get("size") is not None:
+            detections = to_stored_pixels(detections, images, batch["size"])
         if targets is None:
             return {"detections": detections}, None
         return {"detections": detections, "losses": eval_losses(model, images, targets)}, targets
+
+    def use_tta(self, tta: Any) -> None:
+        if tta is not None:
+            raise ConfigError(f"--tta {tta.name}: a detection run's boxes cannot be averaged over views;"
+                              " leave --tta out (or --tta none)")
+
+    def scores(self, outputs: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """One dict per image: boxes (N, 4) XYXY, labels (N,) in 1..C, scores (N,)."""
+        return outputs["detections"]
+
+    def prediction_writer(self, options: Any) -> Any:
+        from torchkiln.tasks.predictions import DetectionWriter
+
+        return DetectionWriter(options)
 
     def loss(self, loss_fn: nn.Module, outputs: dict[str, Any], targets: Any) -> torch.Tensor:
         return loss_fn(outputs["losses"])
@@ -131,6 +161,9 @@ class DetectionTask(Task):
 
     def validation_views(self, outputs: Any, targets: Any) -> list:
         return []
+
+    def validation_boxes(self, outputs: Any, targets: Any) -> tuple[list[dict], list[dict]] | None:
+        return _boxes_labels(outputs["detections"], scores=True), _boxes_labels(targets)
 
     def report_table(self, results: dict[str, float], class_names: list[str] | None, split: str) -> str | None:
         """`kiln test`'s per-class AP table (IoU 0.50:0.95; -1 for a class without objects)."""

@@ -29,6 +29,7 @@ class PredictOptions:
     topk: int | None = None  # the K most probable classes, with their probabilities
     class_names: Any = None  # list (classes, labels) or dict head -> list (multihead), or None
     num_classes: int | None = None  # the model's class (label) count
+    coco_ann: str | None = None  # detection: a COCO file whose image and category ids the results JSON uses
 
 
 def _fmt(value: float) -> str:
@@ -163,3 +164,72 @@ class MultiHeadWriter(PredictionWriter):
             row += [_fmt(v) for h in heads for v in heads[h][n].tolist()] if self.options.probs else []
             out.append([row + (topk[n] if topk else [])])
         return out
+
+
+class DetectionWriter(PredictionWriter):
+    """One row per box: the image's id (`image` unless `--id-col` names it), x1, y1, x2, y2 in the
+    image's pixels, the class name and the score; an image without boxes has no row. `finish` writes
+    the COCO results JSON beside the CSV (`<out stem>.coco.json`, see `coco_ids`)."""
+
+    def __init__(self, options: PredictOptions):
+        super().__init__(options, 7)
+        self.names = options.class_names if isinstance(options.class_names, list) else None
+        self.records: list[dict[str, Any]] = []
+
+    def header(self) -> list[str]:
+        id_col = "image" if self.options.id_col == "id" else self.options.id_col
+        return [id_col, "x1", "y1", "x2", "y2", "label", "score"]
+
+    def rows(self, ids: list[str], scores: list[dict[str, torch.Tensor]]) -> list[list[list[Any]]]:
+        from torchkiln.data.detection.writers import box_rows
+
+        out = []
+        for id_, det in zip(ids, scores, strict=True):
+            record = {"file": id_, "boxes": det["boxes"], "labels": det["labels"], "scores": det["scores"]}
+            self.records.append(record)
+            out.append(box_rows(record, self.names))
+        return out
+
+    def finish(self, out: Path) -> list[Path]:
+        from torchkiln.data.detection.writers import write_coco_results
+
+        image_ids, category_ids = coco_ids(self.options.coco_ann, [r["file"] for r in self.records], self.names)
+        for record, image_id in zip(self.records, image_ids):
+            record["image_id"] = image_id
+        path = out.with_name(f"{out.stem}.coco.json")
+        write_coco_results(self.records, path, category_ids)
+        return [path]
+
+
+def coco_ids(coco_ann: str | None, files: list[str], names: list[str] | None
+             ) -> tuple[list[int], list[int] | None]:
+    """The COCO results' image ids (one per file) and category ids (label i -> category_ids[i - 1];
+    None: the label itself). Without `coco_ann`: the input's position (1-based) and the label. With
+    it: the image entry whose file_name is the file (or its base name), and the category of the
+    class's name."""
+    if coco_ann is None:
+        return list(range(1, len(files) + 1)), None
+    import json
+
+    from torchkiln.errors import DataError
+
+    try:
+        data = json.loads(Path(coco_ann).read_text(encoding="utf-8"))
+        by_name = {str(im["file_name"]): int(im["id"]) for im in data["images"]}
+        categories = {str(c["name"]): int(c["id"]) for c in data["categories"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--coco-ann {coco_ann}: not a readable COCO file with images and categories ({exc})"
+                        "; give the annotations the run was trained on") from exc
+    base = {Path(k).name: v for k, v in by_name.items()}
+    image_ids = []
+    for f in files:
+        found = by_name.get(f, base.get(Path(f).name))
+        if found is None:
+            raise DataError(f"--coco-ann {coco_ann}: no image entry with file_name {f}; predict the images"
+                            " the file lists, or leave --coco-ann out (ids are then positions)")
+        image_ids.append(found)
+    missing = [c for c in names or [] if c not in categories]
+    if missing:
+        raise DataError(f"--coco-ann {coco_ann}: no category named {missing[0]} (the run's classes:"
+                        f" {', '.join(names or [])})")
+    return image_ids, [categories[c] for c in names or []]

@@ -155,3 +155,7 @@ def shapes_detection(root: str = "data/shapes", images: int = 300, size: int = 1
     if not ann.is_file():
         make_shapes(root, images=images, size=size, seed=seed)
     return DetectionDataset(read_annotations(ann), Path(root) / "images", str(ann), boxes)
+
+
+for _factory in (coco_detection, csv_boxes, shapes_detection):
+    _factory.decodes_images = True  # type: ignore[attr-defined]  # kiln predict decodes to uint8, then floats

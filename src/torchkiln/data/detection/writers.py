@@ -34,32 +34,42 @@ def predict_detections(trainer: Any, loader: Iterable, score_threshold: float = 
     return records
 
 
+def box_rows(record: dict[str, Any], class_names: list[str] | None = None) -> list[list[Any]]:
+    """An image's rows: file, x1, y1, x2, y2, label (the class name: labels 1..C are
+    class_names[0..C-1]), score."""
+    rows = []
+    for box, label, score in zip(record["boxes"].tolist(), record["labels"].tolist(), record["scores"].tolist()):
+        name = class_names[label - 1] if class_names and 1 <= label <= len(class_names) else label
+        rows.append([record["file"], *(f"{v:.2f}" for v in box), name, f"{score:.4f}"])
+    return rows
+
+
 def write_boxes_csv(records: list[dict[str, Any]], path: str | Path, class_names: list[str] | None = None) -> int:
-    """One row per box; label is the class name (labels 1..C are class_names[0..C-1]). Rows written."""
+    """One row per box (`box_rows`). Rows written."""
     rows = 0
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["image", "x1", "y1", "x2", "y2", "label", "score"])
         for r in records:
-            for box, label, score in zip(r["boxes"].tolist(), r["labels"].tolist(), r["scores"].tolist()):
-                name = class_names[label - 1] if class_names and 1 <= label <= len(class_names) else label
-                w.writerow([r["file"], *(f"{v:.2f}" for v in box), name, f"{score:.4f}"])
-                rows += 1
+            lines = box_rows(r, class_names)
+            w.writerows(lines)
+            rows += len(lines)
     return rows
 
 
-def coco_results(records: list[dict[str, Any]], category_ids: list[int]) -> list[dict[str, Any]]:
-    """COCO results entries; label i is category_ids[i - 1]."""
+def coco_results(records: list[dict[str, Any]], category_ids: list[int] | None) -> list[dict[str, Any]]:
+    """COCO results entries; label i is category_ids[i - 1] (None: the label itself)."""
     out = []
     for r in records:
         for (x1, y1, x2, y2), label, score in zip(r["boxes"].tolist(), r["labels"].tolist(), r["scores"].tolist()):
-            out.append({"image_id": r["image_id"], "category_id": int(category_ids[label - 1]),
+            category = int(category_ids[label - 1]) if category_ids is not None else int(label)
+            out.append({"image_id": r["image_id"], "category_id": category,
                         "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                         "score": round(score, 5)})
     return out
 
 
-def write_coco_results(records: list[dict[str, Any]], path: str | Path, category_ids: list[int]) -> int:
+def write_coco_results(records: list[dict[str, Any]], path: str | Path, category_ids: list[int] | None) -> int:
     results = coco_results(records, category_ids)
     Path(path).write_text(json.dumps(results), encoding="utf-8")
     return len(results)
