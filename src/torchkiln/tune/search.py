@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,13 @@ from torchkiln.tune.distributions import Distribution
 log = logging.getLogger("torchkiln")
 RAY_DIR = "ray"  # the search directory's folder of Ray's experiment state
 EXTRA = "pip install 'torchkiln[tune]'"
+PROBE_S = 5.0  # how long --address may take to answer
 
 
-def require_tune(searcher: str) -> None:
-    """Ray Tune (and Optuna for its searcher) are the `tune` extra."""
+def require_tune(searcher: str, address: str | None) -> None:
+    """Ray Tune (and Optuna for its searcher) are the `tune` extra. Ray's settings are set first:
+    it reads them once, when it is imported."""
+    _settings(address)
     try:
         import ray.tune  # noqa: F401
 
@@ -30,13 +34,24 @@ def require_tune(searcher: str) -> None:
         raise KilnError(f"kiln tune needs Ray Tune and Optuna ({exc.name} is not installed): {EXTRA}") from None
 
 
-def start_ray(address: str | None) -> None:
-    """Join the cluster at `address` (auto, ray://HOST:10001), else start a local Ray; quiet and
-    quick: no dashboard, no usage stats, the trials' output stays in their train.log."""
+def _settings(address: str | None) -> None:
+    """Ray's own settings for kiln tune (a user's environment wins)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the working directory (relative data paths)
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")  # a reused worker waits for its trial's end
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the reporter of RunConfig(verbose=0): silent, no box
+    if address is None:  # a local Ray has token auth by default; set, Ray does not announce it
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at `address` (auto, HOST:PORT, ray://HOST:10001), else start a local Ray;
+    quiet and quick: no dashboard, no usage stats, no experiment box or token-auth notice (Ray's own
+    settings), the trials' output stays in their train.log. A cluster that is not there is one line
+    at once (a probe of its port), not Ray's minute of retries."""
+    if address is not None:
+        _probe(address)
     import ray
 
     if ray.is_initialized():
@@ -44,9 +59,27 @@ def start_ray(address: str | None) -> None:
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}} if address else None)
-    except ConnectionError as exc:
-        raise KilnError(f"--address {address}: no Ray cluster there ({exc}); start one with"
-                        " `ray start --head`, or leave --address out for a local Ray") from None
+    except (ConnectionError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _no_cluster(address, reason) from None
+
+
+def _probe(address: str) -> None:
+    """HOST:PORT (or ray://HOST:PORT) must accept a connection; `auto` is found by Ray itself."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise KilnError(f"--address {address}: not auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_S).close()
+    except OSError as exc:
+        raise _no_cluster(address, exc.strerror or type(exc).__name__) from None
+
+
+def _no_cluster(address: str | None, reason: str) -> KilnError:
+    return KilnError(f"--address {address}: no Ray cluster there ({reason}); start one with"
+                     " `ray start --head`, or leave --address out for a local Ray")
 
 
 def tuner(trial: Callable, settings: TuneSettings, space: dict[str, Distribution], metric: str, mode: str,
