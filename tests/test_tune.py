@@ -77,6 +77,7 @@ def test_grid_needs_the_random_searcher(cli, tmp_path):
     cfg = tune_config(tmp_path, searcher="optuna")
     code, out, err = cli("tune", "-c", str(write_config(tmp_path, cfg)))
     assert code == 2 and "tune.space.optimizer.args.lr: grid is not a distribution Optuna samples" in err, err
+    assert not (tmp_path / "runs").exists()  # refused before Ray starts
 
 
 def test_without_the_extra_kiln_tune_names_it(cli, tmp_path, monkeypatch):
@@ -167,14 +168,21 @@ def test_each_trial_is_an_ordinary_run_that_ended_cleanly(search):
 
 
 @pytest.mark.slow
-def test_best_yaml_reruns_to_the_reported_value(search):
+def test_best_yaml_reruns_to_the_reported_value(search, cli):
+    import torch
+
     home, search_dir, _, _ = search
     table = rows(search_dir)
     best = max(table, key=lambda r: float(r["best val/accuracy"] or "nan"))
     data = yaml.safe_load((search_dir / "best.yaml").read_text())
     assert data["optimizer"]["args"]["lr"] == float(best["optimizer.args.lr"]) and data.get("tune") is None
     assert all(c["type"] != "TuneReport" for c in data["callbacks"])
-    kiln("train", "-q", "-c", str(search_dir / "best.yaml"), cwd=home, check=True)
+    threads = torch.get_num_threads()
+    try:  # `kiln train -c best.yaml`, in this process (best.yaml sets trainer.threads)
+        code, _, err = cli("train", "-q", "-c", str(search_dir / "best.yaml"))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
     (rerun,) = [p for p in (home / "runs" / "t").iterdir() if not p.name.startswith("tune-")]
     assert json.loads((rerun / "summary.json").read_text())["best"] == pytest.approx(
         float(best["best val/accuracy"]), abs=1e-6)

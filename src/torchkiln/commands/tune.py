@@ -50,17 +50,16 @@ def main(args: argparse.Namespace) -> int:
     console(args.quiet)
     cfg, source, search_dir = _search_of(args)
     settings = cfg.tune
-    from torchkiln.tune.search import require_tune
-
-    require_tune(settings.searcher, args.address)
+    from torchkiln.tune import results, search
     from torchkiln.tune.space import check_space
 
     space = check_space(cfg, source)
     metric, mode = _objective(cfg, source)
-    from torchkiln.tune import results, search
-
+    search.check(settings, space, cfg.trainer.epochs)
+    search.probe(args.address)  # a cluster that is not there ends here, before Ray or any file
+    search.require_tune(settings.searcher, args.address)
     started = time.perf_counter()
-    search.start_ray(args.address)  # a cluster that is not there ends here, before anything is written
+    search.start_ray(args.address)
     if not args.resume:
         search_dir.mkdir(parents=True)
         (search_dir / SEARCH_CONFIG).write_text(dump_yaml(cfg))

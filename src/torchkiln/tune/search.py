@@ -48,10 +48,7 @@ def _settings(address: str | None) -> None:
 def start_ray(address: str | None) -> None:
     """Join the cluster at `address` (auto, HOST:PORT, ray://HOST:10001), else start a local Ray;
     quiet and quick: no dashboard, no usage stats, no experiment box or token-auth notice (Ray's own
-    settings), the trials' output stays in their train.log. A cluster that is not there is one line
-    at once (a probe of its port), not Ray's minute of retries."""
-    if address is not None:
-        _probe(address)
+    settings), the trials' output stays in their train.log."""
     import ray
 
     if ray.is_initialized():
@@ -64,9 +61,10 @@ def start_ray(address: str | None) -> None:
         raise _no_cluster(address, reason) from None
 
 
-def _probe(address: str) -> None:
-    """HOST:PORT (or ray://HOST:PORT) must accept a connection; `auto` is found by Ray itself."""
-    if address == "auto":
+def probe(address: str | None) -> None:
+    """HOST:PORT (or ray://HOST:PORT) must accept a connection: a cluster that is not there is one
+    line at once, not Ray's minute of retries. `auto` is found by Ray itself."""
+    if address in (None, "auto"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
@@ -99,12 +97,24 @@ def tuner(trial: Callable, settings: TuneSettings, space: dict[str, Distribution
     )
     config = tune.TuneConfig(
         metric=metric, mode=mode, num_samples=settings.num_samples, scheduler=_scheduler(settings, epochs),
-        search_alg=_searcher(settings, space, seed),
+        search_alg=_searcher(settings, seed),
         max_concurrent_trials=settings.max_concurrent if settings.searcher == "optuna" else None,  # random: its own
         reuse_actors=True,  # one process per concurrent trial: torch is imported once
     )
     return tune.Tuner(trainable, param_space={k: d.to_ray() for k, d in space.items()},
                       tune_config=config, run_config=run)
+
+
+def check(settings: TuneSettings, space: dict[str, Distribution], epochs: int) -> None:
+    """The scheduler and the searcher fit the space and the run, before Ray starts."""
+    s = settings.scheduler
+    if s is not None and s.grace_period > (s.max_t or epochs):
+        raise ConfigError(f"tune.scheduler.grace_period: {s.grace_period} is beyond max_t {s.max_t or epochs}"
+                          " (trainer.epochs); every trial would run to its end")
+    grid = [k for k, d in space.items() if d.kind == "grid"]
+    if settings.searcher == "optuna" and grid:
+        raise ConfigError(f"tune.space.{grid[0]}: grid is not a distribution Optuna samples; use"
+                          " tune.searcher: random (which runs every grid point), or choice")
 
 
 def _scheduler(settings: TuneSettings, epochs: int):
@@ -115,23 +125,15 @@ def _scheduler(settings: TuneSettings, epochs: int):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    max_t = s.max_t or epochs
-    if s.grace_period > max_t:
-        raise ConfigError(f"tune.scheduler.grace_period: {s.grace_period} is beyond max_t {max_t}"
-                          " (trainer.epochs); every trial would run to its end")
-    return ASHAScheduler(time_attr=EPOCH, max_t=max_t, grace_period=s.grace_period,
+    return ASHAScheduler(time_attr=EPOCH, max_t=s.max_t or epochs, grace_period=s.grace_period,
                          reduction_factor=s.reduction_factor)
 
 
-def _searcher(settings: TuneSettings, space: dict[str, Distribution], seed: int):
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    grid = [k for k, d in space.items() if d.kind == "grid"]
+def _searcher(settings: TuneSettings, seed: int):
     if settings.searcher == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
         return BasicVariantGenerator(random_state=seed, max_concurrent=settings.max_concurrent or 0)
-    if grid:
-        raise ConfigError(f"tune.space.{grid[0]}: grid is not a distribution Optuna samples; use"
-                          " tune.searcher: random (which runs every grid point), or choice")
     from ray.tune.search.optuna import OptunaSearch
 
     return OptunaSearch(seed=seed)
