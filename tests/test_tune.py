@@ -224,7 +224,8 @@ def cluster(tmp_path_factory):
     (hooks / "hold.py").write_text(HOLD)
     temp = tempfile.mkdtemp(prefix="kr", dir="/tmp")
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{hooks}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_AUTH_TOKEN": uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_prestart_worker_first_driver": "0"}
     ray = Path(sys.executable).with_name("ray")
     started = time.perf_counter()
     head = subprocess.Popen([str(ray), "start", "--head", "--block", "--port", str(port), "--num-cpus", "2",

@@ -41,8 +41,9 @@ def _settings(address: str | None) -> None:
     os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "60")  # a reused worker waits for its trial's end
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the reporter of RunConfig(verbose=0): silent, no box
-    if address is None:  # a local Ray has token auth by default; set, Ray does not announce it
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if address is None:  # a local Ray (a cluster's settings are its own)
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray's default, which it announces when unset
+        os.environ.setdefault("RAY_prestart_worker_first_driver", "0")  # idle workers the trials would not use
 
 
 def start_ray(address: str | None) -> None:
@@ -58,6 +59,9 @@ def start_ray(address: str | None) -> None:
                  runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}} if address else None)
     except (ConnectionError, RuntimeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if address is None:
+            raise KilnError(f"kiln tune: a local Ray did not start ({reason}); its logs are in"
+                            " /tmp/ray/session_latest/logs") from None
         raise _no_cluster(address, reason) from None
 
 
