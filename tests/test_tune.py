@@ -100,12 +100,10 @@ def test_a_bad_address_is_one_line_before_anything_is_written(cli, tmp_path, add
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    started = time.perf_counter()
     code, out, err = cli("tune", "-c", str(write_config(tmp_path, tune_config(tmp_path))),
                          "--address", address.format(port=port))
     assert code == 2 and len(err.strip().splitlines()) == 1 and message.format(port=port) in err, err
-    assert time.perf_counter() - started < 60  # not Ray's retries
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and "ray" not in sys.modules  # refused by the probe, before Ray
 
 
 # -- the 6-trial search (+1 that raises), on a local Ray ----------------------------------------
