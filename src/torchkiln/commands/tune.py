@@ -50,22 +50,21 @@ def main(args: argparse.Namespace) -> int:
     console(args.quiet)
     cfg, source, search_dir = _search_of(args)
     settings = cfg.tune
-    from torchkiln.tune.search import require_tune
-
-    require_tune(settings.searcher)
+    from torchkiln.tune import results, search
     from torchkiln.tune.space import check_space
 
     space = check_space(cfg, source)
     metric, mode = _objective(cfg, source)
+    search.check(settings, space, cfg.trainer.epochs)
+    search.probe(args.address)  # a cluster that is not there ends here, before Ray or any file
+    search.require_tune(settings.searcher, args.address)
+    started = time.perf_counter()
+    search.start_ray(args.address)
     if not args.resume:
         search_dir.mkdir(parents=True)
         (search_dir / SEARCH_CONFIG).write_text(dump_yaml(cfg))
     log.info("search directory %s: %d sample(s) of %s, %s %s", search_dir, settings.num_samples,
              ", ".join(space), mode, metric)
-    from torchkiln.tune import results, search
-
-    started = time.perf_counter()
-    search.start_ray(args.address)
     trial = _trainable(cfg, search_dir, source, metric)
     tuner = search.tuner(trial, settings, space, metric, mode, cfg.trainer.epochs, search_dir, cfg.seed,
                          resume=bool(args.resume), callbacks=[results.progress_callback(metric)])
