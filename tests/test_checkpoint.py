@@ -302,8 +302,7 @@ def resumes(stderr: str) -> list[tuple[int, int, int]]:
 @pytest.mark.parametrize("num_workers, background", [
     (0, False),
     (0, True),
-    pytest.param(2, False, marks=pytest.mark.slow),
-])
+])  # with loader workers: test_kill9_mid_epoch_with_augmenting_workers_resumes_exactly
 def test_kill9_at_random_steps_then_resume_is_bitwise_exact(tmp_path, reference, num_workers, background):
     seed = int(os.environ.get("KILN_TEST_SEED", "1234")) + num_workers
     rng = random.Random(seed)
@@ -622,9 +621,9 @@ def test_background_writer_keeps_order_and_reports_failures(tmp_path):
 
 @pytest.mark.slow
 def test_kill9_mid_epoch_with_augmenting_workers_resumes_exactly(tmp_path):
-    """Random augmentation drawn inside two loader workers: after a kill and a mid-epoch resume the
-    remaining batches get the draws the uninterrupted run gave them (each batch's draws start from
-    its own seed), so the run ends bit for bit the same."""
+    """Random augmentation drawn inside two loader workers: killed at a random step of epoch 2 and
+    again a few steps after that resume, the remaining batches get the draws the uninterrupted run
+    gave them (each batch's draws start from its own seed), so the run ends bit for bit the same."""
     def config(root: Path) -> Path:
         cfg = cnn_config(root, num_workers=2)
         cfg["data"]["transforms"] = {"train": [
@@ -635,10 +634,15 @@ def test_kill9_mid_epoch_with_augmenting_workers_resumes_exactly(tmp_path):
     (tmp_path / "killed").mkdir()
     kiln_faulty("train", "-c", str(config(tmp_path / "ref")), check=True)
     cfg = config(tmp_path / "killed")
-    proc = kiln_faulty("train", "-c", str(cfg), env={"KILN_FAULT_KILL_AT": str(BATCHES + 7)})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    done = kiln_faulty("train", "-c", str(cfg), "--resume", "auto", check=True)
-    assert resumes(done.stderr)[0][:1] == (2,) and resumes(done.stderr)[0][2] > 0  # mid-epoch 2
+    seed = int(os.environ.get("KILN_TEST_SEED", "1234"))
+    kills, seen = [BATCHES + random.Random(seed).randint(5, 9), 6], []
+    for i, kill_at in enumerate(kills + [0]):
+        proc = kiln_faulty("train", "-c", str(cfg), *(["--resume", "auto"] if i else []),
+                           env={"KILN_FAULT_KILL_AT": str(kill_at)})
+        assert proc.returncode == (-signal.SIGKILL if kill_at else 0), (kills, seed, proc.stderr[-2000:])
+        seen += resumes(proc.stderr)
+    assert len(seen) == 2 and all(epoch == 2 and batch > 0 for epoch, _, batch in seen), seen  # mid-epoch 2
+    assert seen[1][2] > seen[0][2], seen  # the second resume is further into the epoch
     (ref,) = run_dirs(tmp_path / "ref")
     (run,) = run_dirs(tmp_path / "killed")
     assert_same_run(run, ref)

@@ -98,6 +98,35 @@ def test_broken_image_files_name_the_file(tmp_path):
         ImageFolder(str(root))  # found early: at build time
 
 
+def test_torchvision_decodes_the_same_pixels_as_pillow_and_finds_the_same_breakage(tmp_path):
+    """JPEG, PNG and WebP go through torchvision.io (faster); every kind of file gives the pixels
+    Pillow's RGB conversion gives, and a truncated file of either decoder is one broken input."""
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    from torchkiln.data.images import CODEC_DECODED, decode_image
+
+    rgb = np.random.default_rng(0).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    kinds = {"rgb.jpg": Image.fromarray(rgb), "gray.jpg": Image.fromarray(rgb[..., 0]),
+             "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"), "rgb.png": Image.fromarray(rgb),
+             "rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]])), "palette.png": Image.fromarray(rgb).convert("P"),
+             "gray-alpha.png": Image.fromarray(rgb).convert("LA"), "16bit.png": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257),
+             "rgb.webp": Image.fromarray(rgb), "rgb.bmp": Image.fromarray(rgb)}
+    for name, image in kinds.items():
+        image.save(tmp_path / name)
+        got = decode_image(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            want = pil_to_tensor(im.convert("RGB"))
+        assert got.dtype == torch.uint8 and torch.equal(got, want), name
+    assert {".jpg", ".png", ".webp"} <= set(CODEC_DECODED) and ".bmp" not in CODEC_DECODED
+    for name in ("rgb.jpg", "rgb.png", "rgb.bmp"):
+        whole = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut-{name}").write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(DataError, match=rf"cut-{name}: cannot decode image") as err:
+            decode_image(tmp_path / f"cut-{name}")
+        assert "\n" not in str(err.value)
+
+
 def test_skip_policy_counts_drops_and_still_fails_above_max(tmp_path):
     """Nothing is decoded up front: an empty file is dropped at build time, a truncated one is
     skipped when it is read (its place taken by the next sample that reads), and listed."""

@@ -42,9 +42,14 @@ class Item:
     where: str = ""  # e.g. " (labels.csv line 12)"
 
 
+# Decoded by TorchCodec (libjpeg-turbo, libpng, libwebp: the same pixels as Pillow's RGB
+# conversion in a fraction of the time; benchmarks/image_loading.py); other formats by Pillow.
+CODEC_DECODED = (".jpg", ".jpeg", ".png", ".webp")
+
+
 def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, where: str = "") -> Any:
     """Open, size-check and fully decode one image; any failure is a BrokenInput (a DataError)
-    naming the file."""
+    naming the file. The size check reads the header only (PIL), before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
     from torchvision import tv_tensors
     from torchvision.transforms.v2.functional import pil_to_tensor
@@ -53,7 +58,9 @@ def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, w
         with Image.open(path) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 _broken(path, where, f"image is {im.width}x{im.height}, above max_pixels={max_pixels}")
-            rgb = im.convert(mode)  # forces the full decode: truncation shows up here
+            pixels = _decode_codec(path) if mode == "RGB" and path.suffix.lower() in CODEC_DECODED else None
+            if pixels is None:
+                pixels = pil_to_tensor(im.convert(mode))  # forces the full decode: truncation shows up here
     except DataError:
         raise
     except FileNotFoundError:
@@ -62,9 +69,20 @@ def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, w
         _broken(path, where, f"image exceeds Pillow's decompression-bomb limit ({exc})")
     except UnidentifiedImageError:
         _broken(path, where, "not a readable image (unknown format or corrupt header)")
-    except (OSError, SyntaxError, ValueError) as exc:
-        _broken(path, where, f"cannot decode image ({exc})")
-    return tv_tensors.Image(pil_to_tensor(rgb))
+    except (OSError, SyntaxError, ValueError, RuntimeError) as exc:
+        _broken(path, where, f"cannot decode image ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})")
+    return tv_tensors.Image(pixels)
+
+
+def _decode_codec(path: Path) -> torch.Tensor | None:
+    """RGB uint8 (3, H, W) from TorchCodec; None where it would not give 8-bit pixels (16-bit PNG,
+    which Pillow converts its own way) or where TorchCodec is not installed."""
+    try:
+        from torchcodec.decoders import decode_image as codec_decode
+    except ImportError:
+        return None
+    pixels = codec_decode(path, mode="RGB", output_dtype="auto")
+    return pixels if pixels.dtype == torch.uint8 and pixels.dim() == 3 else None
 
 
 def _broken(path: Path, where: str, what: str) -> None:
