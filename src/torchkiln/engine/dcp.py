@@ -111,7 +111,7 @@ def load(trainer: Any, state: dict[str, Any], ckpt: Path) -> None:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     shards = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(shards, checkpoint_id=str(folder))
+        dcp.load(shards, checkpoint_id=str(folder), no_dist=not distributed.is_distributed())  # 1 process
     except Exception as exc:  # noqa: BLE001 - DCP raises many kinds for a folder that does not fit
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: its shards do not fit this model and optimizer ({first})") from None
