@@ -235,17 +235,18 @@ FORKSERVER_PRELOAD = ["pytest", "yaml", "torch", "torchmetrics", "torchkiln.comm
                       "torchkiln.commands.kfold", "torchkiln.engine.settings", "torchkiln.config.load"]
 
 
-def _two_ranks(worker, *args) -> None:
+def two_ranks(worker, *args, join: bool = True):
     """`worker(rank, 2, *args)` in two processes forked from one forkserver that imported torch and
     torchkiln once (the first call starts it): later pairs start in well under a second instead of
     importing them twice over, as spawn's fresh interpreters do. The server forks before any
-    process group, tensor op or thread exists in it, so the workers are as clean as spawned ones."""
+    process group, tensor op or thread exists in it, so the workers are as clean as spawned ones.
+    join=False: returns the ProcessContext (`while not ctx.join(): ...`). Also used by test_fsdp."""
     import multiprocessing
 
     import torch.multiprocessing as mp
 
     multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
-    mp.start_processes(worker, args=(2, *args), nprocs=2, join=True, start_method="forkserver")
+    return mp.start_processes(worker, args=(2, *args), nprocs=2, join=join, start_method="forkserver")
 
 
 def _drain(proc: subprocess.Popen) -> str:
@@ -297,7 +298,7 @@ def _stop_worker(rank: int, world: int, out: str) -> None:
 def test_ddp_ranks_agree_on_a_stop_only_every_log_interval(tmp_path):
     """One rank's stop request is shared at the next log interval (one all-reduce per interval, not
     per step), and every rank stops after that same step."""
-    _two_ranks(_stop_worker, str(tmp_path))
+    two_ranks(_stop_worker, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["stopped"] for r in results] == [4, 4]  # asked at step 2, agreed at step 4
     assert [r["agreed_at"] for r in results] == [[4], [4]]
@@ -333,7 +334,7 @@ def _unfreeze_worker(rank: int, world: int, out: str) -> None:
 def test_ddp_unfreezing_keeps_ranks_in_step(tmp_path):
     """Layers frozen for the first epoch and then unfrozen are trained by every rank alike: their
     gradients are all-reduced once they train (DDP is rebuilt when the trainable set changes)."""
-    _two_ranks(_unfreeze_worker, str(tmp_path))
+    two_ranks(_unfreeze_worker, str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a["moved"] and b["moved"], "the unfrozen layer did not train"
     assert torch.equal(a["head"], b["head"])
@@ -380,7 +381,7 @@ def _skip_worker(rank: int, world: int, out: str) -> None:
 def test_ddp_ranks_skip_a_batch_together_when_one_rank_has_a_nonfinite_loss(tmp_path):
     """`on_nonfinite: skip_batch` under DDP: rank 1's NaN makes both ranks skip that batch (a rank
     skipping its backward alone would pair its next all-reduce with the other's current one)."""
-    _two_ranks(_skip_worker, str(tmp_path))
+    two_ranks(_skip_worker, str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a["steps"] == b["steps"] == 3  # 4 batches per rank, one skipped by both
     assert torch.equal(a["w"], b["w"]) and torch.isfinite(a["w"]).all()
@@ -410,7 +411,7 @@ def test_folds_under_ddp_write_one_folder_and_one_summary(tmp_path):
                        trainer={"epochs": 1, "monitor": "val/accuracy", "device": "cpu"},
                        logging={"progress": False, "plots": False, "tensorboard": False})
     cfg["port"] = port
-    _two_ranks(_folds_worker, str(tmp_path), cfg)
+    two_ranks(_folds_worker, str(tmp_path), cfg)
     roots = {json.loads((tmp_path / f"rank{r}.json").read_text())["root"] for r in range(2)}
     assert len(roots) == 1
     folders = list((tmp_path / "runs" / "t").iterdir())
