@@ -160,7 +160,8 @@ def test_resume_two_processes_mid_epoch_matches_uninterrupted(two_process_run, t
     shutil.copytree(run_dir, copy)
     ckpt = copy / "checkpoints" / "step-000026.ckpt"  # epoch 2, batch 7 of 19
     assert load_checkpoint(ckpt)["loop"]["batch_in_epoch"] == 7
-    kiln("train", "--resume", str(ckpt), "--devices", "2", "-q", cwd=tmp_path, timeout=240, check=True)
+    # Two ranks as torchrun starts them, forked (the launcher's own path: the fixture and the kill test).
+    two_ranks(torchrun_rank, free_port(), "train", "--resume", str(ckpt), "-q")
     full = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     resumed = load_checkpoint(copy / "checkpoints" / "last.ckpt")
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
@@ -247,6 +248,26 @@ def two_ranks(worker, *args, join: bool = True):
 
     multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
     return mp.start_processes(worker, args=(2, *args), nprocs=2, join=join, start_method="forkserver")
+
+
+def torchrun_rank(rank: int, world: int, port: int, *argv: str) -> None:
+    """One rank of `kiln ARGV` as torchrun starts it: rank and rendezvous from the environment,
+    threads as `kiln train --devices N` gives its workers (OMP_NUM_THREADS = cores / N)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from torchkiln.cli import main
+
+    if main(list(argv)) != 0:
+        raise SystemExit(f"rank {rank}: kiln {' '.join(argv)} failed")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _drain(proc: subprocess.Popen) -> str:
@@ -401,12 +422,7 @@ def _folds_worker(rank: int, world: int, out: str, cfg: dict) -> None:
 
 
 def test_folds_under_ddp_write_one_folder_and_one_summary(tmp_path):
-    import socket
-
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = small_config(tmp_path, data={"folds": 2, "test_split": 0.0},
                        trainer={"epochs": 1, "monitor": "val/accuracy", "device": "cpu"},
                        logging={"progress": False, "plots": False, "tensorboard": False})

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import ROOT, kiln, small_config, write_config
-from test_distributed import two_ranks
+from test_distributed import free_port, torchrun_rank, two_ranks
 from torchkiln.engine import dcp
 from torchkiln.errors import CheckpointError
 
@@ -76,26 +76,6 @@ def test_two_fsdp_steps_equal_the_single_process_reference(tmp_path):
     assert result["loaded_state_diff"] == 0.0  # a non-FSDP checkpoint's optimizer state, sharded
 
 
-def _torchrun_rank(rank: int, world: int, cfg: str, port: int) -> None:
-    """One rank of `kiln train` as torchrun starts it: rank and rendezvous from the environment,
-    threads as the launcher gives its workers."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the launcher's OMP_NUM_THREADS
-    from torchkiln.cli import main
-
-    if main(["train", "-c", cfg, "-q"]) != 0:
-        raise SystemExit(f"rank {rank}: kiln train failed")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     """One uninterrupted FSDP run, started as torchrun starts `kiln train` (two ranks forked from the
@@ -109,7 +89,7 @@ def fsdp_runs(tmp_path_factory):
     full_cfg = write_config(tmp, _config(tmp / "a", "full", save_period=1), "full.yaml")
     kill_cfg = write_config(tmp, _config(tmp / "b", "kill"), "kill.yaml")
     killed = _popen("train", "-c", str(kill_cfg), "--devices", "2", "-q", cwd=tmp)
-    full = two_ranks(_torchrun_rank, str(full_cfg), _free_port(), join=False)
+    full = two_ranks(torchrun_rank, free_port(), "train", "-c", str(full_cfg), "-q", join=False)
     deadline = time.monotonic() + 240
     while not list((tmp / "b").glob("runs/kill/*/checkpoints/step-000013.ckpt")):
         assert killed.poll() is None, killed.communicate()[1][-3000:]
