@@ -112,7 +112,9 @@ def two_process_run(tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_double_batch(two_process_run, tmp_path):
     _, two_dir, _ = two_process_run
-    one_dir, _ = train(resolve(_config(tmp_path, "one", 2 * PER_PROCESS_BATCH), "test"), progress=False)
+    one_cfg = _config(tmp_path, "one", 2 * PER_PROCESS_BATCH)
+    one_cfg["logging"] = {**one_cfg["logging"], "plots": False, "tensorboard": False}  # metrics, weights compared
+    one_dir, _ = train(resolve(one_cfg, "test"), progress=False)
     one_rows, two_rows = _rows(one_dir), _rows(two_dir)
     assert [r["step"] for r in one_rows] == [r["step"] for r in two_rows]  # same steps per epoch
     for a, b in zip(one_rows, two_rows):
@@ -158,7 +160,8 @@ def test_resume_two_processes_mid_epoch_matches_uninterrupted(two_process_run, t
     shutil.copytree(run_dir, copy)
     ckpt = copy / "checkpoints" / "step-000026.ckpt"  # epoch 2, batch 7 of 19
     assert load_checkpoint(ckpt)["loop"]["batch_in_epoch"] == 7
-    kiln("train", "--resume", str(ckpt), "--devices", "2", "-q", cwd=tmp_path, timeout=240, check=True)
+    # Two ranks as torchrun starts them, forked (the launcher's own path: the fixture and the kill test).
+    two_ranks(torchrun_rank, free_port(), "train", "--resume", str(ckpt), "-q")
     full = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     resumed = load_checkpoint(copy / "checkpoints" / "last.ckpt")
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
@@ -226,6 +229,47 @@ def test_killed_worker_restarts_then_stops_the_run_with_an_error(tmp_path):
     assert len(list(runs.iterdir())) == 1  # the restart continued the same run directory
 
 
+# What the workers below import, imported once by the forkserver that forks them. Names, not this
+# module: on Python 3.11 the server ignores the parent's sys.path (tests/ is not on it), and an
+# ImportError only makes the workers import it themselves (slower, as correct).
+FORKSERVER_PRELOAD = ["pytest", "yaml", "torch", "torchmetrics", "torchkiln.commands.train",
+                      "torchkiln.commands.kfold", "torchkiln.engine.settings", "torchkiln.config.load"]
+
+
+def two_ranks(worker, *args, join: bool = True):
+    """`worker(rank, 2, *args)` in two processes forked from one forkserver that imported torch and
+    torchkiln once (the first call starts it): later pairs start in well under a second instead of
+    importing them twice over, as spawn's fresh interpreters do. The server forks before any
+    process group, tensor op or thread exists in it, so the workers are as clean as spawned ones.
+    join=False: returns the ProcessContext (`while not ctx.join(): ...`). Also used by test_fsdp."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return mp.start_processes(worker, args=(2, *args), nprocs=2, join=join, start_method="forkserver")
+
+
+def torchrun_rank(rank: int, world: int, port: int, *argv: str) -> None:
+    """One rank of `kiln ARGV` as torchrun starts it: rank and rendezvous from the environment,
+    threads as `kiln train --devices N` gives its workers (OMP_NUM_THREADS = cores / N)."""
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    from torchkiln.cli import main
+
+    if main(list(argv)) != 0:
+        raise SystemExit(f"rank {rank}: kiln {' '.join(argv)} failed")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _drain(proc: subprocess.Popen) -> str:
     proc.kill()
     return proc.communicate()[1][-3000:]
@@ -275,9 +319,7 @@ def _stop_worker(rank: int, world: int, out: str) -> None:
 def test_ddp_ranks_agree_on_a_stop_only_every_log_interval(tmp_path):
     """One rank's stop request is shared at the next log interval (one all-reduce per interval, not
     per step), and every rank stops after that same step."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_stop_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    two_ranks(_stop_worker, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["stopped"] for r in results] == [4, 4]  # asked at step 2, agreed at step 4
     assert [r["agreed_at"] for r in results] == [[4], [4]]
@@ -313,9 +355,7 @@ def _unfreeze_worker(rank: int, world: int, out: str) -> None:
 def test_ddp_unfreezing_keeps_ranks_in_step(tmp_path):
     """Layers frozen for the first epoch and then unfrozen are trained by every rank alike: their
     gradients are all-reduced once they train (DDP is rebuilt when the trainable set changes)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_unfreeze_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    two_ranks(_unfreeze_worker, str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a["moved"] and b["moved"], "the unfrozen layer did not train"
     assert torch.equal(a["head"], b["head"])
@@ -362,9 +402,7 @@ def _skip_worker(rank: int, world: int, out: str) -> None:
 def test_ddp_ranks_skip_a_batch_together_when_one_rank_has_a_nonfinite_loss(tmp_path):
     """`on_nonfinite: skip_batch` under DDP: rank 1's NaN makes both ranks skip that batch (a rank
     skipping its backward alone would pair its next all-reduce with the other's current one)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_skip_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    two_ranks(_skip_worker, str(tmp_path))
     a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert a["steps"] == b["steps"] == 3  # 4 batches per rank, one skipped by both
     assert torch.equal(a["w"], b["w"]) and torch.isfinite(a["w"]).all()
@@ -384,18 +422,12 @@ def _folds_worker(rank: int, world: int, out: str, cfg: dict) -> None:
 
 
 def test_folds_under_ddp_write_one_folder_and_one_summary(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cfg = small_config(tmp_path, data={"folds": 2, "test_split": 0.0},
                        trainer={"epochs": 1, "monitor": "val/accuracy", "device": "cpu"},
                        logging={"progress": False, "plots": False, "tensorboard": False})
     cfg["port"] = port
-    mp.spawn(_folds_worker, args=(2, str(tmp_path), cfg), nprocs=2, join=True)
+    two_ranks(_folds_worker, str(tmp_path), cfg)
     roots = {json.loads((tmp_path / f"rank{r}.json").read_text())["root"] for r in range(2)}
     assert len(roots) == 1
     folders = list((tmp_path / "runs" / "t").iterdir())

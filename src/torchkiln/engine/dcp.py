@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,9 @@ def load(trainer: Any, state: dict[str, Any], ckpt: Path) -> None:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     shards = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(shards, checkpoint_id=str(folder))
+        with warnings.catch_warnings():  # one process reading a sharded run: intended, not worth a warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(shards, checkpoint_id=str(folder), no_dist=not distributed.is_distributed())
     except Exception as exc:  # noqa: BLE001 - DCP raises many kinds for a folder that does not fit
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: its shards do not fit this model and optimizer ({first})") from None
