@@ -1,3 +1,3 @@
-from torchkiln.cli import main
+from torchkiln.cli import run
 
-raise SystemExit(main())
+run()
