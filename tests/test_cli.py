@@ -31,3 +31,26 @@ def test_help_lists_subcommands():
 def test_module_entry_point_and_version():
     proc = kiln("--version", check=True)
     assert proc.stdout.startswith("torchkiln ")
+
+
+def test_the_process_ends_as_pythons_exit_would_less_the_teardown(tmp_path):
+    """`kiln` skips only the freeing of modules at exit: the threads Python waits for are joined,
+    the atexit handlers run, and the exit code and the streams' last lines are kept."""
+    (tmp_path / "late.py").write_text(
+        "import atexit, threading, time\n"
+        "from pathlib import Path\n"
+        "from torchkiln.data.digits import Digits\n\n"
+        "def _later():\n    time.sleep(0.5)\n    Path('thread.txt').write_text('joined')\n\n"
+        "threading.Thread(target=_later).start()  # not a daemon: Python's exit waits for it\n"
+        "atexit.register(lambda: Path('atexit.txt').write_text('ran'))\n\n"
+        "class LateDigits(Digits):\n    pass\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data: {dataset: {type: 'late:LateDigits'}}\n")
+    proc = kiln("config", "check", "-c", str(cfg), cwd=tmp_path, env={"PYTHONPATH": f"{ROOT / 'src'}:{tmp_path}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("ok: ") and proc.stdout.rstrip().splitlines()[-1].startswith("  monitor")
+    assert (tmp_path / "thread.txt").read_text() == "joined" and (tmp_path / "atexit.txt").read_text() == "ran"
+    bad = kiln("config", "check", "-c", str(cfg), "trainer.epoch=3", cwd=tmp_path,
+               env={"PYTHONPATH": f"{ROOT / 'src'}:{tmp_path}"})
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+    assert "trainer.epoch: unknown key" in bad.stderr
