@@ -275,13 +275,16 @@ def test_ddp_one_rank_runs_out_and_both_recover_or_both_stop(tmp_path):
 # the leak watch, activation checkpointing
 # ------------------------------------------------------------------------------------------
 class Leaky(Callback):
-    """Keeps 1 MB after every step: the ever-growing list the leak watch is for."""
+    """Keeps 34 MB every 4th step: the ever-growing list the leak watch is for. Blocks above glibc's
+    largest mmap threshold (32 MB) get fresh pages, so the RSS rises even in a long-lived test
+    process whose heap holds freed memory from earlier tests (smaller blocks could reuse it)."""
 
     def __init__(self):
         self.kept = []
 
     def on_step_end(self, trainer, info):
-        self.kept.append(torch.ones(2**18))
+        if info.step % 4 == 0:
+            self.kept.append(torch.ones(2**23 + 2**19))
 
 
 @pytest.mark.parametrize("leak", [True, False])
