@@ -51,8 +51,18 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool 
     return proc
 
 
+# The longest files (seconds of a whole run on this machine), first: `pytest -n 2 --dist loadfile`
+# hands the files out in collection order, so the long ones start at once and the short ones fill
+# the gaps, and the two workers end together instead of one running the README guard alone at the end.
+LONGEST_FIRST = ("test_readme.py", "test_checkpoint.py", "test_tune.py", "test_benchmarks.py", "test_fsdp.py",
+                 "test_distributed.py", "test_registry_guard.py", "test_logging.py", "test_memory.py",
+                 "test_detection.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` skip cleanly where there is no CUDA."""
+    """The longest files first (LONGEST_FIRST); tests marked `gpu` skip cleanly where there is no CUDA."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     import torch
 
     if torch.cuda.is_available():
