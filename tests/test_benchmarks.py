@@ -85,7 +85,7 @@ def test_epoch_order_is_torchkilns_sampler_order():
         assert list(mine) == list(theirs)
 
 
-def test_time_to_accuracy_script(tmp_path):
+def test_time_to_accuracy_script(tmp_path, capsys):
     tta = load_script("time_to_accuracy")
     cfg = tmp_path / "mlp.yaml"
     cfg.write_text((ROOT / "configs" / "digits-mlp.yaml").read_text())
@@ -93,9 +93,12 @@ def test_time_to_accuracy_script(tmp_path):
     assert tta.main(["--target", "0.5", "--seeds", "1", "--configs", str(cfg), "--out", str(out)]) == 0
     text = out.read_text()
     assert "| 1/1 |" in text and "Fastest:" in text
-    # An unreachable target is reported as such, not as a time.
-    assert tta.main(["--target", "1.01", "--seeds", "1", "--configs", str(cfg), "--out", str(out)]) == 0
-    assert "| 0/1 |" in out.read_text()
+    # An unreachable target is reported as such, not as a time (3 epochs: long enough to say so).
+    short = tmp_path / "mlp-3.yaml"
+    short.write_text(cfg.read_text().replace("trainer: {epochs: 20,", "trainer: {epochs: 3,"))
+    assert short.read_text() != cfg.read_text()
+    assert tta.main(["--target", "1.01", "--seeds", "1", "--configs", str(short), "--out", str(out)]) == 0
+    assert "| 0/1 |" in out.read_text() and "not reached in 3 epochs" in capsys.readouterr().out
 
 
 def test_metric_buffer_gives_the_per_batch_metrics():
