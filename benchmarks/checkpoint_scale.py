@@ -1,6 +1,7 @@
 """Checkpoint save and load at about 10M, 100M and 300M parameters with AdamW (after one step).
 
-For each size: torch.save + fsync, torchkiln's save_checkpoint (temp file, fsync, rename, the
+For each size: torch.save + fsync (to a new file, as an atomic save writes one, and over the same
+file), torchkiln's save_checkpoint (temp file, fsync, rename, the
 archive's CRC-32 per record), torch.distributed.checkpoint (single process, for reference); then
 torch.load(weights_only=True), torchkiln's load_checkpoint (weights_only, every record's CRC-32
 checked) and DCP's load into the live state. Seconds are the median of `--repeats` interleaved
@@ -33,6 +34,8 @@ from machine import machine  # noqa: E402
 
 from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint  # noqa: E402
 
+SAVE_BASE = "torch.save + fsync, to a new file"  # the ratios' base: torchkiln writes a new file, then renames
+LOAD_BASE = "torch.load(weights_only=True)"
 WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
 
 
@@ -89,11 +92,16 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
 
     state, model, optimizer = build_state(millions)
     params = sum(p.numel() for p in model.parameters())
-    plain, ours, dcp_dir = root / "plain.pt", root / "ours.ckpt", root / "dcp"
+    plain, fresh, ours, dcp_dir = root / "plain.pt", root / "fresh.pt", root / "ours.ckpt", root / "dcp"
 
     def torch_save():
         torch.save(state, plain)
         fsync_file(plain)
+
+    def torch_save_new():  # what an atomic save must do: a new file (the old one unlinked)
+        fresh.unlink(missing_ok=True)
+        torch.save(state, fresh)
+        fsync_file(fresh)
 
     def dcp_save():
         shutil.rmtree(dcp_dir, ignore_errors=True)
@@ -103,9 +111,10 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
         target = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         dcp.load(target, checkpoint_id=str(dcp_dir))
 
-    saves = {"torch.save + fsync": torch_save, "torchkiln save_checkpoint": lambda: save_checkpoint(state, ours),
+    saves = {SAVE_BASE: torch_save_new, "torch.save + fsync, over the same file": torch_save,
+             "torchkiln save_checkpoint": lambda: save_checkpoint(state, ours),
              "torch.distributed.checkpoint save": dcp_save}
-    loads = {"torch.load(weights_only=True)": lambda: torch.load(plain, weights_only=True),
+    loads = {LOAD_BASE: lambda: torch.load(plain, weights_only=True),
              "torchkiln load_checkpoint": lambda: load_checkpoint(ours),
              "torch.distributed.checkpoint load (in place)": dcp_load}
     times: dict[str, list[tuple[float, int]]] = {k: [] for k in [*saves, *loads]}
@@ -121,7 +130,7 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
         rows.append({"size": f"{params / 1e6:.0f}M", "ckpt_gb": size / 1e9, "what": name,
                      "seconds": statistics.median(secs), "min": min(secs), "max": max(secs),
                      "extra_gb": max(m for _, m in samples) / 1e9})
-    for p in (plain, ours):
+    for p in (plain, fresh, ours):
         p.unlink(missing_ok=True)
     shutil.rmtree(dcp_dir, ignore_errors=True)
     gc.collect()
@@ -131,7 +140,7 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
 def table(rows: list[dict]) -> str:
     base = {}
     for r in rows:
-        if r["what"].startswith(("torch.save", "torch.load")):
+        if r["what"] in (SAVE_BASE, LOAD_BASE):
             base[(r["size"], r["what"].startswith("torch.save"))] = r["seconds"]
     out = ["| params | checkpoint (GB) | what | seconds (median) | (min-max) | x torch | extra peak memory (GB) | extra / checkpoint |",
            "|---|---:|---|---:|---:|---:|---:|---:|"]
