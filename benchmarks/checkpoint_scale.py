@@ -1,7 +1,7 @@
 """Checkpoint save and load at about 10M, 100M and 300M parameters with AdamW (after one step).
 
-For each size: torch.save + fsync (to a new file, as an atomic save writes one, and over the same
-file), torchkiln's save_checkpoint (temp file, fsync, rename, the
+For each size: torch.save + fsync + rename written by hand (the ratios' base: the atomic save
+torchkiln makes), torch.save + fsync to a new file and over the same file, torchkiln's save_checkpoint (temp file, fsync, rename, the
 archive's CRC-32 per record), torch.distributed.checkpoint (single process, for reference); then
 torch.load(weights_only=True), torchkiln's load_checkpoint (weights_only, every record's CRC-32
 checked) and DCP's load into the live state. Seconds are the median of `--repeats` interleaved
@@ -34,7 +34,7 @@ from machine import machine  # noqa: E402
 
 from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint  # noqa: E402
 
-SAVE_BASE = "torch.save + fsync, to a new file"  # the ratios' base: torchkiln writes a new file, then renames
+SAVE_BASE = "torch.save + fsync + rename (atomic, by hand)"  # the ratios' base: what torchkiln's save does
 LOAD_BASE = "torch.load(weights_only=True)"
 WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
 
@@ -92,16 +92,23 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
 
     state, model, optimizer = build_state(millions)
     params = sum(p.numel() for p in model.parameters())
-    plain, fresh, ours, dcp_dir = root / "plain.pt", root / "fresh.pt", root / "ours.ckpt", root / "dcp"
+    plain, fresh, atomic, ours = root / "plain.pt", root / "fresh.pt", root / "atomic.pt", root / "ours.ckpt"
+    dcp_dir = root / "dcp"
 
     def torch_save():
         torch.save(state, plain)
         fsync_file(plain)
 
-    def torch_save_new():  # what an atomic save must do: a new file (the old one unlinked)
+    def torch_save_new():  # a new file (the old one unlinked first)
         fresh.unlink(missing_ok=True)
         torch.save(state, fresh)
         fsync_file(fresh)
+
+    def torch_save_atomic():  # what an atomic save does, by hand: a temp file, fsync, rename over the old one
+        tmp = atomic.with_suffix(".tmp")
+        torch.save(state, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, atomic)
 
     def dcp_save():
         shutil.rmtree(dcp_dir, ignore_errors=True)
@@ -111,7 +118,8 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
         target = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
         dcp.load(target, checkpoint_id=str(dcp_dir))
 
-    saves = {SAVE_BASE: torch_save_new, "torch.save + fsync, over the same file": torch_save,
+    saves = {SAVE_BASE: torch_save_atomic, "torch.save + fsync, to a new file (the old one unlinked first)": torch_save_new,
+             "torch.save + fsync, over the same file": torch_save,
              "torchkiln save_checkpoint": lambda: save_checkpoint(state, ours),
              "torch.distributed.checkpoint save": dcp_save}
     loads = {LOAD_BASE: lambda: torch.load(plain, weights_only=True),
@@ -130,7 +138,7 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
         rows.append({"size": f"{params / 1e6:.0f}M", "ckpt_gb": size / 1e9, "what": name,
                      "seconds": statistics.median(secs), "min": min(secs), "max": max(secs),
                      "extra_gb": max(m for _, m in samples) / 1e9})
-    for p in (plain, fresh, ours):
+    for p in (plain, fresh, atomic, ours):
         p.unlink(missing_ok=True)
     shutil.rmtree(dcp_dir, ignore_errors=True)
     gc.collect()
