@@ -129,7 +129,7 @@ def decoder_row(path: Path, repeats: int) -> str:
     return f"| {path.suffix[1:]} | {path.stat().st_size // 1024} KiB | {p * 1e6:.0f} | {c * 1e6:.0f} | {p / c:.2f}x | same |"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="32,224", help="image sides in pixels")
     ap.add_argument("--images", type=int, default=512)
@@ -137,8 +137,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--decode-repeats", type=int, default=200)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the decoders compared on one thread; put back at the end
+    try:
+        _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     base = Path(tempfile.mkdtemp(prefix="kiln-images-"))

@@ -131,3 +131,24 @@ def test_metric_buffer_updates_at_once_for_tasks_without_concat():
     buf = MetricBuffer(task, metrics)
     buf.add(torch.tensor([[5.0, 0, 0]]), torch.tensor([0]))
     assert not buf._outputs and float(metrics.compute()["accuracy"]) == 1.0
+
+
+def test_image_loading_script_compares_decoders_and_loaders(tmp_path):
+    bench = load_script("image_loading")
+    out = tmp_path / "images.md"
+    bench.main(["--sizes", "16", "--images", "64", "--workers", "0", "--repeats", "1", "--decode-repeats", "2",
+                "--out", str(out)])
+    text = out.read_text()
+    decoders = [line for line in text.splitlines() if line.startswith(("| jpg 16px", "| png 16px"))]
+    assert len(decoders) == 2 and all(line.endswith("| same |") for line in decoders)  # the same pixels
+    loaders = [line for line in text.splitlines() if line.startswith(("| jpg | 16 | 0 |", "| png | 16 | 0 |"))]
+    assert len(loaders) == 2 and all(line.count("x)") == 3 for line in loaders)  # three torchkiln variants
+
+
+def test_epoch_growth_script_pairs_epochs_with_the_hand_loop(tmp_path):
+    bench = load_script("epoch_growth")
+    out = tmp_path / "growth.md"
+    assert bench.main(["--epochs", "4", "--repeats", "1", "--window", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| 2-2 |" in text and "| 4-4 |" in text and "Target (last 1 epochs' extra" in text
+    assert "End of the run" in text
