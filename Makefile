@@ -22,7 +22,7 @@ train: $(VENV)/.dev
 	$(VENV)/bin/kiln train
 
 test: $(VENV)/.dev
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 	$(VENV)/bin/ruff check src tests benchmarks
 
 lint: $(VENV)/.dev

@@ -51,9 +51,10 @@ def kiln(*args: str, cwd: Path | None = None, timeout: float = 300, check: bool 
     return proc
 
 
-# The longest files (seconds of a whole run on this machine), first: `pytest -n 2 --dist loadfile`
-# hands the files out in collection order, so the long ones start at once and the short ones fill
-# the gaps, and the two workers end together instead of one running the README guard alone at the end.
+# The longest files (seconds of a whole run on this machine), first: `make test` runs
+# `pytest -n 2 --dist loadfile --no-loadscope-reorder`, which hands the files out in collection order
+# (xdist's default reorders them by their number of tests), so the long ones start at once, the short
+# ones fill the gaps, and the two workers end together instead of one running the README guard alone.
 LONGEST_FIRST = ("test_readme.py", "test_checkpoint.py", "test_tune.py", "test_benchmarks.py", "test_fsdp.py",
                  "test_distributed.py", "test_registry_guard.py", "test_logging.py", "test_memory.py",
                  "test_detection.py")
