@@ -14,6 +14,7 @@ builder appends `ToDtype(float32, scale=True)` to the configured transforms.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -74,12 +75,22 @@ def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, w
     return tv_tensors.Image(pixels)
 
 
+@functools.cache
+def _codec_decoder() -> Any:
+    """TorchCodec's decode_image, looked up once per process (None where it is not installed: a
+    failed import searches the whole path again, which is not a cost to pay per image)."""
+    try:
+        from torchcodec.decoders import decode_image
+    except ImportError:
+        return None
+    return decode_image
+
+
 def _decode_codec(path: Path) -> torch.Tensor | None:
     """RGB uint8 (3, H, W) from TorchCodec; None where it would not give 8-bit pixels (16-bit PNG,
     which Pillow converts its own way) or where TorchCodec is not installed."""
-    try:
-        from torchcodec.decoders import decode_image as codec_decode
-    except ImportError:
+    codec_decode = _codec_decoder()
+    if codec_decode is None:
         return None
     pixels = codec_decode(path, mode="RGB", output_dtype="auto")
     return pixels if pixels.dtype == torch.uint8 and pixels.dim() == 3 else None
