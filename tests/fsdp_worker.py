@@ -1,4 +1,5 @@
-"""Run by tests/test_fsdp.py under `torch.distributed.run --nproc_per_node 2` (Gloo, CPU).
+"""Run by tests/test_fsdp.py in two ranks forked from one forkserver (tests/ranks.py:two_ranks), or
+by hand under `torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py parity OUT` (Gloo, CPU).
 
 `parity OUT`: FSDP training through the Trainer (grad clipping, accumulation of 2, a block list,
 evaluation on uneven shards) against a plain single-process loop on the concatenated batches, and

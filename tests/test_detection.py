@@ -150,11 +150,7 @@ def _train(tmp_path, **settings):
 
 
 def test_two_training_steps_on_fixed_boxes_and_prediction_files(tmp_path):
-    from torchkiln.data.detection.writers import (
-        predict_detections,
-        write_boxes_csv,
-        write_coco_results,
-    )
+    from torchkiln.data.detection.writers import box_rows, write_coco_results
     from torchkiln.models.detection import build_detector
 
     model = build_detector("fasterrcnn_tiny", 2, min_size=SIZE, max_size=SIZE).train()
@@ -166,13 +162,33 @@ def test_two_training_steps_on_fixed_boxes_and_prediction_files(tmp_path):
     assert summary["global_step"] == 2 and math.isfinite(final["train/loss"])
     assert {"train/loss/classifier", "val/loss/box_reg", "val/map_50", "val/map", "val/ap_per_class/1"} <= set(final)
     assert "train/map_50" not in final  # no detections in train mode
-    records = predict_detections(trainer, loader)
-    assert [r["image_id"] for r in records] == [1, 2, 3]
-    rows = write_boxes_csv(records, tmp_path / "boxes.csv", ds.classes)
-    assert rows == sum(len(r["boxes"]) for r in records)
+    predicted = trainer.predict(loader)  # in process: one record per image, on the CPU
+    records = predicted["detections"]
+    assert len(records) == 3 and all(r["boxes"].device.type == "cpu" for r in records)
+    for i, r in enumerate(records, 1):
+        r.update(image_id=i, file=f"{i}.png")
+        assert r["boxes"].shape == (len(r["labels"]), 4) and r["scores"].dtype == torch.float32
+        assert len(box_rows(r, ds.classes)) == len(r["boxes"])
     n = write_coco_results(records, tmp_path / "results.json", ds.category_ids)
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results) == n and all(r["category_id"] in (1, 2) and len(r["bbox"]) == 4 for r in results)
+
+
+def test_coco_ids_read_the_training_annotations_json_or_csv(tmp_path):
+    """--coco-ann is read as `kiln train` reads annotations: a COCO JSON or a boxes CSV; an
+    unreadable one is a one-line DataError."""
+    from torchkiln.errors import DataError
+    from torchkiln.tasks.predictions import coco_ids
+
+    (tmp_path / "boxes.csv").write_text("image,x1,y1,x2,y2,label\nb.png,1,1,5,5,dog\na.png,1,1,5,5,cat\n")
+    assert coco_ids(str(tmp_path / "boxes.csv"), ["sub/a.png", "b.png"], ["cat", "dog"]) == ([2, 1], [1, 2])
+    assert coco_ids(None, ["x", "y"], ["cat"]) == ([1, 2], None)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot read the annotations") as err:
+        coco_ids(str(tmp_path / "bad.json"), ["a.png"], ["cat"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="no category named bird"):
+        coco_ids(str(tmp_path / "boxes.csv"), ["a.png"], ["bird"])
 
 
 def test_bf16_autocast_and_gradient_accumulation(tmp_path):

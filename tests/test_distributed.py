@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, kiln, small_config, write_config
+from ranks import free_port, torchrun_rank, two_ranks
 from torchkiln import make_trainer
 from torchkiln.commands.train import train
 from torchkiln.config.load import resolve
@@ -227,47 +228,6 @@ def test_killed_worker_restarts_then_stops_the_run_with_an_error(tmp_path):
     last_line = [ln for ln in err.splitlines() if ln.startswith("error: worker")][-1]
     assert "worker rank 1" in last_line and "SIGKILL" in last_line and "after 1 restart(s)" in last_line
     assert len(list(runs.iterdir())) == 1  # the restart continued the same run directory
-
-
-# What the workers below import, imported once by the forkserver that forks them. Names, not this
-# module: on Python 3.11 the server ignores the parent's sys.path (tests/ is not on it), and an
-# ImportError only makes the workers import it themselves (slower, as correct).
-FORKSERVER_PRELOAD = ["pytest", "yaml", "torch", "torchmetrics", "torchkiln.commands.train",
-                      "torchkiln.commands.kfold", "torchkiln.engine.settings", "torchkiln.config.load"]
-
-
-def two_ranks(worker, *args, join: bool = True):
-    """`worker(rank, 2, *args)` in two processes forked from one forkserver that imported torch and
-    torchkiln once (the first call starts it): later pairs start in well under a second instead of
-    importing them twice over, as spawn's fresh interpreters do. The server forks before any
-    process group, tensor op or thread exists in it, so the workers are as clean as spawned ones.
-    join=False: returns the ProcessContext (`while not ctx.join(): ...`). Also used by test_fsdp."""
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)
-    return mp.start_processes(worker, args=(2, *args), nprocs=2, join=join, start_method="forkserver")
-
-
-def torchrun_rank(rank: int, world: int, port: int, *argv: str) -> None:
-    """One rank of `kiln ARGV` as torchrun starts it: rank and rendezvous from the environment,
-    threads as `kiln train --devices N` gives its workers (OMP_NUM_THREADS = cores / N)."""
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from torchkiln.cli import main
-
-    if main(list(argv)) != 0:
-        raise SystemExit(f"rank {rank}: kiln {' '.join(argv)} failed")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _drain(proc: subprocess.Popen) -> str:

@@ -5,7 +5,7 @@ concatenated batch within 1e-6. Kill -9 and resume: the final weights and histor
 uninterrupted run's bitwise (torch.equal). World size 2 -> 1: an end-of-epoch checkpoint resumed
 on one process ends the next epoch within 1e-6 of the 2-process run; a mid-epoch one is refused in
 one line. Cost: one fixture trains the file's two FSDP runs; the 2-rank runs that are not about the
-launcher fork their ranks from one forkserver (test_distributed.two_ranks).
+launcher fork their ranks from one forkserver (ranks.two_ranks).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from conftest import ROOT, kiln, small_config, write_config
-from test_distributed import free_port, torchrun_rank, two_ranks
+from ranks import free_port, torchrun_rank, two_ranks
 from torchkiln.engine import dcp
 from torchkiln.errors import CheckpointError
 

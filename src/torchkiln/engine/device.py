@@ -82,23 +82,30 @@ class SelfPlaced(torch.nn.Module):
         return self.module(*move_to(args, self.input_device), **move_to(kwargs, self.input_device))
 
 
-def to_cpu(outputs: Any) -> Any:
-    """A batch's outputs (a tensor, or a dict of them: one per head) as float32 on the CPU; a list
-    (one dict per input: detections) keeps its dtypes."""
-    if isinstance(outputs, list):
-        return [{k: v.cpu() for k, v in item.items()} for item in outputs]
-    if isinstance(outputs, dict):
-        return {k: v.float().cpu() for k, v in outputs.items()}
-    return outputs.float().cpu()
+def to_cpu(x: Any, float32: bool = True) -> Any:
+    """Outputs or targets (a tensor, or dicts, lists and tuples of them) detached on the CPU; a
+    floating tensor as float32 unless `float32=False` (checkpoint state: every dtype kept)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        return x.float().cpu() if float32 and x.is_floating_point() else x.cpu()
+    if isinstance(x, Mapping):
+        return {k: to_cpu(v, float32) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_cpu(v, float32) for v in x)
+    return x
 
 
 def cat_outputs(parts: list[Any]) -> Any:
-    """Batches' outputs (tensors, or dicts of the same keys) concatenated along the batch;
-    none: an empty tensor."""
+    """Batches' outputs or targets concatenated along the batch: tensors; dicts of the same keys
+    (one per head); lists of per-input records (detections' dicts), joined; tuples or lists of
+    tensors, by position; a scalar per batch (a loss), stacked. None: an empty tensor."""
     if not parts:
         return torch.empty(0)
-    if isinstance(parts[0], list):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() else torch.stack(parts)
+    if isinstance(first, Mapping):
+        return {k: cat_outputs([p[k] for p in parts]) for k in first}
+    if isinstance(first, list) and (not first or isinstance(first[0], Mapping)):
         return [item for part in parts for item in part]
-    if isinstance(parts[0], dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return torch.cat(parts)
+    return type(first)(cat_outputs([p[i] for p in parts]) for i in range(len(first)))

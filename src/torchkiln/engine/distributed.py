@@ -20,6 +20,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
+from torchkiln.engine.device import to_cpu
 from torchkiln.errors import CheckpointError, SettingError, TrainingError
 
 log = logging.getLogger("torchkiln")
@@ -313,7 +314,7 @@ def gather_rank_states(own: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Every rank's own state (RNG, partial epoch sums), gathered for rank 0 to write; None in one process."""
     if not is_distributed():
         return None
-    return gather_objects(_to_cpu(own))
+    return gather_objects(to_cpu(own, float32=False))
 
 
 def own_rank_state(state: dict[str, Any], mid_epoch: bool) -> dict[str, Any] | None:
@@ -332,16 +333,6 @@ def own_rank_state(state: dict[str, Any], mid_epoch: bool) -> dict[str, Any] | N
                         saved, world_size())
         return None
     return ranks[rank()] if ranks else None
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from torchkiln.engine.device import cat_outputs, to_cpu
 from torchkiln.loggers.images import confusion_image, save_png
 from torchkiln.metrics.confusion import (
     average_scores,
@@ -35,30 +36,9 @@ def collect(trainer: Any, loader: Iterable) -> tuple[Any, Any]:
     for _, outputs, targets in trainer.forward_pass(loader):
         if targets is None:
             return None, None
-        outs.append(_to_cpu(outputs))
-        tgts.append(_to_cpu(targets))
-    return _cat(outs), _cat(tgts)
-
-
-def _to_cpu(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu() if x.is_floating_point() else x.detach().cpu()
-    if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu(v) for v in x)
-    return x
-
-
-def _cat(parts: list[Any]) -> Any:
-    if not parts:
-        return None
-    first = parts[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(parts)
-    if isinstance(first, dict):
-        return {k: torch.cat([p[k] for p in parts]) for k in first}
-    return type(first)(torch.cat([p[i] for p in parts]) for i in range(len(first)))
+        outs.append(to_cpu(outputs))
+        tgts.append(to_cpu(targets))
+    return (cat_outputs(outs), cat_outputs(tgts)) if outs else (None, None)
 
 
 def class_names(names: list[str] | None, num_classes: int) -> list[str]:

@@ -209,17 +209,16 @@ def coco_ids(coco_ann: str | None, files: list[str], names: list[str] | None
     class's name."""
     if coco_ann is None:
         return list(range(1, len(files) + 1)), None
-    import json
-
+    from torchkiln.data.detection.audit import read_annotations
     from torchkiln.errors import DataError
 
+    data = read_annotations(coco_ann)  # a COCO JSON or a boxes CSV, as `kiln train` reads them
     try:
-        data = json.loads(Path(coco_ann).read_text(encoding="utf-8"))
         by_name = {str(im["file_name"]): int(im["id"]) for im in data["images"]}
         categories = {str(c["name"]): int(c["id"]) for c in data["categories"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"--coco-ann {coco_ann}: not a readable COCO file with images and categories ({exc})"
-                        "; give the annotations the run was trained on") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--coco-ann {coco_ann}: an image or category entry without file_name/name and id"
+                        f" ({type(exc).__name__}: {exc}); give the annotations the run was trained on") from None
     base = {Path(k).name: v for k, v in by_name.items()}
     image_ids = []
     for f in files:

@@ -1,37 +1,12 @@
-"""Detection predictions as files: boxes as CSV (image, x1, y1, x2, y2, label, score) and a COCO
-results JSON ([{image_id, category_id, bbox: [x, y, w, h], score}], the file pycocotools' loadRes
-and faster-coco-eval read). Boxes are in the stored image's pixels, whatever the eval transforms
-resized."""
+"""Detection predictions as files (for `kiln predict`'s DetectionWriter): boxes as CSV rows (image,
+x1, y1, x2, y2, label, score) and a COCO results JSON ([{image_id, category_id, bbox: [x, y, w, h],
+score}], the file pycocotools' loadRes and faster-coco-eval read)."""
 
 from __future__ import annotations
 
-import csv
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-
-import torch
-
-
-def predict_detections(trainer: Any, loader: Iterable, score_threshold: float = 0.0) -> list[dict[str, Any]]:
-    """One record per image: image_id, file, and its boxes (N, 4) XYXY, labels (N,), scores (N,),
-    through the Trainer's one forward pass."""
-    from torchkiln.data.wrappers import has_attr, unwrap
-
-    base, _ = unwrap(loader.dataset, has_attr("audit_report"))  # type: ignore[attr-defined]
-    imgs = base.coco.coco.imgs
-    records = []
-    for batch, outputs, _ in trainer.forward_pass(loader):
-        images, targets = batch[0], batch[1]
-        for image, target, det in zip(images, targets, outputs["detections"]):
-            info = imgs[int(target["image_id"])]
-            keep = det["scores"] >= score_threshold
-            sx, sy = info["width"] / image.shape[-1], info["height"] / image.shape[-2]
-            boxes = det["boxes"][keep].float().cpu() * torch.tensor([sx, sy, sx, sy])
-            records.append({"image_id": int(target["image_id"]), "file": info["file_name"], "boxes": boxes,
-                            "labels": det["labels"][keep].cpu(), "scores": det["scores"][keep].float().cpu()})
-    return records
 
 
 def box_rows(record: dict[str, Any], class_names: list[str] | None = None) -> list[list[Any]]:
@@ -41,19 +16,6 @@ def box_rows(record: dict[str, Any], class_names: list[str] | None = None) -> li
     for box, label, score in zip(record["boxes"].tolist(), record["labels"].tolist(), record["scores"].tolist()):
         name = class_names[label - 1] if class_names and 1 <= label <= len(class_names) else label
         rows.append([record["file"], *(f"{v:.2f}" for v in box), name, f"{score:.4f}"])
-    return rows
-
-
-def write_boxes_csv(records: list[dict[str, Any]], path: str | Path, class_names: list[str] | None = None) -> int:
-    """One row per box (`box_rows`). Rows written."""
-    rows = 0
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "x1", "y1", "x2", "y2", "label", "score"])
-        for r in records:
-            lines = box_rows(r, class_names)
-            w.writerows(lines)
-            rows += len(lines)
     return rows
 
 
