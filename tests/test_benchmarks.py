@@ -156,3 +156,21 @@ def test_epoch_growth_script_pairs_epochs_with_the_hand_loop(tmp_path):
     text = out.read_text()
     assert "| 2-2 |" in text and "| 4-4 |" in text and "Target (last 1 epochs' extra" in text
     assert "End of the run" in text
+
+
+def test_replacements_script_compares_like_with_like(tmp_path):
+    """The removed event writer and TensorBoard's write the same scalars at the same steps; the
+    confusion-matrix metrics and torchmetrics' give the same values (what the timing compares)."""
+    bench = load_script("replacements")
+    rows = bench._rows(25)
+    bench.write_eventfile(tmp_path / "ours", rows, 10)
+    bench.write_summarywriter(tmp_path / "tb", rows, 10)
+    ours, tb = bench.read_scalars(tmp_path / "ours"), bench.read_scalars(tmp_path / "tb")
+    assert ours == tb and [s for s, _ in tb["train/loss_step"]] == list(range(1, 26))
+    batches = bench._batches(10, 5)
+    _, a = bench.epoch_metrics("torchkiln", 10, batches, group=2)
+    _, b = bench.epoch_metrics("torchmetrics", 10, batches, group=2)
+    assert a.keys() == b.keys() == {"accuracy", "f1_macro"}
+    assert all(abs(a[k] - b[k]) < 1e-6 for k in a) and 0 < a["accuracy"] < 1
+    ms, png = bench.picture_ms("tensorboard", tmp_path / "pic", n=2)
+    assert ms > 0 and png > 1000 and len(bench.read_images(tmp_path / "pic")) == 2

@@ -312,24 +312,21 @@ def test_device_stats_on_cuda_without_a_gpu(monkeypatch):
     assert DeviceStats(torch.device("cpu")).epoch_end() == {}
 
 
-def test_tensorboard_event_records_are_what_tensorboard_reads(tmp_path):
-    """Our records carry TensorBoard's checksums (C CRC32C, its pure-Python values) and read back
-    with TensorBoard's own record reader, event for event."""
-    import os as _os
-
+def test_tensorboard_logger_writes_through_tensorboards_writer_with_purge_on_resume(tmp_path):
+    """TensorBoard's own writer (SummaryWriter): a resumed logger marks purge_step at the step after
+    the checkpoint, and a step's scalars go in one event, read back by TensorBoard's loader."""
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-    from tensorboard.compat.proto.summary_pb2 import Summary
-    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as slow
 
-    from torchkiln.loggers.events import EventFile, masked_crc32c
+    from torchkiln.loggers.tensorboard import TensorBoardLogger
 
-    for data in (b"", b"a", b"123456789", _os.urandom(100), _os.urandom(5000)):
-        assert masked_crc32c(data) == slow(data)
-    f = EventFile(tmp_path, purge_step=7)
-    for step in range(3):
-        f.add_summary(Summary(value=[Summary.Value(tag="a", simple_value=step / 2)]), step)
-    f.close()
-    events = list(LegacyEventFileLoader(str(f.path)).Load())
-    assert [e.file_version for e in events[:2]] == ["brain.Event:2", "brain.Event:2"]
-    assert events[1].step == events[2].step == 7 and events[2].session_log.status == 1  # START
-    assert [(e.step, e.summary.value[0].simple_value) for e in events[3:]] == [(0, 0.0), (1, 0.5), (2, 1.0)]
+    lg = TensorBoardLogger(tmp_path)
+    lg.start({"epochs": 2}, resume_epoch=2, resume_step=6)
+    lg.log_steps([(step, {"train/loss_step": step / 2, "lr/group0": 0.1}) for step in (7, 8, 9)])
+    lg.finish({})
+    (path,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    events = list(LegacyEventFileLoader(str(path)).Load())
+    assert events[0].file_version == "brain.Event:2"
+    purge = [e for e in events if e.HasField("session_log")]
+    assert [(e.step, e.session_log.status) for e in purge] == [(7, 1)]  # START at purge_step
+    rows = [(e.step, {v.tag: v.simple_value for v in e.summary.value}) for e in events if e.HasField("summary")]
+    assert rows == [(s, {"train/loss_step": s / 2, "lr/group0": pytest.approx(0.1)}) for s in (7, 8, 9)]

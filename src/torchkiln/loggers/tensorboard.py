@@ -56,13 +56,17 @@ class TensorBoardLogger(Logger):
         self.class_names = class_names
         self.config = config
         self.writer = None
+        self.events = None
         self.taps: GradientTaps | None = None
 
     def start(self, info, resume_epoch=None, resume_step=0):
-        from torchkiln.loggers.events import EventFile
+        from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events logged after the checkpoint we resume from.
-        self.writer = EventFile(self.log_dir, purge_step=resume_step + 1 if resume_epoch is not None else None)
+        # purge_step: TensorBoard drops the events of earlier files at or after this step, so what a
+        # resumed run logs again replaces what the stopped run had logged past its checkpoint.
+        self.writer = SummaryWriter(str(self.log_dir),
+                                    purge_step=resume_step + 1 if resume_epoch is not None else None)
+        self.events = self.writer.file_writer  # takes whole Summary protos: a step's scalars in one event
         self.pictures.start(info.get("epochs"))
         if self.histograms:
             self.taps = GradientTaps(self.model)
@@ -71,7 +75,7 @@ class TensorBoardLogger(Logger):
         """All of a step's scalars in one event."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        self.writer.add_summary(
+        self.events.add_summary(
             Summary(value=[Summary.Value(tag=k, simple_value=float(x)) for k, x in values.items()]), step)
 
     def log_steps(self, rows):
@@ -108,7 +112,7 @@ class TensorBoardLogger(Logger):
 
         h, w = image.shape[:2]
         value = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=png_bytes(image))
-        self.writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=value)]), step)
+        self.events.add_summary(Summary(value=[Summary.Value(tag=tag, image=value)]), step)
 
     def log_epoch(self, epoch, step, record):
         # Against the global step, like the step scalars: purge_step on resume then drops exactly
@@ -118,11 +122,11 @@ class TensorBoardLogger(Logger):
             from torch.utils.tensorboard.summary import histogram
 
             for name, p in self.model.named_parameters():
-                self.writer.add_summary(histogram(f"weights/{name}", p.detach().float().cpu().numpy(),
+                self.events.add_summary(histogram(f"weights/{name}", p.detach().float().cpu().numpy(),
                                                   "auto"), step)
             for name, g in (self.taps.grads if self.taps else {}).items():
                 if g is not None:
-                    self.writer.add_summary(histogram(f"grads/{name}", g.detach().float().cpu().numpy(),
+                    self.events.add_summary(histogram(f"grads/{name}", g.detach().float().cpu().numpy(),
                                                       "auto"), step)
         self.writer.flush()
 
@@ -139,7 +143,7 @@ class TensorBoardLogger(Logger):
         if self.config is not None:
             self._hparams(summary)
         self.writer.close()
-        self.writer = None
+        self.writer = self.events = None
 
     def _hparams(self, summary: dict[str, Any]) -> None:
         """The config as hparams, with the best monitored value and the final epoch's metrics."""
@@ -152,5 +156,5 @@ class TensorBoardLogger(Logger):
         if not metrics:
             return
         for s in hparams(flat_config(self.config), metrics):
-            self.writer.add_summary(s)
+            self.events.add_summary(s)
         self._add(metrics, summary.get("epochs_completed") or 0)

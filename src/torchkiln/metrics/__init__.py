@@ -100,13 +100,17 @@ def names_for(kind: str) -> list[str]:
 
 
 # -- classification (single- and multi-label) --------------------------------------------------
-# Single-label accuracy, precision, recall and F1 come from one confusion matrix (torchkiln.metrics.confusion,
-# one bincount per update); with arguments (torchmetrics' ignore_index, ...) or top_k, torchmetrics'.
+# Single-label accuracy, precision, recall and F1 are torchmetrics' (the same values as scikit-learn's,
+# zero_division=0; a macro average leaves out a class neither in the targets nor predicted). The
+# targets the loss ignores (CrossEntropyLoss's ignore_index, -100) are left out; `args:
+# {ignore_index: ...}` sets another. Balanced accuracy and the binary scores are torchkiln's
+# (torchkiln.metrics.confusion): torchmetrics has no metric with scikit-learn's meaning of them.
 _CM = "torchkiln.metrics.confusion:ConfusionMetric"
+_IGNORE = {"ignore_index": -100}
 # accuracy@k and topK_accuracy: torchkiln.metrics.topk (tied scores: the lower class index first, as argmax)
-_register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro"}),
+_register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro", **_IGNORE}),
           multilabel=(f"{C}:MultilabelAccuracy", {"average": "micro"}),  # label-wise (1 - Hamming loss)
-          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})}, top_k_class="torchkiln.metrics.topk:TopKAccuracy")
+          top_k_class="torchkiln.metrics.topk:TopKAccuracy")
 # scikit-learn's: mean recall over the classes in the targets (torchmetrics' macro accuracy also
 # counts a class that is only predicted)
 _register("balanced_accuracy", multiclass=(_CM, {"stat": "balanced_accuracy", "average": "macro"}))
@@ -116,9 +120,8 @@ _register("exact_match", multilabel=(f"{C}:MultilabelExactMatch", {}))  # sklear
 _register("hamming_loss", multilabel=(f"{C}:MultilabelHammingDistance", {"average": "micro"}))
 for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted"), ("per_class", "none")):
     for _name, _stem in (("f1", "F1Score"), ("precision", "Precision"), ("recall", "Recall")):
-        _register(f"{_name}_{_avg}", multiclass=(f"{C}:Multiclass{_stem}", {"average": _tm}),
-                  multilabel=(f"{C}:Multilabel{_stem}", {"average": _tm}),
-                  fast={"multiclass": (_CM, {"stat": _name, "average": _tm})})
+        _register(f"{_name}_{_avg}", multiclass=(f"{C}:Multiclass{_stem}", {"average": _tm, **_IGNORE}),
+                  multilabel=(f"{C}:Multilabel{_stem}", {"average": _tm}))
 for _name in ("f1", "precision", "recall"):  # binary: class 1 of two, like scikit-learn's default
     _register(_name, multiclass=(_CM, {"stat": _name, "average": "binary"}))
 # AUROC / AP: the macro mean over the classes where they are defined (torchkiln.metrics.curve_metrics); with

@@ -2,9 +2,11 @@
 
 Accuracy, balanced accuracy, and precision / recall / F1 (micro, macro, weighted, per class) are
 all functions of the C x C confusion matrix. Each metric here keeps that matrix as its state
-(summed over batches and, under DDP, over ranks) and updates it with one `bincount`. The
-torchmetrics classes they replace check their arguments and compute stat scores on every update:
-on the default digits run the train and val metrics cost ~1.8 ms an epoch, ~1.4% of it.
+(summed over batches and, under DDP, over ranks) and updates it with one `bincount`. The metric
+names use it where torchmetrics has no class with scikit-learn's meaning: `balanced_accuracy` and
+the binary `f1` / `precision` / `recall` (class 1 of two, from the (N, 2) scores); the other names
+are torchmetrics' classes (benchmarks/replacements.py: this one saved no measurable share of real
+work over them). `kiln test`'s per-class tables use the functions below.
 
 Averages follow scikit-learn (zero_division=0): a macro average leaves out the classes that neither
 occur nor are predicted; a weighted one weighs each class by its support; balanced accuracy is the
