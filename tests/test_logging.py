@@ -192,6 +192,40 @@ def test_wandb_offline_run_writes_its_directory(tmp_path):
     assert media == {"confusion_matrix", "misclassified"}
 
 
+@pytest.mark.slow
+def test_wandb_shows_detection_boxes_as_its_own_overlays(tmp_path, monkeypatch):
+    """Detection validation images go to W&B with its box overlays: the confident predictions (with
+    scores) and the true boxes, captioned by class name; an offline run writes them to disk."""
+    pytest.importorskip("wandb")
+    from torchkiln.loggers.validation import BoxSample
+    from torchkiln.loggers.wandb import WandbLogger, wandb_boxes
+
+    pred = {"boxes": torch.tensor([[2.0, 3.0, 20.0, 21.0], [1.0, 1.0, 5.0, 5.0]]),
+            "labels": torch.tensor([2, 1]), "scores": torch.tensor([0.9, 0.1])}
+    true = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]]), "labels": torch.tensor([1])}
+    groups = wandb_boxes(pred, true, ["cat", "dog"])
+    (box,) = groups["predictions"]["box_data"]  # the 0.1 box is below the drawn score
+    assert box["position"] == {"minX": 2.0, "minY": 3.0, "maxX": 20.0, "maxY": 21.0} and box["domain"] == "pixel"
+    assert box["class_id"] == 2 and box["box_caption"] == "dog 0.90" and box["scores"] == {"score": pytest.approx(0.9)}
+    assert [b["box_caption"] for b in groups["ground_truth"]["box_data"]] == ["cat"]
+    assert groups["predictions"]["class_labels"] == {1: "cat", 2: "dog"}
+
+    dead = "http://127.0.0.1:9"
+    for k, v in {"WANDB_MODE": "offline", "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "WANDB_SILENT": "true",
+                 "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wbcfg")}.items():
+        monkeypatch.setenv(k, v)
+    lg = WandbLogger(tmp_path, project="kiln-test", mode="offline", class_names=["cat", "dog"])
+    lg.start({"epochs": 1})
+    lg.log_boxes(1, 3, BoxSample(images=[torch.rand(3, 32, 48)], predicted=[pred], true=[true]))
+    lg.finish({})
+    (offline,) = (tmp_path / "wandb").glob("offline-run-*")
+    media = offline / "files" / "media"
+    assert [p.suffix for p in (media / "images" / "val").glob("boxes_*")] == [".png"]
+    boxes = [json.loads(p.read_text()) for p in media.rglob("*.json") if "box" in p.name]
+    captions = sorted(b["box_caption"] for f in boxes for b in f["box_data"])
+    assert captions == ["cat", "dog 0.90"], [p.relative_to(media) for p in media.rglob("*")]
+
+
 def test_wandb_missing_names_the_extra(tmp_path, cli, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: import raises ImportError
     cfg = small_config(tmp_path, logging={"wandb": {"project": "x", "mode": "offline"}})

@@ -199,6 +199,18 @@ GREEN = (40, 170, 60)
 BOX_SCORE = 0.3  # predicted boxes drawn: score at least this
 
 
+def rgb_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A detection input (C, H, W) float in [0, 1] as (3, H, W) uint8."""
+    x = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
+
+
+def shown_boxes(predicted: dict[str, torch.Tensor], max_boxes: int = 20) -> torch.Tensor:
+    """Indices of the predicted boxes a picture shows: score >= BOX_SCORE, the `max_boxes` best
+    (a detector returns them by descending score)."""
+    return (predicted["scores"] >= BOX_SCORE).nonzero().flatten()[:max_boxes]
+
+
 def boxes_image(image: torch.Tensor, predicted: dict[str, torch.Tensor], true: dict[str, torch.Tensor],
                 class_names: list[str] | None = None, max_boxes: int = 20) -> np.ndarray:
     """An (H, W, 3) uint8 picture of one detection input (float, [0, 1]) with its true boxes in green
@@ -206,9 +218,8 @@ def boxes_image(image: torch.Tensor, predicted: dict[str, torch.Tensor], true: d
     class name (and score), drawn by torchvision's draw_bounding_boxes."""
     from torchvision.utils import draw_bounding_boxes
 
-    x = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-    x = x.expand(3, -1, -1) if x.shape[0] == 1 else x[:3]
-    keep = (predicted["scores"] >= BOX_SCORE).nonzero().flatten()[:max_boxes]
+    x = rgb_uint8(image)
+    keep = shown_boxes(predicted, max_boxes)
 
     def label(i: int) -> str:
         return class_label(int(i) - 1, class_names) if class_names else str(i)  # 1..C: names[0..C-1]

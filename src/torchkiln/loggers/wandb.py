@@ -85,6 +85,18 @@ class WandbLogger(Logger):
         pictures = validation_pictures(sample, self.class_names, epoch)
         self.run.log({**{tag: wandb.Image(p) for tag, p in pictures.items()}, "epoch": epoch})
 
+    def log_boxes(self, epoch, step, sample):
+        """`val/boxes`: the validation images with W&B's own box overlays, `predictions` (score >=
+        BOX_SCORE, the 20 best, with their scores) and `ground_truth`, labelled by class name."""
+        import wandb
+
+        from torchkiln.loggers.images import rgb_uint8
+
+        with self.pictures.timed(epoch):
+            images = [wandb.Image(rgb_uint8(image).permute(1, 2, 0).numpy(), boxes=wandb_boxes(pred, true, self.class_names))
+                      for image, pred, true in zip(sample.images, sample.predicted, sample.true)]
+            self.run.log({"val/boxes": images, "epoch": epoch})
+
     def log_epoch(self, epoch, step, record):
         self.run.log({**record, "epoch": epoch, "trainer/global_step": step})
 
@@ -96,3 +108,27 @@ class WandbLogger(Logger):
                 self.run.summary[key] = summary[key]
         self.run.finish()
         self.run = None
+
+
+def wandb_boxes(predicted: dict[str, Any], true: dict[str, Any], class_names: list[str] | None
+                ) -> dict[str, dict[str, Any]]:
+    """W&B box groups (pixel XYXY) for one image: labels 1..C are class_names[0..C-1]."""
+    from torchkiln.loggers.images import shown_boxes
+
+    keep = shown_boxes(predicted)
+    labels = {int(i) for i in true["labels"].tolist()} | {int(i) for i in predicted["labels"][keep].tolist()}
+    names = {i: (class_names[i - 1] if class_names and 1 <= i <= len(class_names) else str(i)) for i in labels}
+
+    def group(boxes: Any, labels: Any, scores: Any = None) -> dict[str, Any]:
+        data = []
+        for n, ((x1, y1, x2, y2), label) in enumerate(zip(boxes.float().tolist(), labels.tolist())):
+            box = {"position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2}, "domain": "pixel",
+                   "class_id": int(label), "box_caption": names[int(label)]}
+            if scores is not None:
+                box["scores"] = {"score": float(scores[n])}
+                box["box_caption"] += f" {float(scores[n]):.2f}"
+            data.append(box)
+        return {"box_data": data, "class_labels": names}
+
+    return {"predictions": group(predicted["boxes"][keep], predicted["labels"][keep], predicted["scores"][keep]),
+            "ground_truth": group(true["boxes"], true["labels"])}
