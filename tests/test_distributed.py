@@ -171,6 +171,32 @@ def test_resume_two_processes_mid_epoch_matches_uninterrupted(two_process_run, t
     assert _rows(copy) == _rows(run_dir)
 
 
+@pytest.mark.slow
+def test_a_one_process_run_resumes_on_two_processes_from_an_epoch_end_only(tmp_path):
+    """1 -> 2 processes: an end-of-epoch checkpoint resumes (RNG restarts per rank, with a warning
+    in train.log; each epoch then has the two-process step count); a mid-epoch one is refused in
+    one line, since the epoch's shards would differ."""
+    one_dir, _ = train(resolve(_config(tmp_path, "one", PER_PROCESS_BATCH, epochs=1), "test"), progress=False)
+    first = load_checkpoint(one_dir / "checkpoints" / "last.ckpt")
+    steps_one = first["loop"]["global_step"]
+    assert first["ranks"] is None and first["loop"]["batch_in_epoch"] == 0
+    two_ranks(torchrun_rank, free_port(), "train", "--resume", str(one_dir), "trainer.epochs=2", "-q")
+    resumed = load_checkpoint(one_dir / "checkpoints" / "last.ckpt")
+    assert resumed["loop"]["epoch"] == 2 and len(resumed["ranks"]) == 2
+    assert resumed["loop"]["global_step"] == steps_one + steps_one // 2  # global batch 64 = 2 x 32
+    assert [r["epoch"] for r in _rows(one_dir) if r.get("epoch")] == [1, 2]
+    assert "resuming a 1-process checkpoint with 2 process(es)" in (one_dir / "train.log").read_text()
+
+    mid = one_dir / "checkpoints" / "step-000013.ckpt"
+    assert load_checkpoint(mid)["loop"]["batch_in_epoch"] == 13
+    proc = kiln("train", "--resume", str(mid), "--devices", "2", "-q", cwd=tmp_path, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # The workers' own line is the last (the launcher adds no "resume with ... --devices 2").
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "written by 1 process(es) and is resumed with 2" in last, last
+    assert "end-of-epoch checkpoint" in last and "resume with: kiln" not in proc.stderr
+
+
 def _rank_pid(parent: int, rank: int, old: int | None = None, wait: float = 240) -> int:
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:

@@ -361,13 +361,16 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
         signals_to_handle="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",  # forwarded to the workers (SLURM's warning)
         shutdown_timeout=120,  # workers stopped by a signal first write their checkpoint
     )
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    # Its own line on a failed worker would come after the worker's; the failure is reported below.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, sys.executable)("-m", "torchkiln", *worker_args)
     except SignalException as exc:  # forwarded to the workers, which checkpoint and stop
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failed, failure = exc.get_first_failure()
+        if failure.exitcode == 2:  # a user's error: the worker printed it in one line, with its fix
+            return 2
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         resume = f"; resume with: kiln train --resume {run_dir} --devices {nprocs}" if run_dir else ""
