@@ -127,35 +127,35 @@ class EventFile:
         self._file.close()
 
 
-def write_eventfile(log_dir: Path, rows, every: int) -> None:
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    writer = EventFile(log_dir)
-    for i in range(0, len(rows), every):
-        for step, vals in rows[i:i + every]:  # TensorBoardLogger.log_steps
-            writer.add_summary(Summary(value=[Summary.Value(tag=k, simple_value=float(x))
-                                              for k, x in vals.items()]), step)
-        writer.flush()
-    writer.close()
-
-
-def write_summarywriter(log_dir: Path, rows, every: int) -> None:
-    from tensorboard.compat.proto.summary_pb2 import Summary
+def open_writer(kind: str, log_dir: Path):
+    """(add_summary, flush, close) of a new event file: `torchkiln` (the removed EventFile) or
+    `tensorboard` (SummaryWriter's file writer, as TensorBoardLogger writes through it)."""
+    if kind == "torchkiln":
+        writer = EventFile(log_dir)
+        return writer.add_summary, writer.flush, writer.close
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(log_dir))
-    file_writer = writer.file_writer
+    return writer.file_writer.add_summary, writer.flush, writer.close
+
+
+def write_rows(kind: str, log_dir: Path, rows, every: int) -> None:
+    """The step rows as TensorBoardLogger.log_steps writes them: one event per step, a flush per
+    `every` rows."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    add, flush, close = open_writer(kind, log_dir)
     for i in range(0, len(rows), every):
         for step, vals in rows[i:i + every]:
-            file_writer.add_summary(Summary(value=[Summary.Value(tag=k, simple_value=float(x))
-                                                   for k, x in vals.items()]), step)
-        writer.flush()
-    writer.close()
+            add(Summary(value=[Summary.Value(tag=k, simple_value=float(x)) for k, x in vals.items()]), step)
+        flush()
+    close()
 
 
-def picture_ms(kind: str, log_dir: Path, n: int = 10) -> float:
+def picture_ms(kind: str, log_dir: Path, n: int = 10) -> tuple[float, int]:
     """ms per validation-picture event (a 100-class confusion matrix, PNG) through each writer,
-    close included (TensorBoard's writer checksums on its thread, in pure Python)."""
+    close included (TensorBoard's writer checksums on its thread, in pure Python), and the PNG's
+    bytes."""
     import torch.utils.tensorboard  # noqa: F401  (import outside the timing)
     from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -165,14 +165,7 @@ def picture_ms(kind: str, log_dir: Path, n: int = 10) -> float:
     value = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3,
                           encoded_image_string=png_bytes(image))
     t0 = time.perf_counter()
-    if kind == "torchkiln":
-        writer = EventFile(log_dir)
-        add, close = writer.add_summary, writer.close
-    else:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(log_dir))
-        add, close = writer.file_writer.add_summary, writer.close
+    add, _, close = open_writer(kind, log_dir)
     for step in range(n):
         add(Summary(value=[Summary.Value(tag="val/confusion_matrix", image=value)]), step)
     close()
@@ -249,16 +242,15 @@ def main() -> None:
     step = step_ms(make_folder(tmp / "jpg", "jpg", 64, args.images))
 
     rows = _rows(args.steps)
-    tb: dict[str, list[float]] = {"torchkiln EventFile": [], "TensorBoard's writer (SummaryWriter)": []}
-    writers = {"torchkiln EventFile": write_eventfile, "TensorBoard's writer (SummaryWriter)": write_summarywriter}
+    tb: dict[str, list[float]] = {"torchkiln": [], "tensorboard": []}
     same_tb = True
     for r in range(args.repeats):
         read = []
-        for name, fn in writers.items():
-            log_dir = tmp / f"tb-{r}-{len(read)}"
+        for kind in tb:
+            log_dir = tmp / f"tb-{kind}-{r}"
             t0 = time.perf_counter()
-            fn(log_dir, rows, 10)
-            tb[name].append((time.perf_counter() - t0) / args.steps)
+            write_rows(kind, log_dir, rows, 10)
+            tb[kind].append((time.perf_counter() - t0) / args.steps)
             read.append(read_scalars(log_dir))
         same_tb &= read[0] == read[1] and len(read[0]["train/loss_step"]) == args.steps
 
@@ -293,7 +285,7 @@ def main() -> None:
              "| mechanism | torchkiln (us/step) | library (us/step) | saved per step | share of the CPU step |"
              " share of an H200 step |", "|---|---:|---:|---:|---:|---:|"]
     pairs = [("TensorBoard event writer: a step's row (3 scalars), flushed every 10 steps",
-              us(tb["torchkiln EventFile"]), us(tb["TensorBoard's writer (SummaryWriter)"]))]
+              us(tb["torchkiln"]), us(tb["tensorboard"]))]
     for classes in (10, 1000):
         pairs.append((f"accuracy + f1_macro, {classes} classes: one update per 64 batches, one compute an epoch",
                       us(met[("torchkiln", classes)]), us(met[("torchmetrics", classes)])))

@@ -163,8 +163,8 @@ def test_replacements_script_compares_like_with_like(tmp_path):
     confusion-matrix metrics and torchmetrics' give the same values (what the timing compares)."""
     bench = load_script("replacements")
     rows = bench._rows(25)
-    bench.write_eventfile(tmp_path / "ours", rows, 10)
-    bench.write_summarywriter(tmp_path / "tb", rows, 10)
+    bench.write_rows("torchkiln", tmp_path / "ours", rows, 10)
+    bench.write_rows("tensorboard", tmp_path / "tb", rows, 10)
     ours, tb = bench.read_scalars(tmp_path / "ours"), bench.read_scalars(tmp_path / "tb")
     assert ours == tb and [s for s, _ in tb["train/loss_step"]] == list(range(1, 26))
     batches = bench._batches(10, 5)

@@ -56,7 +56,6 @@ class TensorBoardLogger(Logger):
         self.class_names = class_names
         self.config = config
         self.writer = None
-        self.events = None
         self.taps: GradientTaps | None = None
 
     def start(self, info, resume_epoch=None, resume_step=0):
@@ -66,10 +65,14 @@ class TensorBoardLogger(Logger):
         # resumed run logs again replaces what the stopped run had logged past its checkpoint.
         self.writer = SummaryWriter(str(self.log_dir),
                                     purge_step=resume_step + 1 if resume_epoch is not None else None)
-        self.events = self.writer.file_writer  # takes whole Summary protos: a step's scalars in one event
         self.pictures.start(info.get("epochs"))
         if self.histograms:
             self.taps = GradientTaps(self.model)
+
+    @property
+    def events(self):
+        """The writer's file writer, which takes whole Summary protos: a step's scalars in one event."""
+        return self.writer.file_writer
 
     def _add(self, values: dict[str, float], step: int) -> None:
         """All of a step's scalars in one event."""
@@ -143,7 +146,7 @@ class TensorBoardLogger(Logger):
         if self.config is not None:
             self._hparams(summary)
         self.writer.close()
-        self.writer = self.events = None
+        self.writer = None
 
     def _hparams(self, summary: dict[str, Any]) -> None:
         """The config as hparams, with the best monitored value and the final epoch's metrics."""

@@ -93,7 +93,8 @@ class WandbLogger(Logger):
         from torchkiln.loggers.images import rgb_uint8
 
         with self.pictures.timed(epoch):
-            images = [wandb.Image(rgb_uint8(image).permute(1, 2, 0).numpy(), boxes=wandb_boxes(pred, true, self.class_names))
+            images = [wandb.Image(rgb_uint8(image).permute(1, 2, 0).numpy(),
+                                  boxes=wandb_boxes(pred, true, self.class_names))
                       for image, pred, true in zip(sample.images, sample.predicted, sample.true)]
             self.run.log({"val/boxes": images, "epoch": epoch})
 
@@ -116,8 +117,8 @@ def wandb_boxes(predicted: dict[str, Any], true: dict[str, Any], class_names: li
     from torchkiln.loggers.images import shown_boxes
 
     keep = shown_boxes(predicted)
-    labels = {int(i) for i in true["labels"].tolist()} | {int(i) for i in predicted["labels"][keep].tolist()}
-    names = {i: (class_names[i - 1] if class_names and 1 <= i <= len(class_names) else str(i)) for i in labels}
+    shown = {int(i) for i in true["labels"].tolist()} | {int(i) for i in predicted["labels"][keep].tolist()}
+    names = {i: (class_names[i - 1] if class_names and 1 <= i <= len(class_names) else str(i)) for i in shown}
 
     def group(boxes: Any, labels: Any, scores: Any = None) -> dict[str, Any]:
         data = []
