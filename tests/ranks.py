@@ -10,7 +10,7 @@ import torch
 # What the workers below import, imported once by the forkserver that forks them. Names, not this
 # module: on Python 3.11 the server ignores the parent's sys.path (tests/ is not on it), and an
 # ImportError only makes the workers import it themselves (slower, as correct).
-FORKSERVER_PRELOAD = ["pytest", "yaml", "torch", "torchmetrics", "torchkiln.commands.train",
+FORKSERVER_PRELOAD = ["pytest", "yaml", "torch", "torchkiln.commands.train",
                       "torchkiln.commands.kfold", "torchkiln.engine.settings", "torchkiln.config.load"]
 
 

@@ -1,7 +1,7 @@
-"""Metric updates gathered over a few batches: one torchmetrics update per group, not per batch.
+"""Metric updates gathered over a few batches: one metric update per group, not per batch.
 
-A torchmetrics update costs ~80 us of Python per metric collection whatever the batch size, which
-on small models is a few percent of a step. Tasks whose metric update is per sample (the
+A metric update costs tens of microseconds of Python whatever the batch size (a torchmetrics
+collection ~80 us), which on small models is a few percent of a step. Tasks whose metric update is per sample (the
 classification, multilabel and regression tasks: `concat_metric_updates = True`) get the same
 epoch metrics from one update over k batches concatenated as from k updates, so their batches
 are held here (detached; a few MB at most) and given to the metrics together.

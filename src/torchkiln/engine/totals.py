@@ -10,6 +10,7 @@ import torch
 
 from torchkiln.engine import distributed
 from torchkiln.engine.metric_buffer import MetricBuffer
+from torchkiln.metrics.base import MetricSet, as_metric_set
 
 
 class EpochTotals:
@@ -66,13 +67,6 @@ def scalars(computed: Mapping[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-def clone_metrics(metrics: Any, prefix: str):
-    if metrics is None:
-        return None
-    from torchmetrics import MetricCollection
-
-    if not isinstance(metrics, MetricCollection):
-        metrics = MetricCollection(dict(metrics) if isinstance(metrics, Mapping) else metrics)
-    clone = metrics.clone(prefix=prefix)
-    clone.persistent(True)  # so a mid-epoch checkpoint carries the epoch's partial state
-    return clone
+def clone_metrics(metrics: Any, prefix: str) -> MetricSet | None:
+    """The Trainer's own copy of `metrics` (a MetricSet, a mapping or list of metrics), keyed `prefix/`."""
+    return None if metrics is None else as_metric_set(metrics).clone(prefix=prefix)

@@ -1,4 +1,8 @@
-"""Metrics by name, built on torchmetrics: exact over an epoch's samples, ready for DDP sync.
+"""Metrics by name: exact over an epoch's samples, summed over ranks under DDP.
+
+The common names are torchkiln's own (metrics/base.py: no torchmetrics import, about 4 s of start-up
+on 2 cores); the rest, and a common name given torchmetrics' arguments, are torchmetrics' classes,
+imported when such a metric is built.
 
 One name means the same quantity for every task kind that has it: `f1_macro` is a
 MulticlassF1Score for classification and a MultilabelF1Score for multi-label. `name@k` sets
@@ -20,9 +24,9 @@ import inspect
 from typing import Any
 
 import torch
-from torchmetrics import Metric, MetricCollection
 
 from torchkiln.errors import ConfigError, did_you_mean
+from torchkiln.metrics.base import Metric, MetricSet
 from torchkiln.registry import METRICS, check_args, construct
 
 KINDS = ("multiclass", "multilabel", "regression", "ranking")
@@ -36,7 +40,7 @@ class ClassCountError(ConfigError):
     three): the config check, which knows no class count yet, leaves it to the real build."""
 
 
-def _cls(path: str) -> type[Metric]:
+def _cls(path: str) -> type:
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -51,7 +55,7 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
     fast = fast or {}
 
     def factory(num_classes: int | None = None, kind: str = "multiclass", threshold: float = 0.5,
-                top_k: int | None = None, **args: Any) -> Metric:
+                top_k: int | None = None, **args: Any) -> Any:
         if kind not in kinds:
             raise ConfigError(f"metrics: '{name}' does not apply to a {kind} task; it is for"
                               f" {', '.join(kinds)} (metrics for {kind}: {', '.join(names_for(kind))})")
@@ -77,8 +81,8 @@ def _register(name: str, fast: dict[str, tuple[str, dict[str, Any]]] | None = No
                 raise ConfigError(f"metrics: '{name}' has no top_k (no '@k' form)")
             kw["top_k"] = top_k
         metric = construct(cls, kw, "metrics", f"'{name}' for a {kind} task")
-        if kind == "regression":
-            metric.set_dtype(torch.float64)
+        if kind == "regression" and not isinstance(metric, Metric):
+            metric.set_dtype(torch.float64)  # torchmetrics' (torchkiln's keep float64 states)
         return metric
 
     factory.__name__ = name
@@ -100,16 +104,15 @@ def names_for(kind: str) -> list[str]:
 
 
 # -- classification (single- and multi-label) --------------------------------------------------
-# Single-label accuracy, precision, recall and F1 are torchmetrics' (the same values as scikit-learn's,
-# zero_division=0; a macro average leaves out a class neither in the targets nor predicted). The
-# targets the loss ignores (CrossEntropyLoss's ignore_index, -100) are left out; `args:
-# {ignore_index: ...}` sets another. Balanced accuracy and the binary scores are torchkiln's
-# (torchkiln.metrics.confusion): torchmetrics has no metric with scikit-learn's meaning of them.
+# Single-label accuracy, precision, recall and F1 come from one confusion matrix (torchkiln.metrics.confusion,
+# one bincount per update; scikit-learn's values, zero_division=0; targets below 0, the loss's
+# ignore_index, left out); with arguments (torchmetrics' ignore_index, ...), torchmetrics' classes.
 _CM = "torchkiln.metrics.confusion:ConfusionMetric"
 _IGNORE = {"ignore_index": -100}
 # accuracy@k and topK_accuracy: torchkiln.metrics.topk (tied scores: the lower class index first, as argmax)
 _register("accuracy", multiclass=(f"{C}:MulticlassAccuracy", {"average": "micro", **_IGNORE}),
           multilabel=(f"{C}:MultilabelAccuracy", {"average": "micro"}),  # label-wise (1 - Hamming loss)
+          fast={"multiclass": (_CM, {"stat": "accuracy", "average": "micro"})},
           top_k_class="torchkiln.metrics.topk:TopKAccuracy")
 # scikit-learn's: mean recall over the classes in the targets (torchmetrics' macro accuracy also
 # counts a class that is only predicted)
@@ -121,7 +124,8 @@ _register("hamming_loss", multilabel=(f"{C}:MultilabelHammingDistance", {"averag
 for _avg, _tm in (("macro", "macro"), ("micro", "micro"), ("weighted", "weighted"), ("per_class", "none")):
     for _name, _stem in (("f1", "F1Score"), ("precision", "Precision"), ("recall", "Recall")):
         _register(f"{_name}_{_avg}", multiclass=(f"{C}:Multiclass{_stem}", {"average": _tm, **_IGNORE}),
-                  multilabel=(f"{C}:Multilabel{_stem}", {"average": _tm}))
+                  multilabel=(f"{C}:Multilabel{_stem}", {"average": _tm}),
+                  fast={"multiclass": (_CM, {"stat": _name, "average": _tm})})
 for _name in ("f1", "precision", "recall"):  # binary: class 1 of two, like scikit-learn's default
     _register(_name, multiclass=(_CM, {"stat": _name, "average": "binary"}))
 # AUROC / AP: the macro mean over the classes where they are defined (torchkiln.metrics.curve_metrics); with
@@ -140,12 +144,13 @@ _register("confusion_matrix", multiclass=(f"{C}:MulticlassConfusionMatrix", {}),
           multilabel=(f"{C}:MultilabelConfusionMatrix", {}))
 
 # -- regression --------------------------------------------------------------------------------
-_register("mae", regression=(f"{R}:MeanAbsoluteError", {}))
-_register("mse", regression=(f"{R}:MeanSquaredError", {}))
-_register("rmse", regression=("torchkiln.metrics.regression_metrics:PerTargetRMSE", {}))
+_RM = "torchkiln.metrics.regression_metrics"
+_register("mae", regression=(f"{R}:MeanAbsoluteError", {}), fast={"regression": (f"{_RM}:MAE", {})})
+_register("mse", regression=(f"{R}:MeanSquaredError", {}), fast={"regression": (f"{_RM}:MSE", {})})
+_register("rmse", regression=(f"{_RM}:PerTargetRMSE", {}))
 # r2: scikit-learn's, stable at any offset and spread (torchmetrics' R2Score treats a total sum of
 # squares below 1e-4 as 0 and scores 0); with arguments (adjusted, multioutput), torchmetrics'.
-_register("r2", regression=(f"{R}:R2Score", {}), fast={"regression": ("torchkiln.metrics.regression_metrics:R2", {})})
+_register("r2", regression=(f"{R}:R2Score", {}), fast={"regression": (f"{_RM}:R2", {})})
 
 # -- ranking (grouped by query id; a query without a relevant item scores 0; ties: expected value) --
 for _name, _measure in (("mrr", "mrr"), ("ndcg", "ndcg"), ("map", "map"), ("hit_rate", "hit_rate"),
@@ -170,19 +175,19 @@ def _spec(spec: str | dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def build_metrics(specs: list[str | dict[str, Any]], num_classes: int | None, kind: str = "multiclass",
-                  threshold: float = 0.5, prefix: str = "", where: str = "metrics") -> MetricCollection:
-    """`specs` are names or {type, args}; the collection's keys are `prefix` + the names."""
-    return MetricCollection(metric_dict(specs, num_classes, kind, threshold, prefix, where), compute_groups=False)
+                  threshold: float = 0.5, prefix: str = "", where: str = "metrics") -> MetricSet:
+    """`specs` are names or {type, args}; the set's keys are `prefix` + the names."""
+    return MetricSet(metric_dict(specs, num_classes, kind, threshold, prefix, where))
 
 
 def metric_dict(specs: list[str | dict[str, Any]], num_classes: int | None, kind: str = "multiclass",
-                threshold: float = 0.5, prefix: str = "", where: str = "metrics") -> dict[str, Metric]:
-    metrics: dict[str, Metric] = {}
+                threshold: float = 0.5, prefix: str = "", where: str = "metrics") -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
     for i, spec in enumerate(specs):
         name, args = _spec(spec)
         base, top_k = parse_name(name, f"{where}.{i}")
         factory = _factory(base, f"{where}.{i}", kind)
-        if ":" in name or inspect.isclass(factory):  # a user's torchmetrics.Metric (import path, plugin)
+        if ":" in name or inspect.isclass(factory):  # a user's metric class (import path, plugin)
             metric = factory(**args)
             key = name.rpartition(":")[2]
         else:

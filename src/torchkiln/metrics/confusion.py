@@ -2,11 +2,11 @@
 
 Accuracy, balanced accuracy, and precision / recall / F1 (micro, macro, weighted, per class) are
 all functions of the C x C confusion matrix. Each metric here keeps that matrix as its state
-(summed over batches and, under DDP, over ranks) and updates it with one `bincount`. The metric
-names use it where torchmetrics has no class with scikit-learn's meaning: `balanced_accuracy` and
-the binary `f1` / `precision` / `recall` (class 1 of two, from the (N, 2) scores); the other names
-are torchmetrics' classes (benchmarks/replacements.py: this one saved no measurable share of real
-work over them). `kiln test`'s per-class tables use the functions below.
+(summed over batches and, under DDP, over ranks) and updates it with one `bincount`. Built on
+torchkiln's metric base (metrics/base.py), so a run with the default metrics never imports
+torchmetrics (about 4 s of start-up on 2 cores); per step it costs what torchmetrics' classes cost
+(benchmarks/replacements.py). With torchmetrics' own arguments, a name gives torchmetrics' class.
+`kiln test`'s per-class tables use the functions below.
 
 Averages follow scikit-learn (zero_division=0): a macro average leaves out the classes that neither
 occur nor are predicted; a weighted one weighs each class by its support; balanced accuracy is the
@@ -19,7 +19,8 @@ out; a target at or above `num_classes` is an error, raised when the metric is c
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
+
+from torchkiln.metrics.base import Metric
 
 AVERAGES = ("micro", "macro", "weighted", "none", "binary")
 STATS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
@@ -32,13 +33,11 @@ class ConfusionMetric(Metric):
     (N,); `target` labels (N,).
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
     def __init__(self, num_classes: int, stat: str = "accuracy", average: str = "micro",
-                 ignore_index: int | None = None, **kwargs):
-        super().__init__(**kwargs)
+                 ignore_index: int | None = None):
+        super().__init__()
         if stat not in STATS:
             raise ValueError(f"stat: expected one of {', '.join(STATS)}; found {stat!r}")
         if average not in AVERAGES:
@@ -53,8 +52,8 @@ class ConfusionMetric(Metric):
         self.stat = stat
         self.average = average
         c = self.num_classes
-        self.add_state("confmat", torch.zeros(c, c, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("out_of_range", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("confmat", torch.zeros(c, c, dtype=torch.long))
+        self.add_state("out_of_range", torch.zeros((), dtype=torch.long))
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         target = target.reshape(-1).long()
@@ -68,7 +67,7 @@ class ConfusionMetric(Metric):
         self.confmat += counts
         self.out_of_range += out_of_range
 
-    def compute(self) -> torch.Tensor:
+    def score(self) -> torch.Tensor:
         bad = int(self.out_of_range)
         if bad:
             raise ValueError(f"{bad} targets are not class indices below num_classes={self.num_classes};"

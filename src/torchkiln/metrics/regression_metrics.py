@@ -1,21 +1,23 @@
-"""Regression metrics kept in float64 whose multi-target convention follows scikit-learn."""
+"""Regression metrics kept in float64 whose multi-target convention follows scikit-learn (torchkiln's
+metric base: no torchmetrics import for a regression run with the default metrics)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from torchkiln.metrics.base import Metric
 
 
 class _PerTarget(Metric):
     """The squared errors of each of `num_targets` targets, in float64."""
 
-    def __init__(self, num_targets: int = 1, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, num_targets: int = 1):
+        super().__init__()
         if int(num_targets) < 1:
             raise ValueError(f"num_targets: expected a positive integer; found {num_targets!r}")
         self.num_targets = int(num_targets)
-        self.add_state("sum_squared_error", torch.zeros(self.num_targets, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("sum_squared_error", torch.zeros(self.num_targets, dtype=torch.float64))
 
     def _rows(self, preds: Tensor, target: Tensor, name: str) -> tuple[Tensor, Tensor, int]:
         """(preds, target) as float64 (N, T), and N; the squared errors are added."""
@@ -36,18 +38,16 @@ class PerTargetRMSE(_PerTarget):
     `update(preds, target)`: (N,) or (N, T), with T = `num_targets`.
     """
 
-    is_differentiable = True
     higher_is_better = False
-    full_state_update = False
 
-    def __init__(self, num_targets: int = 1, **kwargs):
-        super().__init__(num_targets, **kwargs)
-        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+    def __init__(self, num_targets: int = 1):
+        super().__init__(num_targets)
+        self.add_state("total", torch.zeros((), dtype=torch.long))
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         self.total += self._rows(preds, target, "rmse")[2]
 
-    def compute(self) -> Tensor:
+    def score(self) -> Tensor:
         return (self.sum_squared_error / self.total).sqrt().mean().float()
 
 
@@ -59,15 +59,13 @@ class R2(_PerTarget):
     et al.), not from sums of y and y^2, so neither a large offset nor a small spread loses digits.
     """
 
-    is_differentiable = True
     higher_is_better = True
-    full_state_update = False
 
-    def __init__(self, num_targets: int = 1, **kwargs):
-        super().__init__(num_targets, **kwargs)
-        self.add_state("counts", [], dist_reduce_fx="cat")  # per update: rows
-        self.add_state("means", [], dist_reduce_fx="cat")  # per update: (T,) mean of the targets
-        self.add_state("deviations", [], dist_reduce_fx="cat")  # per update: (T,) sum of squared deviations
+    def __init__(self, num_targets: int = 1):
+        super().__init__(num_targets)
+        self.add_state("counts", [], "cat")  # per update: rows
+        self.add_state("means", [], "cat")  # per update: (T,) mean of the targets
+        self.add_state("deviations", [], "cat")  # per update: (T,) sum of squared deviations
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         preds, target, rows = self._rows(preds, target, "r2")
@@ -78,11 +76,12 @@ class R2(_PerTarget):
         self.means.append(mean[None])
         self.deviations.append((target - mean).square().sum(0)[None])
 
-    def compute(self) -> Tensor:
-        if isinstance(self.counts, list) and not self.counts:
+    def score(self) -> Tensor:
+        if not self.counts:
             return torch.tensor(float("nan"))
-        counts = _cat(self.counts)[:, None]
-        means, deviations = _cat(self.means).reshape(-1, self.num_targets), _cat(self.deviations).reshape(-1, self.num_targets)
+        counts = torch.cat(self.counts)[:, None]
+        means = torch.cat(self.means).reshape(-1, self.num_targets)
+        deviations = torch.cat(self.deviations).reshape(-1, self.num_targets)
         total = counts.sum()
         if float(total) < 2:
             return torch.tensor(float("nan"))  # as scikit-learn: undefined for one sample
@@ -94,5 +93,38 @@ class R2(_PerTarget):
         return score.mean()
 
 
-def _cat(values) -> Tensor:
-    return torch.cat(values) if isinstance(values, list) else values
+class _MeanError(Metric):
+    """The mean of an error over every element (for several targets: the mean of the per-target
+    means, scikit-learn's 'uniform_average'), summed in float64."""
+
+    higher_is_better = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("sum_error", torch.zeros((), dtype=torch.float64))
+        self.add_state("total", torch.zeros((), dtype=torch.long))
+
+    def error(self, diff: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        diff = preds.double().reshape(target.shape) - target.double()
+        self.sum_error += self.error(diff).sum()
+        self.total += diff.numel()
+
+    def score(self) -> Tensor:
+        return self.sum_error / self.total
+
+
+class MAE(_MeanError):
+    """scikit-learn's `mean_absolute_error`. `update(preds, target)`: (N,) or (N, T)."""
+
+    def error(self, diff: Tensor) -> Tensor:
+        return diff.abs()
+
+
+class MSE(_MeanError):
+    """scikit-learn's `mean_squared_error`. `update(preds, target)`: (N,) or (N, T)."""
+
+    def error(self, diff: Tensor) -> Tensor:
+        return diff.square()

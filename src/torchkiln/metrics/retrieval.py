@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
+
+from torchkiln.metrics.base import Metric
 
 MEASURES = ("mrr", "map", "ndcg", "hit_rate", "precision", "recall")
 
@@ -36,21 +36,19 @@ class RankingMetric(Metric):
     `update(preds, target, indexes)`: scores (N,), relevance (N,) (graded or 0/1), query ids (N,).
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
-    def __init__(self, measure: str = "ndcg", top_k: int | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, measure: str = "ndcg", top_k: int | None = None):
+        super().__init__()
         if measure not in MEASURES:
             raise ValueError(f"measure: expected one of {', '.join(MEASURES)}; found {measure!r}")
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k: expected a positive integer or None; found {top_k!r}")
         self.measure = measure
         self.top_k = top_k
-        self.add_state("preds", [], dist_reduce_fx="cat")
-        self.add_state("target", [], dist_reduce_fx="cat")
-        self.add_state("indexes", [], dist_reduce_fx="cat")
+        self.add_state("preds", [], "cat")
+        self.add_state("target", [], "cat")
+        self.add_state("indexes", [], "cat")
 
     def update(self, preds: Tensor, target: Tensor, indexes: Tensor) -> None:
         preds, target, indexes = preds.reshape(-1), target.reshape(-1), indexes.reshape(-1)
@@ -60,10 +58,10 @@ class RankingMetric(Metric):
         self.target.append(target.detach().double())
         self.indexes.append(indexes.detach().long())
 
-    def compute(self) -> Tensor:
-        if isinstance(self.preds, list) and not self.preds:  # (after a DDP sync, the states are tensors)
+    def score(self) -> Tensor:
+        if not self.preds:
             return torch.tensor(0.0)
-        scores, rel, query = dim_zero_cat(self.preds), dim_zero_cat(self.target), dim_zero_cat(self.indexes)
+        scores, rel, query = torch.cat(self.preds), torch.cat(self.target), torch.cat(self.indexes)
         return ranking_score(scores, rel, query, self.measure, self.top_k).float()
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from torchkiln.metrics.base import Metric
 
 
 class TopKAccuracy(Metric):
@@ -19,20 +20,18 @@ class TopKAccuracy(Metric):
     `update(preds, target)`: scores (N, C), target labels (N,); targets below 0 are left out.
     """
 
-    is_differentiable = False
     higher_is_better = True
-    full_state_update = False
 
-    def __init__(self, num_classes: int, top_k: int = 1, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, num_classes: int, top_k: int = 1):
+        super().__init__()
         if not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k: expected a positive integer; found {top_k!r}")
         if top_k > num_classes:
             raise ValueError(f"top_k={top_k} is more than the {num_classes} classes")
         self.num_classes = int(num_classes)
         self.top_k = top_k
-        self.add_state("hits", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("hits", torch.zeros((), dtype=torch.long))
+        self.add_state("total", torch.zeros((), dtype=torch.long))
 
     def update(self, preds: Tensor, target: Tensor) -> None:
         target = target.reshape(-1).long()
@@ -46,5 +45,5 @@ class TopKAccuracy(Metric):
         self.hits += (hit & kept).sum()
         self.total += kept.sum()
 
-    def compute(self) -> Tensor:
+    def score(self) -> Tensor:
         return (self.hits.double() / self.total.clamp(min=1)).float()

@@ -99,14 +99,12 @@ class Task:
 
     # -- building --------------------------------------------------------------------------
     def build_metrics(self, specs: list[Any], num_classes: int | None):
-        from torchmetrics import MetricCollection
-
-        from torchkiln.metrics import metric_dict
+        from torchkiln.metrics import MetricSet, metric_dict
 
         metrics = metric_dict(list(specs) or list(self.default_metrics), num_classes, kind=self.metric_kind,
                               threshold=getattr(self, "threshold", 0.5))
-        self.metric_order = list(metrics)  # as listed; the collection sorts its keys
-        return MetricCollection(metrics, compute_groups=False)
+        self.metric_order = list(metrics)  # as listed
+        return MetricSet(metrics)
 
     def make_loss(self, specs: list[dict[str, Any]] | None, labels: Callable[[], torch.Tensor] | None = None,
                   num_classes: int | None = None) -> nn.Module:

@@ -129,8 +129,7 @@ class DetectionTask(Task):
 
     # -- building --------------------------------------------------------------------------
     def build_metrics(self, specs: list[Any], num_classes: int | None):
-        from torchmetrics import MetricCollection
-
+        from torchkiln.metrics.base import MetricSet
         from torchkiln.metrics.detection import detection_metrics
 
         for i, spec in enumerate(specs):
@@ -139,7 +138,7 @@ class DetectionTask(Task):
                 raise ConfigError(f"metrics.{i}: '{name}' is not a detection metric; the detection task"
                                   f" logs {', '.join(METRIC_NAMES)} and its loss components (leave metrics out)")
         self.metric_order = ["map_50", "map", "map_75", "mar_100"]
-        return MetricCollection(detection_metrics(num_classes), compute_groups=False)
+        return MetricSet(detection_metrics(num_classes))
 
     def make_loss(self, specs: list[dict[str, Any]] | None, labels: Any = None,
                   num_classes: int | None = None) -> nn.Module:

@@ -224,9 +224,7 @@ class MultiHeadTask(ClassificationTask):
 
     # -- building --------------------------------------------------------------------------
     def build_metrics(self, specs: list[Any], num_classes: int | None):
-        from torchmetrics import MetricCollection
-
-        from torchkiln.metrics import metric_dict
+        from torchkiln.metrics import MetricSet, metric_dict
 
         base = list(specs) or list(self.default_metrics)
         metrics = {}
@@ -237,7 +235,7 @@ class MultiHeadTask(ClassificationTask):
             metrics.update(metric_dict(spec.metrics or base, spec.classes, "multiclass", prefix=f"{h}/",
                                        where=f"task.args.heads.{h}.metrics"))
         self.metric_order = list(metrics)
-        return MetricCollection(metrics, compute_groups=False)
+        return MetricSet(metrics)
 
     def make_loss(self, specs: list[dict[str, Any]] | None, labels: Callable[[], torch.Tensor] | None = None,
                   num_classes: int | None = None) -> nn.Module:

@@ -70,8 +70,6 @@ class RankingTask(Task):
         return loss_fn(outputs, relevance.to(outputs.dtype).reshape(outputs.shape))
 
     def update_metrics(self, metrics: Any, outputs: torch.Tensor, targets: Any) -> None:
-        from torchmetrics.retrieval import RetrievalNormalizedDCG
-
         from torchkiln.metrics.retrieval import RankingMetric
 
         relevance, group = targets
@@ -80,6 +78,8 @@ class RankingTask(Task):
         for _, metric in metrics.items(keep_base=True):
             if isinstance(metric, RankingMetric):  # graded relevance; float64 scores; ties by expectation
                 metric.update(scores, relevance, indexes=group)
-            else:
+            else:  # a torchmetrics retrieval class (torchmetrics is imported already: the metric is one)
+                from torchmetrics.retrieval import RetrievalNormalizedDCG
+
                 graded = isinstance(metric, RetrievalNormalizedDCG)
                 metric.update(positive_scores(scores), relevance.float() if graded else relevance > 0, indexes=group)
