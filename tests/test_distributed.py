@@ -80,6 +80,25 @@ def test_evaluation_shards_cover_every_sample_exactly_once():
     assert [len(list(s)) for s in shards] == [len(s) for s in shards] == [7, 7]
 
 
+def test_worker_errors_print_each_distinct_line_once_naming_ranks_only_when_they_differ(tmp_path, monkeypatch, capsys):
+    """What `kiln train --devices N` prints of its workers' user errors (errors.report/worker_errors)."""
+    from torchkiln.errors import WORKER_ERRORS_ENV, ConfigError, report, worker_errors
+
+    monkeypatch.setenv(WORKER_ERRORS_ENV, str(tmp_path))
+    for rank, msg in ((0, "data.root: no such folder"), (1, "data.root: no such folder")):
+        monkeypatch.setenv("RANK", str(rank))
+        report(ConfigError(msg))
+    assert capsys.readouterr().err == ""  # handed to the launcher, not printed by each rank
+    assert worker_errors(tmp_path, 2) == ["error: data.root: no such folder"]
+    assert worker_errors(tmp_path, 3) == ["error: rank 0, 1: data.root: no such folder"]  # rank 2 had none
+    monkeypatch.setenv("RANK", "1")
+    report(ConfigError("a broken file"))
+    assert worker_errors(tmp_path, 2) == ["error: rank 0: data.root: no such folder", "error: rank 1: a broken file"]
+    monkeypatch.delenv(WORKER_ERRORS_ENV)
+    report(ConfigError("plain"))
+    assert capsys.readouterr().err == "error: plain\n"
+
+
 def test_dp_without_several_gpus_trains_plainly_with_a_warning(caplog):
     torch.manual_seed(0)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
@@ -191,7 +210,9 @@ def test_a_one_process_run_resumes_on_two_processes_from_an_epoch_end_only(tmp_p
     assert load_checkpoint(mid)["loop"]["batch_in_epoch"] == 13
     proc = kiln("train", "--resume", str(mid), "--devices", "2", "-q", cwd=tmp_path, timeout=240)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    # The workers' own line is the last (the launcher adds no "resume with ... --devices 2").
+    # The workers' own line is the last (the launcher adds no "resume with ... --devices 2"), and
+    # both ranks' identical line is printed once.
+    assert proc.stderr.count("error: ") == 1, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "written by 1 process(es) and is resumed with 2" in last, last
     assert "end-of-epoch checkpoint" in last and "resume with: kiln" not in proc.stderr

@@ -10,7 +10,7 @@ import os
 import sys
 import threading
 
-from torchkiln.errors import KilnError
+from torchkiln.errors import KilnError, report
 from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        report(exc)
         return exc.exit_code
     except KeyboardInterrupt:
         if args.debug:

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 from collections.abc import Iterable
+from pathlib import Path
+
+# Set by `kiln train --devices N` for its workers: a folder where each writes its user error, which
+# the launcher prints once however many ranks hit it (engine/distributed.py:launch).
+WORKER_ERRORS_ENV = "KILN_WORKER_ERRORS"
 
 
 class KilnError(Exception):
@@ -47,3 +54,24 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     else:
         close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def report(exc: KilnError) -> None:
+    """The one line of a user's error, on stderr; a `--devices N` worker hands it to its launcher."""
+    line = f"error: {exc}"
+    folder = os.environ.get(WORKER_ERRORS_ENV)
+    if folder and Path(folder).is_dir():
+        (Path(folder) / f"rank{int(os.environ.get('RANK', '0')):05d}.txt").write_text(line)
+        return
+    print(line, file=sys.stderr)
+
+
+def worker_errors(folder: str | Path, nprocs: int) -> list[str]:
+    """The workers' error lines, each distinct line once, in rank order; a line that not every one
+    of the `nprocs` ranks wrote names its ranks."""
+    found: dict[str, list[int]] = {}
+    for f in sorted(Path(folder).glob("rank*.txt")):
+        found.setdefault(f.read_text().strip(), []).append(int(f.stem[4:]))
+    if len(found) == 1 and len(next(iter(found.values()))) == nprocs:
+        return list(found)
+    return [line.replace("error: ", f"error: rank {', '.join(map(str, ranks))}: ", 1) for line, ranks in found.items()]

@@ -21,7 +21,13 @@ from torch import distributed as dist
 from torch import nn
 
 from torchkiln.engine.device import to_cpu
-from torchkiln.errors import CheckpointError, SettingError, TrainingError
+from torchkiln.errors import (
+    WORKER_ERRORS_ENV,
+    CheckpointError,
+    SettingError,
+    TrainingError,
+    worker_errors,
+)
 
 log = logging.getLogger("torchkiln")
 RUN_DIR_ENV = "KILN_RUN_DIR"  # set by `kiln train --devices N` so a restarted worker finds its run
@@ -344,11 +350,11 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
     A worker that dies makes the agent stop the others; the error names the first rank that failed.
     With `max_restarts`, the group restarts and resumes from the run's last checkpoint.
     """
+    import shutil
+    import tempfile
     import uuid
 
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import LaunchConfig
 
     if run_dir is not None:
         os.environ[RUN_DIR_ENV] = run_dir
@@ -363,13 +369,31 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
     )
     # Its own line on a failed worker would come after the worker's; the failure is reported below.
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    errors = os.environ[WORKER_ERRORS_ENV] = tempfile.mkdtemp(prefix="kiln-errors-")
+    code = 1
+    try:
+        code = _launch(config, worker_args, nprocs, max_restarts, run_dir)
+        return code
+    finally:
+        if code != 0:  # a user's error every rank hit: one line, not one per rank
+            for line in worker_errors(errors, nprocs):
+                print(line, file=sys.stderr)
+        shutil.rmtree(errors, ignore_errors=True)
+        os.environ.pop(WORKER_ERRORS_ENV, None)
+
+
+def _launch(config: Any, worker_args: list[str], nprocs: int, max_restarts: int, run_dir: str | None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     try:
         elastic_launch(config, sys.executable)("-m", "torchkiln", *worker_args)
     except SignalException as exc:  # forwarded to the workers, which checkpoint and stop
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         failed, failure = exc.get_first_failure()
-        if failure.exitcode == 2:  # a user's error: the worker printed it in one line, with its fix
+        if failure.exitcode == 2:  # a user's error: the workers wrote it in one line, with its fix
             return 2
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
