@@ -153,6 +153,7 @@ def _write_file(path: Path, state: Any) -> None:
 
 
 _IMMUTABLE = (bool, int, float, complex, str, bytes)
+_FLAT = frozenset({*_IMMUTABLE, type(None)})
 
 
 def snapshot(obj: Any) -> Any:
@@ -175,6 +176,8 @@ def snapshot(obj: Any) -> Any:
             devices.add(o.device)
             return host
         if type(o) is dict:
+            if _FLAT.issuperset(map(type, o.values())):  # a history row: one C-level copy, not a call a value
+                return dict(o)
             return {k: copy_of(v) for k, v in o.items()}
         if type(o) in (list, tuple):
             return type(o)(copy_of(v) for v in o)
