@@ -99,6 +99,26 @@ def test_worker_errors_print_each_distinct_line_once_naming_ranks_only_when_they
     assert capsys.readouterr().err == "error: plain\n"
 
 
+def test_a_dead_worker_is_reported_over_the_peer_errors_that_followed_it():
+    """The agent may see a peer's own error (exit code 2: its collective lost the dead worker) at the
+    same second as the death, or earlier; the death is what `kiln train --devices N` names. Torch's
+    own ProcessFailure, as the agent builds it for a worker without an error file."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from torchkiln.engine.distributed import first_death
+
+    def failure(rank: int, code: int, at: int) -> ProcessFailure:
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="")
+        f.timestamp = at
+        return f
+
+    killed = failure(1, -signal.SIGKILL, 1001)
+    assert first_death({0: failure(0, 2, 1000), 1: killed}) == (1, killed)
+    assert first_death({0: failure(0, 2, 1000), 1: failure(1, 2, 1000)}) is None  # a user's error on each
+    crashed = failure(0, 1, 1001)
+    assert first_death({0: crashed, 1: failure(1, -signal.SIGKILL, 1001)}) == (0, crashed)  # a tie: the lower rank
+
+
 def test_dp_without_several_gpus_trains_plainly_with_a_warning(caplog):
     torch.manual_seed(0)
     x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))

@@ -382,6 +382,17 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
         os.environ.pop(WORKER_ERRORS_ENV, None)
 
 
+def first_death(failures: dict[int, Any]) -> tuple[int, Any] | None:
+    """The (rank, failure) of the first worker that died (a signal, a crash), or None when every
+    failed worker ended with a user's error (exit code 2). A death is the cause: its peers' own
+    errors (a collective that lost its peer) follow from it, whichever the agent saw first."""
+    deaths = {r: f for r, f in failures.items() if f.exitcode != 2}
+    if not deaths:
+        return None
+    rank = min(deaths, key=lambda r: (deaths[r].timestamp, r))
+    return rank, deaths[rank]
+
+
 def _launch(config: Any, worker_args: list[str], nprocs: int, max_restarts: int, run_dir: str | None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -392,9 +403,10 @@ def _launch(config: Any, worker_args: list[str], nprocs: int, max_restarts: int,
     except SignalException as exc:  # forwarded to the workers, which checkpoint and stop
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
-        failed, failure = exc.get_first_failure()
-        if failure.exitcode == 2:  # a user's error: the workers wrote it in one line, with its fix
+        cause = first_death(exc.failures)
+        if cause is None:  # a user's error: the workers wrote it in one line, with its fix
             return 2
+        failed, failure = cause
         how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         resume = f"; resume with: kiln train --resume {run_dir} --devices {nprocs}" if run_dir else ""
