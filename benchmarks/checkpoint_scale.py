@@ -5,7 +5,7 @@ torchkiln makes), torch.save + fsync to a new file and over the same file, torch
 archive's CRC-32 per record), torch.distributed.checkpoint (single process, for reference); then
 torch.load(weights_only=True), torchkiln's load_checkpoint (weights_only, every record's CRC-32
 checked) and DCP's load into the live state. Seconds are the median of `--repeats` interleaved
-rounds; memory is the peak resident memory during the call above what the process held when the
+rounds (each round loads 3 times, interleaved); memory is the peak resident memory during the call above what the process held when the
 call began (save) or holds once it returned (load: the loaded state itself is not counted),
 read from /proc/self/status (VmHWM, reset before each call).
 
@@ -36,6 +36,7 @@ from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 SAVE_BASE = "torch.save + fsync + rename (atomic, by hand)"  # the ratios' base: what torchkiln's save does
 LOAD_BASE = "torch.load(weights_only=True)"
+LOADS_PER_ROUND = 3
 WIDTH = 2048  # Linear(2048, 2048) layers: 4.2M parameters each
 
 
@@ -129,8 +130,9 @@ def run_size(millions: int, repeats: int, root: Path) -> list[dict]:
     for _ in range(repeats):
         for name, fn in saves.items():
             times[name].append(timed(fn))
-        for name, fn in loads.items():
-            times[name].append(timed(fn, keep_result=True))
+        for _ in range(LOADS_PER_ROUND):  # loads are quick and scatter with the page cache: more samples
+            for name, fn in loads.items():
+                times[name].append(timed(fn, keep_result=True))
     size = ours.stat().st_size
     rows = []
     for name, samples in times.items():

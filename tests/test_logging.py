@@ -280,7 +280,9 @@ def test_picture_cadence(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(base.time, "perf_counter", lambda: clock[0])
 
-    def drawn(cadence: base.PictureCadence, epochs: int, epoch_s: float, draw_s: float, views: int = 1) -> list[int]:
+    def drawn(cadence: base.PictureCadence, epochs: int, epoch_s: float, draw_s: float, views: int = 1,
+              once_s: float = 0.0) -> list[int]:
+        """`once_s`: the first drawing's one-time cost on top (the font, the PNG encoder)."""
         cadence.start(epochs)
         out = []
         for epoch in range(1, epochs + 1):
@@ -288,15 +290,21 @@ def test_picture_cadence(monkeypatch):
             if cadence.due(epoch):
                 for _ in range(views):  # one drawing per view (multihead: each head, the combined class)
                     with cadence.timed(epoch):
-                        clock[0] += draw_s / views
+                        clock[0] += draw_s / views + (once_s / views if not out else 0.0)
                 out.append(epoch)
         return out
 
     assert drawn(base.PictureCadence(3), 10, 1.0, 0.05) == [1, 3, 6, 9, 10]
     assert drawn(base.PictureCadence(1), 4, 1.0, 0.05) == [1, 2, 3, 4]
-    # 1 s epochs, 50 ms pictures: each drawing needs 5 s of run behind it (1%).
+    # 1 s epochs, 50 ms pictures: each drawing needs 5 s of run behind it (1%); the second epoch
+    # is drawn to measure a drawing's cost.
     auto = drawn(base.PictureCadence(None), 30, 1.0, 0.05)
-    assert auto == [1, 10, 15, 20, 25, 30]
+    assert auto == [1, 2, 15, 20, 25, 30]
+    # A first drawing with 0.45 s of one-time costs does not hold the next ones off (it would have
+    # until epoch 100: 0.5 s of drawing is 1% of 50 s twice over).
+    assert drawn(base.PictureCadence(None), 30, 1.0, 0.05, once_s=0.45) == auto
+    # A first drawing cheaper than the later ones (10 ms, then 50 ms) is counted as it was.
+    assert drawn(base.PictureCadence(None), 30, 1.0, 0.05, once_s=-0.04) == [1, 2, 11, 16, 21, 26, 30]
     # The same 50 ms in four views' drawings: an epoch's drawings are costed together.
     assert drawn(base.PictureCadence(None), 30, 1.0, 0.05, views=4) == auto
     # Long epochs: the pictures are cheap next to them, drawn every epoch.
