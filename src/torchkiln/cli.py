@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 
+from torchkiln import gcpause
 from torchkiln.errors import KilnError, report
 from torchkiln.version import __version__
 
@@ -248,6 +249,7 @@ def run() -> None:
     here, in Python's order, and the process ends with the exit code. Where the interpreter lacks
     the hooks for them, the process ends the ordinary way.
     """
+    gcpause.pause()  # until the training loop starts (gcpause.py); the other commands resume it in main
     code = int(main() or 0)
     shutdown, exitfuncs = getattr(threading, "_shutdown", None), getattr(atexit, "_run_exitfuncs", None)
     if shutdown is None or exitfuncs is None:
@@ -265,6 +267,8 @@ def run() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command != "train":
+        gcpause.resume()
     if args.command is None:
         parser.print_help()
         return 0

@@ -20,6 +20,7 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
+from torchkiln import gcpause
 from torchkiln.engine.device import to_cpu
 from torchkiln.errors import (
     WORKER_ERRORS_ENV,
@@ -356,6 +357,7 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
 
     from torch.distributed.launcher.api import LaunchConfig
 
+    gcpause.resume()  # this process now waits on its workers, for as long as they train
     if run_dir is not None:
         os.environ[RUN_DIR_ENV] = run_dir
     # As torchrun does: N processes each running all cores' threads would oversubscribe the CPU.

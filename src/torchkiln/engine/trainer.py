@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkiln import gcpause
 from torchkiln.callbacks.checkpointing import Checkpointing
 from torchkiln.callbacks.freezing import FreezeSchedule
 from torchkiln.callbacks.logging_hub import LoggerHub
@@ -202,6 +203,7 @@ class Trainer:
             self.loop, self._epoch_accum = LoopState(), None
             self.initial_fingerprint = fingerprint(self.raw_model)
         self.callbacks.call("on_fit_start", self)
+        gcpause.resume()  # the CLI's set-up is done (a no-op elsewhere)
         total = sum(p.numel() for p in self.raw_model.parameters())
         trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         log.info("device %s, precision %s, %d parameters (%d trainable, %d frozen)", self.device,
