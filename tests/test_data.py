@@ -155,14 +155,54 @@ def test_skip_policy_counts_drops_and_still_fails_above_max(tmp_path):
         ImageFolder(str(root), on_error="skip", max_skipped=0.01)
 
 
-def test_decompression_guard(tmp_path):
-    root = make_folder(tmp_path / "imgs", {"a": 2, "b": 2}, jpeg_every=0)
-    ds = ImageFolder(str(root), max_pixels=100)
-    with pytest.raises(DataError, match=r"16x16, above max_pixels=100"):
-        ds[0]
+def test_decompression_guard(tmp_path, monkeypatch):
+    """max_pixels and Pillow's bomb limit hold for both decoders, checked from the header alone."""
     from PIL import Image
 
+    from torchkiln.data.images import decode_image
+
+    root = make_folder(tmp_path / "imgs", {"a": 2, "b": 2}, jpeg_every=2)  # a .jpg and a .png a class
+    ds = ImageFolder(str(root), max_pixels=100)
+    names = sorted(it.path.suffix for it in ds.items)
+    assert names == [".jpg", ".jpg", ".png", ".png"]
+    for i in range(len(ds)):
+        with pytest.raises(DataError, match=r"16x16, above max_pixels=100"):
+            ds[i]
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own limit is never switched off
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "x.bmp")  # Pillow's decoder
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 256 pixels: above twice the limit
+    for name in ("a/0.jpg", "a/1.png"):
+        with pytest.raises(DataError, match=r"decompression-bomb limit"):
+            decode_image(root / name)
+    with pytest.raises(DataError, match=r"decompression-bomb limit"):
+        decode_image(tmp_path / "x.bmp")
+
+
+def test_image_sizes_read_from_png_and_jpeg_headers_match_pillow(tmp_path):
+    """The header parse the TorchCodec path checks sizes with: every JPEG kind Pillow writes
+    (baseline, progressive, gray, CMYK, with an EXIF block, restart markers) and PNGs; None for
+    what it does not read (WebP, another format, a cut header: Pillow's path takes those)."""
+    from PIL import Image
+
+    from torchkiln.data.images import header_size
+
+    rgb = np.random.default_rng(1).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x010F] = "torchkiln"  # Make
+    kinds = {"base.jpg": (Image.fromarray(rgb), {}), "prog.jpg": (Image.fromarray(rgb), {"progressive": True}),
+             "gray.jpg": (Image.fromarray(rgb[..., 0]), {}), "cmyk.jpg": (Image.fromarray(rgb).convert("CMYK"), {}),
+             "exif.jpg": (Image.fromarray(rgb), {"exif": exif.tobytes()}),
+             "restart.jpg": (Image.fromarray(rgb), {"restart_marker_blocks": 1}),
+             "rgb.png": (Image.fromarray(rgb), {}), "palette.png": (Image.fromarray(rgb).convert("P"), {})}
+    for name, (image, options) in kinds.items():
+        image.save(tmp_path / name, **options)
+        data = (tmp_path / name).read_bytes()
+        assert header_size(data) == (53, 37), name
+        assert header_size(data[:10]) is None, name  # cut inside the header
+    Image.fromarray(rgb).save(tmp_path / "x.webp")
+    assert header_size((tmp_path / "x.webp").read_bytes()) is None
+    assert header_size(b"GIF89a" + bytes(20)) is None
+    assert header_size(b"\xff\xd8\xff\xda" + bytes(20)) is None  # a scan before any frame header
 
 
 def test_csv_single_label_missing_file_and_unknown_label(tmp_path):

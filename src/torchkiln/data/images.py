@@ -50,18 +50,18 @@ CODEC_DECODED = (".jpg", ".jpeg", ".png", ".webp")
 
 def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, where: str = "") -> Any:
     """Open, size-check and fully decode one image; any failure is a BrokenInput (a DataError)
-    naming the file. The size check reads the header only (PIL), before any pixel is decoded."""
+    naming the file. The size check reads the header only, before any pixel is decoded: `max_pixels`
+    and Pillow's decompression-bomb limit (`Image.MAX_IMAGE_PIXELS`) hold for either decoder."""
     from PIL import Image, UnidentifiedImageError
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2.functional import pil_to_tensor
 
     try:
+        if mode == "RGB" and path.suffix.lower() in CODEC_DECODED and _codec_decoder() is not None:
+            pixels = _decode_bytes(path, max_pixels, where)
+            if pixels is not None:
+                return _as_image(pixels)
         with Image.open(path) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                _broken(path, where, f"image is {im.width}x{im.height}, above max_pixels={max_pixels}")
-            pixels = _decode_codec(path) if mode == "RGB" and path.suffix.lower() in CODEC_DECODED else None
-            if pixels is None:
-                pixels = pil_to_tensor(im.convert(mode))  # forces the full decode: truncation shows up here
+            _check_size(path, where, im.width, im.height, max_pixels)
+            pixels = _pil_pixels(im, mode)  # forces the full decode: truncation shows up here
     except DataError:
         raise
     except FileNotFoundError:
@@ -72,6 +72,78 @@ def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, w
         _broken(path, where, "not a readable image (unknown format or corrupt header)")
     except (OSError, SyntaxError, ValueError, RuntimeError) as exc:
         _broken(path, where, f"cannot decode image ({str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})")
+    return _as_image(pixels)
+
+
+def _decode_bytes(path: Path, max_pixels: int | None, where: str) -> torch.Tensor | None:
+    """TorchCodec's RGB uint8 (3, H, W) from the file's bytes, read once: the size comes from the
+    PNG or JPEG header in them (Pillow's parse of the same header cost as much as a 32 px PNG's
+    decode; benchmarks/image_loading.py). None: not 8-bit pixels (16-bit PNG, which Pillow converts
+    its own way), or a header this does not read (WebP, an odd JPEG): Pillow's path takes it."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())  # writable: torch.frombuffer shares it without a warning
+    size = header_size(data)
+    if size is None:
+        return None
+    _check_size(path, where, size[0], size[1], max_pixels)
+    pixels = _codec_decoder()(torch.frombuffer(data, dtype=torch.uint8), mode="RGB", output_dtype="auto")
+    return pixels if pixels.dtype == torch.uint8 and pixels.dim() == 3 else None
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless...; not DHT/JPG/DAC).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def header_size(data: bytes | bytearray) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR or a JPEG's start-of-frame segment; None for anything
+    else (another format, a header cut short or malformed)."""
+    if data[:8] == _PNG:
+        if data[12:16] != b"IHDR" or len(data) < 24:
+            return None
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length field
+            i += 2
+            continue
+        if marker in _SOF:
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before it
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _check_size(path: Path, where: str, width: int, height: int, max_pixels: int | None) -> None:
+    from PIL import Image
+
+    pixels = width * height
+    if max_pixels is not None and pixels > max_pixels:
+        _broken(path, where, f"image is {width}x{height}, above max_pixels={max_pixels}")
+    bomb = Image.MAX_IMAGE_PIXELS
+    if bomb is not None and pixels > 2 * bomb:  # where Pillow's own open raises
+        _broken(path, where, f"image exceeds Pillow's decompression-bomb limit ({pixels} pixels, above"
+                f" twice Image.MAX_IMAGE_PIXELS={bomb})")
+
+
+def _pil_pixels(im: Any, mode: str) -> torch.Tensor:
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    return pil_to_tensor(im.convert(mode))
+
+
+def _as_image(pixels: torch.Tensor) -> Any:
+    from torchvision import tv_tensors
+
     return tv_tensors.Image(pixels)
 
 
@@ -84,16 +156,6 @@ def _codec_decoder() -> Any:
     except ImportError:
         return None
     return decode_image
-
-
-def _decode_codec(path: Path) -> torch.Tensor | None:
-    """RGB uint8 (3, H, W) from TorchCodec; None where it would not give 8-bit pixels (16-bit PNG,
-    which Pillow converts its own way) or where TorchCodec is not installed."""
-    codec_decode = _codec_decoder()
-    if codec_decode is None:
-        return None
-    pixels = codec_decode(path, mode="RGB", output_dtype="auto")
-    return pixels if pixels.dtype == torch.uint8 and pixels.dim() == 3 else None
 
 
 def _broken(path: Path, where: str, what: str) -> None:
