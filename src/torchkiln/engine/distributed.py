@@ -385,14 +385,23 @@ def launch(worker_args: list[str], nprocs: int, max_restarts: int = 0, run_dir: 
 
 
 def first_death(failures: dict[int, Any]) -> tuple[int, Any] | None:
-    """The (rank, failure) of the first worker that died (a signal, a crash), or None when every
-    failed worker ended with a user's error (exit code 2). A death is the cause: its peers' own
-    errors (a collective that lost its peer) follow from it, whichever the agent saw first."""
-    deaths = {r: f for r, f in failures.items() if f.exitcode != 2}
-    if not deaths:
-        return None
-    rank = min(deaths, key=lambda r: (deaths[r].timestamp, r))
-    return rank, deaths[rank]
+    """The (rank, failure) to report of a failed worker group, or None when the failure is a
+    user's error (exit code 2), which the workers wrote themselves.
+
+    A worker that died (a signal, a crash) is the cause; its peers' own errors (a collective that
+    lost its peer: exit code 2) follow from it, and so do the SIGTERMs with which the agent stops
+    the others once one has failed, whichever the agent saw first. A group whose only failures are
+    SIGTERMs reports the first of them."""
+    import signal
+
+    stopped = -int(signal.SIGTERM)
+    causes = {r: f for r, f in failures.items() if f.exitcode not in (2, stopped)}
+    if not causes:
+        if any(f.exitcode == 2 for f in failures.values()):
+            return None
+        causes = failures
+    rank = min(causes, key=lambda r: (causes[r].timestamp, r))
+    return rank, causes[rank]
 
 
 def _launch(config: Any, worker_args: list[str], nprocs: int, max_restarts: int, run_dir: str | None) -> int:
