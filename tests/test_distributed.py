@@ -117,9 +117,13 @@ def test_a_dead_worker_is_reported_over_the_peer_errors_that_followed_it():
     assert first_death({0: failure(0, 2, 1000), 1: failure(1, 2, 1000)}) is None  # a user's error on each
     crashed = failure(0, 1, 1001)
     assert first_death({0: crashed, 1: failure(1, -signal.SIGKILL, 1001)}) == (0, crashed)  # a tie: the lower rank
-    # A user's error on rank 1; rank 0, stopped by the agent before it wrote its own, is a SIGTERM.
-    assert first_death({0: failure(0, -signal.SIGTERM, 1000), 1: failure(1, 2, 1000)}) is None
-    assert first_death({0: failure(0, -signal.SIGTERM, 1000), 1: killed}) == (1, killed)
+    # A user's error on rank 1; rank 0, stopped by the agent before it wrote its own, is a SIGTERM
+    # (or 143: a worker in fit catches the SIGTERM, checkpoints and exits 128 + 15).
+    for stopped in (-signal.SIGTERM, 128 + signal.SIGTERM):
+        assert first_death({0: failure(0, stopped, 1000), 1: failure(1, 2, 1000)}) is None
+        assert first_death({0: failure(0, stopped, 1001), 1: killed}) == (1, killed)
+    # Rank 1 stuck in a collective ignores the SIGTERM and is SIGKILLed 30 s after rank 0's error.
+    assert first_death({0: failure(0, 2, 1000), 1: failure(1, -signal.SIGKILL, 1030)}) is None
     terminated = failure(1, -signal.SIGTERM, 1000)
     assert first_death({1: terminated}) == (1, terminated)  # only SIGTERMs: the first is reported
 

@@ -45,6 +45,7 @@ def test_kiln_train_imports_no_heavy_library_before_its_first_step(tmp_path):
 
 def test_the_collector_pause_is_the_cli_s_alone_and_every_other_command_lifts_it(tmp_path):
     import gc
+    import weakref
 
     from torchkiln import gcpause
     from torchkiln.cli import main
@@ -56,6 +57,21 @@ def test_the_collector_pause_is_the_cli_s_alone_and_every_other_command_lifts_it
         assert not gc.isenabled()
         assert main(["list", "models"]) == 0  # not `train`: resumed before the command runs
         assert gc.isenabled() and not gcpause.paused()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+    class Part:  # a set-up's throwaway part in a cycle (a batch-size search's Trainer and model)
+        pass
+
+    gcpause.pause()
+    try:
+        part = Part()
+        part.me = part
+        gone = weakref.ref(part)
+        del part
+        gcpause.resume()
+        assert gone() is None  # freed before the freeze, not kept for the whole run
     finally:
         gc.enable()
         gc.unfreeze()

@@ -267,7 +267,7 @@ def run() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command != "train":
+    if args.command != "train" or getattr(args, "folds", None):  # --folds: each fold's parts are freed
         gcpause.resume()
     if args.command is None:
         parser.print_help()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -76,15 +77,21 @@ def decode_image(path: Path, mode: str = "RGB", max_pixels: int | None = None, w
 
 
 def _decode_bytes(path: Path, max_pixels: int | None, where: str) -> torch.Tensor | None:
-    """TorchCodec's RGB uint8 (3, H, W) from the file's bytes, read once: the size comes from the
+    """TorchCodec's RGB uint8 (3, H, W) from the file's bytes, read once. The size comes from the
     PNG or JPEG header in them (Pillow's parse of the same header cost as much as a 32 px PNG's
-    decode; benchmarks/image_loading.py). None: not 8-bit pixels (16-bit PNG, which Pillow converts
-    its own way), or a header this does not read (WebP, an odd JPEG): Pillow's path takes it."""
+    decode; benchmarks/image_loading.py), or from Pillow's parse of those bytes for the rest (WebP,
+    a JPEG whose header this does not read). None for a 16-bit PNG, which Pillow converts its own
+    way."""
+    from PIL import Image
+
     with open(path, "rb") as f:
         data = bytearray(f.read())  # writable: torch.frombuffer shares it without a warning
+    if data[:8] == _PNG and len(data) > 24 and data[24] == 16:  # IHDR bit depth
+        return None
     size = header_size(data)
     if size is None:
-        return None
+        with Image.open(io.BytesIO(data)) as im:  # the header only; raises on what is not an image
+            size = im.size
     _check_size(path, where, size[0], size[1], max_pixels)
     pixels = _codec_decoder()(torch.frombuffer(data, dtype=torch.uint8), mode="RGB", output_dtype="auto")
     return pixels if pixels.dtype == torch.uint8 and pixels.dim() == 3 else None

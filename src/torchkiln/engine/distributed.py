@@ -388,20 +388,26 @@ def first_death(failures: dict[int, Any]) -> tuple[int, Any] | None:
     """The (rank, failure) to report of a failed worker group, or None when the failure is a
     user's error (exit code 2), which the workers wrote themselves.
 
-    A worker that died (a signal, a crash) is the cause; its peers' own errors (a collective that
-    lost its peer: exit code 2) follow from it, and so do the SIGTERMs with which the agent stops
-    the others once one has failed, whichever the agent saw first. A group whose only failures are
-    SIGTERMs reports the first of them."""
+    Once one worker fails, the agent stops the others: SIGTERM (a worker in `fit` catches it and
+    exits with 128 + SIGTERM), then SIGKILL for one that does not stop within 30 s; it records
+    those after the real failures. So a SIGTERM's exit, or a SIGKILL dated 2 s or more after the
+    first failure (the real ones are seen in one poll: the same whole second, or the next), is a
+    consequence; of the rest, the earliest is the cause, and within the first poll (the agent's
+    timestamps are whole seconds) a worker that died (a signal, a crash) comes before a peer's own
+    error (a collective that lost its peer: exit code 2). A group whose only failures are SIGTERMs
+    reports the first of them."""
     import signal
 
-    stopped = -int(signal.SIGTERM)
-    causes = {r: f for r, f in failures.items() if f.exitcode not in (2, stopped)}
-    if not causes:
-        if any(f.exitcode == 2 for f in failures.values()):
-            return None
-        causes = failures
-    rank = min(causes, key=lambda r: (causes[r].timestamp, r))
-    return rank, causes[rank]
+    first = min(f.timestamp for f in failures.values())
+
+    def consequence(f: Any) -> bool:
+        return (f.exitcode in (-int(signal.SIGTERM), 128 + int(signal.SIGTERM))
+                or f.exitcode == -int(signal.SIGKILL) and f.timestamp >= first + 2)
+
+    causes = {r: f for r, f in failures.items() if not consequence(f)} or failures
+    # Seen in the first poll (the first whole second or the next): one group, deaths first.
+    rank = min(causes, key=lambda r: (max(causes[r].timestamp, first + 1), causes[r].exitcode == 2, r))
+    return None if causes[rank].exitcode == 2 else (rank, causes[rank])
 
 
 def _launch(config: Any, worker_args: list[str], nprocs: int, max_restarts: int, run_dir: str | None) -> int:
