@@ -60,7 +60,7 @@ open(os.environ["KILN_FIRST_STEP_FILE"], "w").write(repr(time.time()))
 # The same script with the collector paused through its set-up as `kiln train` pauses it
 # (torchkiln/gcpause.py): kiln's own cost, the collector's passes left out of both.
 HAND_GC = ("import gc\ngc.disable()\n" + HAND).replace(
-    "for xb, yb in loader:", "gc.freeze(); gc.enable()\nfor xb, yb in loader:")
+    "for xb, yb in loader:", "gc.collect(); gc.freeze(); gc.enable()\nfor xb, yb in loader:")
 assert HAND_GC.count("gc.freeze()") == 1
 
 BASE = "import torch, sklearn (what the hand script imports)"
