@@ -5,7 +5,8 @@ images with 0.1% broken files (truncated PNGs that fail only when decoded), agai
 Each variant is built as `kiln train` builds it (`build_data`: ImageFolder, split, transforms,
 and under skip, the split's SkipBroken reader) and read once through the training DataLoader
 (batch 64, workers 0). The times include building the data set (listing and checking the files)
-and the epoch; medians of `--repeats` interleaved rounds.
+and the epoch; medians of `--repeats` interleaved rounds (a folder under 10k images gets
+proportionally more: 30 at 1k, whose 0.1 s epochs scatter by a third).
 
     python benchmarks/broken_files.py [--sizes 1000,10000,50000] [--repeats 3]
 """
@@ -82,7 +83,8 @@ def main() -> None:
             skip, clean = make_folder(root, n)
             epoch_seconds(clean, "raise")  # the page cache warm for both
             times: dict[str, list[float]] = {"raise": [], "skip": []}
-            for _ in range(args.repeats):
+            rounds = max(args.repeats, round(args.repeats * 10_000 / n))  # short epochs scatter more
+            for _ in range(rounds):
                 for mode, folder in (("raise", clean), ("skip", skip)):
                     seconds, seen = epoch_seconds(folder, mode)
                     assert seen in (n, n - round(n * 0.001)) or mode == "skip", (mode, seen)
