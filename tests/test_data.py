@@ -178,6 +178,26 @@ def test_decompression_guard(tmp_path, monkeypatch):
         decode_image(tmp_path / "x.bmp")
 
 
+def test_both_decoders_turn_a_photo_upright_by_its_exif_orientation(tmp_path, monkeypatch):
+    """TorchCodec applies a JPEG's EXIF orientation; the Pillow path does too, so a rotated phone
+    photo gives the same pixels from either (here forced through Pillow with CODEC_DECODED empty)."""
+    from PIL import Image, ImageOps
+
+    from torchkiln.data import images
+
+    rgb = np.random.default_rng(2).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown 37 wide, 53 high
+    Image.fromarray(rgb).save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    codec = images.decode_image(tmp_path / "photo.jpg")
+    monkeypatch.setattr(images, "CODEC_DECODED", ())
+    pillow = images.decode_image(tmp_path / "photo.jpg")
+    with Image.open(tmp_path / "photo.jpg") as im:
+        upright = torch.from_numpy(np.array(ImageOps.exif_transpose(im).convert("RGB"))).permute(2, 0, 1)
+    assert codec.shape == pillow.shape == (3, 53, 37)
+    assert torch.equal(codec, upright) and torch.equal(pillow, upright)
+
+
 def test_image_sizes_read_from_png_and_jpeg_headers_match_pillow(tmp_path):
     """The header parse the TorchCodec path checks sizes with: every JPEG kind Pillow writes
     (baseline, progressive, gray, CMYK, with an EXIF block, restart markers) and PNGs; None for

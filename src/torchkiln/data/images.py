@@ -143,8 +143,13 @@ def _check_size(path: Path, where: str, width: int, height: int, max_pixels: int
 
 
 def _pil_pixels(im: Any, mode: str) -> torch.Tensor:
+    """Pillow's pixels, turned upright by the EXIF orientation as TorchCodec turns a JPEG (the
+    same pixels from both decoders; a phone photo shows as it was taken)."""
+    from PIL import ImageOps
     from torchvision.transforms.v2.functional import pil_to_tensor
 
+    if im.getexif().get(0x0112, 1) != 1:  # Orientation
+        im = ImageOps.exif_transpose(im)
     return pil_to_tensor(im.convert(mode))
 
 
