@@ -56,8 +56,9 @@ class PictureCadence:
 
     Auto also draws the second epoch: the first drawing carries one-time costs (the font, the PNG
     encoder: ~40 ms against ~15 ms a drawing on digits), and the second measures what a drawing
-    costs. The budget counts the first as the second's cost, so that the one-time part (paid once,
-    like an import) does not hold the pictures off for the run's first tens of epochs."""
+    costs. The budget counts the first at the latest drawing's cost (or its own, if that is less),
+    so that the one-time part (paid once, like an import) does not hold the pictures off for the
+    run's first tens of epochs."""
 
     def __init__(self, every: int | None = None, budget: float = 0.01):
         self.every = every
