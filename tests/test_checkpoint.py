@@ -227,6 +227,53 @@ def test_truncated_or_flipped_checkpoints_are_caught(tmp_path):
         load_checkpoint(bad)
 
 
+def test_a_flipped_bit_in_a_big_record_is_caught(tmp_path):
+    """Records of 8 MiB and more are checksummed chunk by chunk while they are read (another path
+    than small records): a bit flipped deep inside one, past its first chunk, is still caught."""
+    import zipfile
+
+    from torchkiln.engine.checkpoint import CHECK_CHUNK
+
+    state, path = big_state(64), tmp_path / "big.ckpt"  # six records of ~10.7 MiB
+    save_checkpoint(state, path)
+    with zipfile.ZipFile(path) as archive:
+        record = next(i for i in archive.infolist() if i.filename.endswith("/data/2"))
+    assert record.file_size >= 2 * CHECK_CHUNK
+    data = bytearray(path.read_bytes())
+    data[record.header_offset + record.compress_size - 4096] ^= 0x01  # in the record's last chunk
+    bad = tmp_path / "flipped.ckpt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"record \S+/data/2 fails its checksum"):
+        load_checkpoint(bad)
+    assert same(load_checkpoint(path), state)  # the same file unflipped loads
+
+
+def test_the_file_is_synced_before_its_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """What makes a checkpoint whole after a power loss, not only after a crash: the temp file's
+    bytes reach the disk before it takes the final name, and the rename reaches it before save returns."""
+    from torchkiln.engine import checkpoint
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    path = tmp_path / "run" / "last.ckpt"
+    save_checkpoint(big_state(1), path)
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert Path(events[0][1]).parent == path.parent and Path(events[0][1]).name != path.name  # the temp file
+    assert events[1][1] == str(path) and Path(events[2][1]) == path.parent  # then the folder
+
+
 def test_background_write_is_one_snapshot_taken_at_save(tmp_path):
     from torchkiln.engine.checkpoint import CheckpointWriter, snapshot
 
