@@ -103,10 +103,12 @@ def test_plateau_mode_follows_the_monitor_and_does_not_cut_an_improving_accuracy
     sched = trainer.schedule
     assert sched.scheduler.mode == "max"
     before = sched.lrs()
+    # the other numbers of the record move the other way: stepping on any of them would cut
+    # the LR while the accuracy improves, and keep it when the accuracy falls
     for acc in (0.5, 0.6, 0.7, 0.8):  # improving every epoch
-        sched.on_epoch_end({"val/accuracy": acc})
+        sched.on_epoch_end({"train/loss": 1 - acc, "val/loss": 1 - acc, "val/accuracy": acc, "lr/group0": 1 - acc})
     assert sched.lrs() == before
-    sched.on_epoch_end({"val/accuracy": 0.1})  # a worse epoch with patience 0 cuts it
+    sched.on_epoch_end({"train/loss": 0.9, "val/loss": 0.9, "val/accuracy": 0.1, "lr/group0": 0.9})  # a worse epoch (patience 0)
     assert sched.lrs()[0] == pytest.approx(before[0] * 0.5)
 
     loss_cfg = small_config(tmp_path, scheduler={"type": "ReduceLROnPlateau"}, trainer={"monitor": "val/loss"})
