@@ -165,9 +165,12 @@ def test_constructing_a_trainer_has_no_side_effects(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_epoch_metrics_are_exact_over_uneven_batches():
+@pytest.mark.parametrize("n, batch", [(203, 37), (1053, 7)], ids=["6-batches", "151-batches"])
+def test_epoch_metrics_are_exact_over_uneven_batches(n, batch):
+    """151 batches are three of the metric buffer's groups (64, 64, 23 batches): the epoch's
+    numbers are still over every sample, in validation and in training."""
     torch.manual_seed(0)
-    n, classes = 203, 5
+    classes = 5
     logits = torch.randn(n, classes)
     targets = torch.randint(0, classes, (n,))
 
@@ -179,13 +182,17 @@ def test_epoch_metrics_are_exact_over_uneven_batches():
         def forward(self, idx):
             return logits[idx] + self.w
 
-    loader = DataLoader(TensorDataset(torch.arange(n), targets), batch_size=37)  # last batch: 18
+    loader = DataLoader(TensorDataset(torch.arange(n), targets), batch_size=batch)  # a short last batch
     model = Fixed()
     trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                      metrics=build_metrics(["accuracy", "f1_macro"], classes), progress=False)
+                      metrics=build_metrics(["accuracy", "f1_macro"], classes), progress=False, epochs=1)
     got = trainer.validate(loader)
     pred = logits.argmax(1)
     assert got["val/accuracy"] == pytest.approx(accuracy_score(targets, pred), abs=1e-6)
     assert got["val/f1_macro"] == pytest.approx(f1_score(targets, pred, average="macro"), abs=1e-6)
     expected_loss = torch.nn.functional.cross_entropy(logits, targets).item()
     assert got["val/loss"] == pytest.approx(expected_loss, rel=1e-5)
+    # training moves only a shift of every logit (the predictions stay): the train metrics are exact too
+    final = trainer.fit(loader)["final"]
+    assert final["train/accuracy"] == pytest.approx(accuracy_score(targets, pred), abs=1e-6)
+    assert final["train/f1_macro"] == pytest.approx(f1_score(targets, pred, average="macro"), abs=1e-6)
