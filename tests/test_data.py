@@ -155,6 +155,36 @@ def test_skip_policy_counts_drops_and_still_fails_above_max(tmp_path):
         ImageFolder(str(root), on_error="skip", max_skipped=0.01)
 
 
+def test_skip_decodes_nothing_before_the_first_step_and_each_file_once_an_epoch(tmp_path, monkeypatch):
+    """What makes on_error: skip cost what the broken files cost: building the data and loaders
+    as kiln train does decodes no image; the first batch decodes its own images and the broken
+    one among them (once); an epoch decodes each file about once."""
+    import torchkiln.data.images as images
+
+    root = make_folder(tmp_path / "imgs", {"a": 30, "b": 30})
+    good = (root / "a" / "1.png").read_bytes()
+    for i in range(3):
+        (root / "b" / f"truncated{i}.png").write_bytes(good[:60])
+    decoded: list[str] = []
+    real = images.decode_image
+
+    def counting(path, *args, **kwargs):
+        decoded.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "decode_image", counting)
+    cfg = cfg_for(tmp_path, dataset={"type": "ImageFolder", "args": {"root": str(root)}}, val_split=0.25,
+                  test_split=0.0, batch_size=8, on_error="skip", max_skipped=0.1)
+    loaders = build_loaders(cfg, build_data(cfg))
+    assert decoded == []
+    first = next(iter(loaders["train"]))
+    assert len(first[0]) == 8 and 8 <= len(decoded) <= 8 + 3
+    decoded.clear()
+    n = sum(len(x) for x, _ in loaders["train"])
+    assert n == len(loaders["train"].dataset)
+    assert len(decoded) <= n + 2 * 3  # a broken file read, and the sample read in its place
+
+
 def test_decompression_guard(tmp_path, monkeypatch):
     """max_pixels and Pillow's bomb limit hold for both decoders, checked from the header alone."""
     from PIL import Image
