@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import itertools
 import math
 import os
 import pickle
@@ -180,6 +181,8 @@ def snapshot(obj: Any) -> Any:
                 return dict(o)
             return {k: copy_of(v) for k, v in o.items()}
         if type(o) in (list, tuple):
+            if type(o) is list and _flat_rows(o):  # the history: its rows copied in C, no call a row
+                return list(map(dict, o))
             return type(o)(copy_of(v) for v in o)
         return copy.deepcopy(o)
 
@@ -188,6 +191,12 @@ def snapshot(obj: Any) -> Any:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return out
+
+
+def _flat_rows(rows: list) -> bool:
+    """A non-empty list of dicts of plain values (a history), checked by C-level iteration only."""
+    return bool(rows) and {dict}.issuperset(map(type, rows)) and _FLAT.issuperset(
+        map(type, itertools.chain.from_iterable(map(dict.values, rows))))
 
 
 def _link_or_copy(source: Path, path: Path) -> None:

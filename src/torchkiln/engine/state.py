@@ -18,9 +18,10 @@ class LoopState:
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies every number of the history, a cost per checkpoint
-        # that grows with the epochs (the rows hold floats and strings only).
+        # that grows with the epochs (the rows hold floats and strings only). The rows are copied
+        # in C (map), without a Python call per row.
         data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["history"] = [dict(row) for row in self.history]
+        data["history"] = list(map(dict, self.history))
         return data
 
     @classmethod
