@@ -549,6 +549,10 @@ def test_damaged_or_foreign_checkpoints_give_one_clear_line(tmp_path, mlp_run):
     proc = kiln("train", "--resume", str(run), "model.args.hidden=[16]")
     one_line_error(proc, str(last), "does not fit this model", "features.1.weight")
     assert (run / "config.yaml").read_text() == config_before, "a failed resume changed config.yaml"
+    # another optimizer type loads into torch's optimizer and fails at its first step: refused before
+    proc = kiln("train", "--resume", str(run), "trainer.epochs=2", "optimizer.type=SGD")
+    one_line_error(proc, str(last), "optimizer state is not SGD's", "momentum", "model.pretrained")
+    assert (run / "config.yaml").read_text() == config_before, "a failed resume changed config.yaml"
 
 
 def test_auto_resume_falls_back_past_a_truncated_newest_checkpoint(tmp_path, mlp_run):

@@ -128,6 +128,7 @@ def test_plateau_mode_contradicting_the_monitor_is_a_config_error(tmp_path, kiln
     ("optimizer.args.lr=abc", ("optimizer.args.lr", "expected a number", "'abc'")),
     ("trainer.monitor=val/acc", ("trainer.monitor", "did you mean 'val/accuracy'")),
     ("data.batch_size=abc", ("data.batch_size",)),
+    ("model.args.num_classes=5", ("model.args.num_classes", "the data has 10 classes", "set 10")),
 ])
 def test_a_bad_value_names_its_key_and_leaves_no_run_directory(tmp_path, override, parts, kiln):
     path = write_config(tmp_path, small_config(tmp_path))

@@ -138,6 +138,10 @@ def num_classes_of(cfg: Config, data: Data | None) -> int | None:
     if isinstance(given, bool) or not isinstance(given, int) or given < 1:
         raise ConfigError(f"model.args.num_classes: expected a positive integer (or leave it out to take the"
                           f" class count from the data); found {given!r}")
+    have = data.num_classes if data is not None else None
+    if isinstance(have, int) and not isinstance(have, bool) and given < have:
+        raise ConfigError(f"model.args.num_classes: {given}, but the data has {have} classes (targets up to"
+                          f" {have - 1}); set {have}, or leave it out to take the class count from the data")
     return given
 
 
