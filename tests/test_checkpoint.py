@@ -566,6 +566,21 @@ def test_auto_resume_falls_back_past_a_truncated_newest_checkpoint(tmp_path, mlp
     assert load_checkpoint(last)["loop"]["epoch"] == 2  # rewritten whole by the resumed run
 
 
+def test_a_finished_run_with_a_truncated_last_checkpoint_resumes_from_the_fallback(tmp_path, mlp_run):
+    """The run's summary and curves come from the checkpoint the resume used, not from the
+    damaged last.ckpt it skipped."""
+    run = copy_run(mlp_run, tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.unlink()  # (last.ckpt may be a second name of best.ckpt)
+    last.write_bytes(data[:len(data) // 2])
+    proc = kiln("train", "--resume", str(run), "logging.plots=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipping unusable checkpoint: {last}" in proc.stderr and "already finished" in proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_completed"] == 1 and (run / "plots" / "curves.png").is_file()
+
+
 def test_auto_resume_without_any_run_starts_fresh(tmp_path):
     cfg = small_config(tmp_path, trainer={"epochs": 1}, logging={"progress": False, "plots": False})
     proc = kiln("train", "-c", str(write_config(tmp_path, cfg)), "--resume", "auto", check=True)

@@ -73,12 +73,12 @@ def write_config(path: Path, cfg: Config) -> None:
         (path / CONFIG).write_text(dump_yaml(cfg))
 
 
-def write_summary(cfg: Config, path: Path, summary: dict[str, Any]) -> None:
-    """summary.json (and the curves), for a finished or a stopped run."""
+def write_summary(cfg: Config, path: Path, summary: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """summary.json (and the curves of `history`, every epoch so far), for a finished or a stopped run."""
     if _is_rank0():
         from torchkiln.loggers.summary import write_summary as write
 
-        write(path, summary, cfg.name, curves=cfg.logging.plots)
+        write(path, summary, cfg.name, curves=cfg.logging.plots, history=history)
 
 
 def folds_root(cfg: Config) -> Path:

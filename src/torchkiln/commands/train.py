@@ -250,11 +250,11 @@ def _fit(cfg: Config, trainer: Any, loaders: dict[str, Any], state: dict[str, An
         with stop_on_signals(trainer), distributed.collective_errors():
             summary = trainer.fit(loaders["train"], loaders.get("val"), resume=state)
     except StopRequested as stop:
-        rank0.write_summary(cfg, run_dir, trainer.summary())
+        rank0.write_summary(cfg, run_dir, trainer.summary(), trainer.loop.history)
         log.warning("stopped by %s; checkpoint written: %s. Resume with: kiln train --resume %s",
                     signal.Signals(stop.signum).name, stop.checkpoint, run_dir)
         raise
-    rank0.write_summary(cfg, run_dir, summary)
+    rank0.write_summary(cfg, run_dir, summary, trainer.loop.history)
     return summary
 
 

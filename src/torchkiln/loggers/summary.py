@@ -31,19 +31,31 @@ def at_least_info() -> int:
     return level
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any], name: str | None = None, curves: bool = True) -> None:
-    """summary.json, and the curves of every epoch so far (read from last.ckpt, so a resumed run
-    draws its whole history)."""
+def write_summary(run_dir: Path, summary: dict[str, Any], name: str | None = None, curves: bool = True,
+                  history: list[dict[str, Any]] | None = None) -> None:
+    """summary.json, and the curves of every epoch so far: `history` (the Trainer's, which a
+    resumed run loaded whole), else the one in last.ckpt (a damaged one draws no curves)."""
     run_dir = Path(run_dir)
     out = {"name": name, "run_dir": str(run_dir), **summary}
     (run_dir / SUMMARY).write_text(json.dumps(out, indent=2))
     if curves and summary.get("epochs_completed"):
-        from torchkiln.engine.checkpoint import load_checkpoint
         from torchkiln.loggers.plots import plot_curves
 
-        last = run_dir / CHECKPOINTS / LAST
-        history = load_checkpoint(last)["loop"]["history"] if last.is_file() else []
+        history = history if history is not None else _saved_history(run_dir / CHECKPOINTS / LAST)
         plot_curves(history, run_dir / PLOTS / CURVES, monitor=summary.get("monitor"))
+
+
+def _saved_history(last: Path) -> list[dict[str, Any]]:
+    from torchkiln.engine.checkpoint import load_checkpoint
+    from torchkiln.errors import CheckpointError
+
+    if not last.is_file():
+        return []
+    try:
+        return load_checkpoint(last)["loop"]["history"]
+    except CheckpointError as exc:
+        log.warning("curves: not drawn (%s)", exc)
+        return []
 
 
 class SummaryFile(Logger):
