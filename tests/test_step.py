@@ -267,6 +267,12 @@ def test_nan_loss_stops_the_run_and_keeps_best(tmp_path):
     assert best["loop"]["best"] == best["loop"]["history"][0]["val/accuracy"] > 0.2
     assert all(torch.isfinite(v).all() for v in best["model"].values())
     assert fingerprint(best["model"]) == fingerprint(last["model"])
+    # the run says how it ended: the error line in train.log, summary.json and `kiln report`
+    assert "ERROR error: non-finite loss (nan) at epoch 2, step 30" in (run / "train.log").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["error"].startswith("non-finite loss (nan)") and summary["epochs_completed"] == 1
+    report = kiln("report", str(run))
+    assert report.returncode == 0 and "failed (epoch 1 of 2)" in report.stdout, report.stdout + report.stderr
 
 
 def test_nan_loss_skip_batch(tmp_path):

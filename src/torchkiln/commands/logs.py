@@ -75,7 +75,24 @@ def file_log(run_dir: Path, earlier: list[logging.LogRecord] = ()) -> Iterator[N
     level = at_least_info()
     try:
         yield
+    except (Exception, KeyboardInterrupt) as exc:
+        from torchkiln.engine.state import StopRequested
+
+        if not isinstance(exc, StopRequested):  # (a stop by a signal has its own line)
+            # the line the console shows (the CLI prints it once this returns), kept in train.log too
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (ending(exc),), None))
+        raise
     finally:
         log.setLevel(level)
         log.removeHandler(handler)
         handler.close()
+
+
+def ending(exc: BaseException) -> str:
+    """One line for what ended a run: a user error's message, else the exception's type and first line."""
+    from torchkiln.errors import KilnError
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text if isinstance(exc, KilnError) else f"{type(exc).__name__}: {text}".rstrip(": ")

@@ -48,13 +48,16 @@ class Run:
 
     @property
     def status(self) -> str:
-        """finished, stopped early (epoch N), stopped (epoch N of M: a signal or a crash), in progress."""
+        """finished, stopped early (epoch N), stopped (epoch N of M: a signal or a crash), failed
+        (epoch N of M: an error ended it; summary.json and train.log say which), in progress."""
         if self.summary is None:
             return "in progress"
         done = self.summary.get("epochs_completed")
         if self.summary.get("stopped_early"):
             return f"stopped early (epoch {done})"
         planned = self.config.get("trainer.epochs")
+        if self.summary.get("error"):
+            return f"failed (epoch {done} of {planned})"
         if isinstance(done, int) and isinstance(planned, int) and done < planned:
             return f"stopped (epoch {done} of {planned})"
         return "finished"

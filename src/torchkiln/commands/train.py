@@ -254,6 +254,14 @@ def _fit(cfg: Config, trainer: Any, loaders: dict[str, Any], state: dict[str, An
         log.warning("stopped by %s; checkpoint written: %s. Resume with: kiln train --resume %s",
                     signal.Signals(stop.signum).name, stop.checkpoint, run_dir)
         raise
+    except (Exception, KeyboardInterrupt) as exc:  # the run's summary says how it ended
+        from torchkiln.commands.logs import ending
+
+        try:
+            rank0.write_summary(cfg, run_dir, {**trainer.summary(), "error": ending(exc)}, trainer.loop.history)
+        except Exception as failed:  # noqa: BLE001 - the run's own error is the one to report
+            log.warning("summary.json not written: %s", failed)
+        raise
     rank0.write_summary(cfg, run_dir, summary, trainer.loop.history)
     return summary
 
@@ -341,7 +349,7 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
     task = build_task(cfg.task)
     task.check_class_names(data.class_names)
     loaders = build_loaders(cfg, data)
-    num_classes = num_classes_of(cfg, data)
+    num_classes = num_classes_of(cfg, data, task)
     if data.normalization is not None and data.normalization.targets is not None:
         task.set_target_scale(*data.normalization.targets)
     model = build_model(cfg, task.num_outputs(num_classes), pretrained=pretrained)

@@ -130,8 +130,9 @@ def build_loaders(cfg: Config, data: Data) -> dict[str, Any]:
     return _build_loaders(cfg, data)
 
 
-def num_classes_of(cfg: Config, data: Data | None) -> int | None:
-    """model.args.num_classes when given (None: taken from the data), else the data's class count."""
+def num_classes_of(cfg: Config, data: Data | None, task: Any | None = None) -> int | None:
+    """model.args.num_classes when given (None: taken from the data), else the data's class count;
+    for a class task (`task`), a given count below the data's is refused (targets out of range)."""
     given = cfg.model.args.get("num_classes")
     if given is None:
         return data.num_classes if data is not None else None
@@ -139,7 +140,8 @@ def num_classes_of(cfg: Config, data: Data | None) -> int | None:
         raise ConfigError(f"model.args.num_classes: expected a positive integer (or leave it out to take the"
                           f" class count from the data); found {given!r}")
     have = data.num_classes if data is not None else None
-    if isinstance(have, int) and not isinstance(have, bool) and given < have:
+    classes = getattr(task, "metric_kind", None) in ("multiclass", "multilabel")
+    if classes and isinstance(have, int) and not isinstance(have, bool) and given < have:
         raise ConfigError(f"model.args.num_classes: {given}, but the data has {have} classes (targets up to"
                           f" {have - 1}); set {have}, or leave it out to take the class count from the data")
     return given
