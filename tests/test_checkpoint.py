@@ -579,6 +579,9 @@ def test_a_finished_run_with_a_truncated_last_checkpoint_resumes_from_the_fallba
     assert f"skipping unusable checkpoint: {last}" in proc.stderr and "already finished" in proc.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and (run / "plots" / "curves.png").is_file()
+    other = write_config(tmp_path, small_config(tmp_path, model={"type": "SmallCNN"}), "other.yaml")
+    proc = kiln("train", "-c", str(other), "--resume", str(run))  # -c beside a run: not what is resumed
+    assert proc.returncode == 0 and f"-c {other} is not used: a resume continues" in proc.stderr, proc.stderr
 
 
 def test_auto_resume_without_any_run_starts_fresh(tmp_path):

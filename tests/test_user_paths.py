@@ -345,3 +345,22 @@ def test_engine_errors_name_their_parameter_and_the_cli_names_the_config_key(tmp
     code, _, err = cli("train", "-c", str(cfg), "trainer.device=cuda")
     assert code == 2 and f"{cfg}: trainer.device: CUDA was asked for but this machine has none" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_nll_loss_on_raw_scores_is_flagged_before_the_run(caplog):
+    """A config ported from a template whose model ended in log_softmax: NLLLoss on logits trains
+    toward a negative loss. The pre-run probe says so; on log-probabilities it says nothing."""
+    from torchkiln.probe import probe
+    from torchkiln.tasks.base import ClassificationTask
+
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    torch.manual_seed(0)
+    logits = nn.Linear(4, 3)
+    with caplog.at_level("WARNING", logger="torchkiln"):
+        probe(logits, nn.NLLLoss(), ClassificationTask(), loader)
+    assert any("NLLLoss expects log-probabilities" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="torchkiln"):
+        probe(nn.Sequential(logits, nn.LogSoftmax(1)), nn.NLLLoss(), ClassificationTask(), loader)
+        probe(logits, nn.CrossEntropyLoss(), ClassificationTask(), loader)
+    assert not caplog.records

@@ -9,11 +9,14 @@ dataset (no loader workers are started, no sampler position moves).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 
 from torchkiln.errors import ConfigError, KilnError
+
+log = logging.getLogger("torchkiln")
 
 
 def first_samples(loader: Any, n: int = 2) -> Any | None:
@@ -52,6 +55,7 @@ def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: A
             key, part = "loss", "the loss"
             if targets is not None:
                 task.loss(loss_fn, outputs, targets)
+                _check_log_probabilities(loss_fn, outputs)
     except KilnError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the model or loss raised, named in one line
@@ -66,3 +70,14 @@ def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: A
     finally:
         model.train(training)
         set_rng_state(state)
+
+
+def _check_log_probabilities(loss_fn: torch.nn.Module, outputs: Any) -> None:
+    """NLLLoss takes log-probabilities; on a model's raw scores (logits) it trains toward -inf (a
+    negative loss), a classic slip of configs ported from templates whose models ended in log_softmax."""
+    if type(loss_fn) is not torch.nn.NLLLoss or not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+        return
+    totals = outputs.float().exp().sum(1)
+    if not torch.allclose(totals, torch.ones_like(totals), atol=1e-3):
+        log.warning("loss: NLLLoss expects log-probabilities, but the model's outputs are not (their exp does"
+                    " not sum to 1 per sample): use CrossEntropyLoss for raw scores, or end the model in log_softmax")

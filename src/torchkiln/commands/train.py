@@ -74,6 +74,9 @@ def _config_of(args: argparse.Namespace) -> tuple[Config, Path | None, dict[str,
         found = resume_config(args.resume, base, args.overrides)
         if found is not None:
             cfg, resume, state = found
+            if args.config and args.resume != "auto":
+                log.warning("-c %s is not used: a resume continues its run's own %s (overrides still apply;"
+                            " to train with this config, leave --resume out)", args.config, run_dir_of(resume) / CONFIG)
             log.info("resuming from %s", resume)
             return cfg, resume, state, str(run_dir_of(resume) / CONFIG)
         log.info("--resume auto: no checkpoint of '%s' under %s yet; starting a new run",
