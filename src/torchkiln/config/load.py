@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from torchkiln.config.schema import Config, to_plain
+from torchkiln.config.yamlio import DuplicateKeyError, dump_yaml_data, load_yaml
 from torchkiln.errors import ConfigError, SettingError, did_you_mean
 
 DEFAULT_CONFIG = "default.yaml"
@@ -32,7 +33,8 @@ def add_import_roots(config_path: Path) -> None:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """YAML (safe_load only) or JSON, by extension; a mapping at the top."""
+    """YAML (safe tags only, YAML 1.2 floats, no key given twice) or JSON, by extension; a mapping
+    at the top."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -42,7 +44,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1})" if mark else ""
@@ -70,7 +74,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}': expected key.path=value, e.g. trainer.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override '{text}': duplicate key '{key.strip()}.{exc.key_path}'; keep one"
+                          " of them") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not a YAML scalar, list or mapping") from exc
     return key.strip().split("."), value
@@ -217,4 +224,4 @@ def load_checked(path: str | Path | None = None, overrides: list[str] | None = N
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
+    return dump_yaml_data(to_plain(cfg))
