@@ -137,7 +137,7 @@ def test_debug_shows_traceback(tmp_path, cfg_factory, cli):
 
 
 # ------------------------------------------------------------------------------------------
-# YAML as configs read it: YAML 1.2 floats, no key given twice
+# YAML as configs read it: YAML 1.2 floats, no empty file, no key given twice
 # ------------------------------------------------------------------------------------------
 def _settings_text(tmp_path, cfg_factory) -> str:
     """The small config as YAML text, without the sections a test writes by hand."""
@@ -194,6 +194,18 @@ def test_yaml_12_float_forms(text, value):
     assert loaded == value and type(loaded) is type(value)
 
 
+@pytest.mark.parametrize("name, text, said", [
+    ("empty.yaml", "", "empty.yaml: the file is empty"),
+    ("comments.yaml", "# my config\n\n   # to do\n", "comments.yaml: the file holds only comments"),
+    ("empty.json", "\n", "empty.json: the file is empty"),
+])
+def test_an_empty_config_file_is_refused_before_anything_is_made(tmp_path, name, text, said):
+    (tmp_path / name).write_text(text)
+    line = _error(kiln("train", "-c", name, cwd=tmp_path))
+    assert said in line and "kiln config show" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no run directory, nothing else
+
+
 def test_a_key_given_twice_names_file_key_path_and_line(tmp_path, cfg_factory):
     top = tmp_path / "top.yaml"
     top.write_text("name: x\nseed: 1\nname: y\n")
@@ -219,3 +231,9 @@ def test_merge_keys_still_work_and_may_be_overridden(tmp_path):
     path.write_text("c: [{x: 1}, {x: 2, x: 3}]\n")
     with pytest.raises(ConfigError, match=r"line 1, column 20: duplicate key 'c\.1\.x'"):
         read_file(path)
+
+
+def test_a_directory_given_as_config_says_so(tmp_path):
+    (tmp_path / "configs").mkdir()
+    line = _error(kiln("config", "show", "-c", "configs", cwd=tmp_path))
+    assert "configs: is a directory, not a config file" in line

@@ -36,13 +36,15 @@ def read_file(path: str | Path) -> dict[str, Any]:
     """YAML (safe tags only, YAML 1.2 floats, no key given twice) or JSON, by extension; a mapping
     at the top."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file; give the path of a YAML or JSON file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     add_import_roots(path)
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text) if text.strip() else None
         else:
             data = load_yaml(text)
     except DuplicateKeyError as exc:
@@ -60,13 +62,21 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from exc
-    if data is None:
-        data = {}
+    if data is None and _blank(text):
+        what = "is empty" if not text.strip() else "holds only comments"
+        raise ConfigError(f"{path}: the file {what}, no settings; write them in it (`kiln config show >"
+                          f" {path.name}` gives the default config to start from, `kiln new NAME` a project)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top, found {type(data).__name__}")
+        found = "null" if data is None else type(data).__name__
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, found {found}")
     from torchkiln.config.migrate import from_template, is_template
 
     return from_template(data, str(path)) if is_template(data) else data
+
+
+def _blank(text: str) -> bool:
+    """Nothing but blank lines and comments."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
