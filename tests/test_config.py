@@ -134,3 +134,106 @@ def test_debug_shows_traceback(tmp_path, cfg_factory, cli):
     path = write_config(tmp_path, cfg_factory(trainer={"epoch": 1}))
     with pytest.raises(ConfigError, match="did you mean 'epochs'"):
         cli("--debug", "train", "-c", str(path))
+
+
+# ------------------------------------------------------------------------------------------
+# YAML as configs read it: YAML 1.2 floats, no empty file, no key given twice
+# ------------------------------------------------------------------------------------------
+def _settings_text(tmp_path, cfg_factory) -> str:
+    """The small config as YAML text, without the sections a test writes by hand."""
+    cfg = cfg_factory()
+    for key in ("optimizer", "scheduler", "loss"):
+        cfg.pop(key, None)
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def test_exponent_floats_in_a_file_reach_free_form_args_as_floats(tmp_path, cfg_factory):
+    """`1e-3` (YAML 1.1: a string) is a float, in `args` too, which no schema field converts."""
+    path = tmp_path / "e.yaml"
+    path.write_text(_settings_text(tmp_path, cfg_factory)
+                    + "optimizer: {type: AdamW, args: {lr: 1e-3, weight_decay: 1.0e12}}\n"
+                    + "scheduler: {type: OneCycleLR, args: {max_lr: 1e-2}}\n"
+                    + "loss: {type: CrossEntropyLoss, args: {label_smoothing: 1e-1}}\n")
+    kiln("config", "check", "-c", str(path), cwd=tmp_path, check=True)
+    shown = yaml.safe_load(kiln("config", "show", "-c", str(path), cwd=tmp_path, check=True).stdout)
+    assert shown["optimizer"]["args"] == {"lr": 0.001, "weight_decay": 1e12}
+    assert shown["scheduler"]["args"]["max_lr"] == 0.01
+    assert shown["loss"]["args"]["label_smoothing"] == 0.1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_exponent_floats_in_overrides_are_floats(tmp_path):
+    overrides = ["optimizer.args.lr=1e-3", "scheduler.args.max_lr=1e-2", "loss.args.label_smoothing=1e-1"]
+    kiln("config", "check", *overrides, cwd=tmp_path, check=True)
+    out = kiln("config", "show", *overrides, cwd=tmp_path, check=True).stdout
+    assert "lr: 0.001" in out
+    shown = yaml.safe_load(out)
+    assert shown["optimizer"]["args"]["lr"] == 0.001 and shown["scheduler"]["args"]["max_lr"] == 0.01
+    assert shown["loss"]["args"]["label_smoothing"] == 0.1
+
+
+def test_a_quoted_exponent_stays_a_string_and_is_shown_quoted(tmp_path):
+    line = _error(kiln("config", "check", "optimizer.args.lr='1e-3'", cwd=tmp_path))
+    assert "optimizer.args.lr: expected a number" in line and "found '1e-3'" in line
+    out = kiln("config", "show", "optimizer.args.lr='1e-3'", cwd=tmp_path, check=True).stdout
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(out)  # shown quoted, so reading it back keeps the string
+    again = kiln("config", "show", "-c", str(mine), cwd=tmp_path, check=True).stdout
+    assert yaml.safe_load(again)["optimizer"]["args"]["lr"] == "1e-3"
+
+
+@pytest.mark.parametrize("text, value", [
+    ("1e-3", 0.001), ("1E5", 1e5), ("2e+4", 2e4), ("1.0e12", 1e12), ("-1e-3", -0.001), ("+1.5e3", 1500.0),
+    (".5", 0.5), ("-.5", -0.5), ("3.", 3.0), ("12", 12), ("1e", "1e"), ("e5", "e5"), ("1.2.3", "1.2.3"),
+    ("'1e-3'", "1e-3"), ('"2E5"', "2E5"), (".inf", float("inf")),
+])
+def test_yaml_12_float_forms(text, value):
+    from torchkiln.config.yamlio import load_yaml
+
+    loaded = load_yaml(f"x: {text}")["x"]
+    assert loaded == value and type(loaded) is type(value)
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("empty.yaml", "", "empty.yaml: the file is empty"),
+    ("comments.yaml", "# my config\n\n   # to do\n", "comments.yaml: the file holds only comments"),
+    ("empty.json", "\n", "empty.json: the file is empty"),
+])
+def test_an_empty_config_file_is_refused_before_anything_is_made(tmp_path, name, text, said):
+    (tmp_path / name).write_text(text)
+    line = _error(kiln("train", "-c", name, cwd=tmp_path))
+    assert said in line and "kiln config show" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no run directory, nothing else
+
+
+def test_a_key_given_twice_names_file_key_path_and_line(tmp_path, cfg_factory):
+    top = tmp_path / "top.yaml"
+    top.write_text("name: x\nseed: 1\nname: y\n")
+    line = _error(kiln("train", "-c", "top.yaml", cwd=tmp_path))
+    assert "top.yaml: line 3, column 1: duplicate key 'name' (first given on line 1)" in line
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(_settings_text(tmp_path, cfg_factory)
+                      + "optimizer:\n  type: Adam\n  args:\n    lr: 0.01\n    lr: 0.02\n")
+    line = _error(kiln("config", "check", "-c", "nested.yaml", cwd=tmp_path))
+    lr_line = nested.read_text().splitlines().index("    lr: 0.02") + 1
+    assert f"nested.yaml: line {lr_line}, column 5: duplicate key 'optimizer.args.lr'" in line
+    line = _error(kiln("config", "show", "data.dataset.args={classes: [0], classes: [1]}", cwd=tmp_path))
+    assert "duplicate key 'data.dataset.args.classes'" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_merge_keys_still_work_and_may_be_overridden(tmp_path):
+    from torchkiln.config.load import read_file
+
+    path = tmp_path / "m.yaml"
+    path.write_text("a: &base {lr: 1, wd: 2}\nb:\n  <<: *base\n  lr: 3\nc: [{x: 1}, {x: 2, y: 3}]\n")
+    assert read_file(path) == {"a": {"lr": 1, "wd": 2}, "b": {"lr": 3, "wd": 2}, "c": [{"x": 1}, {"x": 2, "y": 3}]}
+    path.write_text("c: [{x: 1}, {x: 2, x: 3}]\n")
+    with pytest.raises(ConfigError, match=r"line 1, column 20: duplicate key 'c\.1\.x'"):
+        read_file(path)
+
+
+def test_a_directory_given_as_config_says_so(tmp_path):
+    (tmp_path / "configs").mkdir()
+    line = _error(kiln("config", "show", "-c", "configs", cwd=tmp_path))
+    assert "configs: is a directory, not a config file" in line

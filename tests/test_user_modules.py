@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import ROOT, small_config
@@ -83,3 +84,19 @@ def test_a_module_found_nowhere_says_where_it_was_looked_for(tmp_path):
     line = proc.stderr.strip().splitlines()[-1]
     assert "data.dataset.type: cannot import module 'mydata'" in line
     assert "the config file's folder and the working directory" in line
+
+
+@pytest.mark.parametrize("source, where, error", [
+    ("def broken(:\n", "badmod.py:1", "SyntaxError: "),
+    ("import torch\n\nimport no_such_package_here\n", "badmod.py:3", "ModuleNotFoundError: No module named 'no_such_package_here'"),
+    ("x = 1\nraise RuntimeError('no data folder\\nsecond line')\n", "badmod.py:2", "RuntimeError: no data folder ("),
+])
+def test_a_module_that_fails_as_it_imports_is_one_line_naming_its_file_and_line(tmp_path, source, where, error):
+    (tmp_path / "badmod.py").write_text(source)
+    proc = _kiln_without_cwd_on_path("train", "model.type=badmod:Net", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]  # no traceback
+    assert "model.type: module 'badmod' (from 'badmod:Net') failed to import" in lines[0]
+    assert f"{where}: {error}" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["badmod.py"]

@@ -13,10 +13,12 @@ import importlib
 import inspect
 import logging
 import os
+import sysconfig
+import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from torchkiln.errors import ConfigError, did_you_mean
+from torchkiln.errors import ConfigError, KilnError, did_you_mean
 
 log = logging.getLogger("torchkiln")
 BUILTIN = "built-in"
@@ -160,14 +162,48 @@ def import_path(path: str, where: str = "type") -> Any:
         raise ConfigError(f"{where}: bad import path '{path}'; expected 'package.module:Name'")
     try:
         obj: Any = importlib.import_module(modname)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import module '{modname}' from '{path}': {exc} (searched: installed"
-                          " packages, PYTHONPATH, the config file's folder and the working directory)") from exc
+    except KilnError:
+        raise
+    except Exception as exc:
+        if isinstance(exc, ModuleNotFoundError) and _is_module_or_parent(exc.name, modname):
+            raise ConfigError(f"{where}: cannot import module '{modname}' from '{path}': {exc} (searched: installed"
+                              " packages, PYTHONPATH, the config file's folder and the working directory)") from exc
+        # The module was found and its own code failed as it ran: a syntax error, an import inside it, ...
+        raise ConfigError(f"{where}: module '{modname}' (from '{path}') failed to import: {_failed_at(exc)}"
+                          " (fix it there; `kiln --debug ...` shows the traceback)") from exc
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"{where}: module '{modname}' has no attribute '{attr}' (from '{path}')")
         obj = getattr(obj, part)
     return obj
+
+
+def _is_module_or_parent(missing: str | None, modname: str) -> bool:
+    """Whether the module not found is `modname` or a package above it (not an import inside it)."""
+    return missing is not None and (modname == missing or modname.startswith(missing + "."))
+
+
+def _failed_at(exc: BaseException) -> str:
+    """'file:line: Type: message' for an error raised while a user's module ran: the syntax error's
+    own place, else the deepest frame outside Python's and the installed packages' files."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{_shown(exc.filename)}:{exc.lineno}: {type(exc).__name__}: {exc.msg}"
+    frames = traceback.extract_tb(exc.__traceback__)[1:]  # below import_path's own frame
+    frames = [f for f in frames if not f.filename.startswith("<")]
+    library = tuple({sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")})
+    own = [f for f in frames if not f.filename.startswith(library)] or frames
+    where = f"{_shown(own[-1].filename)}:{own[-1].lineno}: " if own else ""
+    message = (str(exc).strip().splitlines() or [""])[0]  # the first line: the error stays one line
+    return f"{where}{type(exc).__name__}{': ' if message else ''}{message}"
+
+
+def _shown(filename: str) -> str:
+    """A file below the working directory by its relative path, any other in full."""
+    try:
+        rel = os.path.relpath(filename)
+    except ValueError:  # another drive (Windows)
+        return filename
+    return filename if rel.startswith("..") else rel
 
 
 def construct(factory: Callable, kwargs: dict[str, Any], where: str, what: str) -> Any:

@@ -73,9 +73,8 @@ def lr_find(config: str | None, overrides: list[str], out: str | None = None, ap
 
 def write_applied(data: dict[str, Any], lr: float, out: Path) -> Path:
     """The config (as loaded, with its overrides) with the suggested LR set, checked before it is written."""
-    import yaml
-
     from torchkiln.config.load import resolve
+    from torchkiln.config.yamlio import dump_yaml_data
 
     value = float(f"{lr:.3g}")
     data.setdefault("optimizer", {}).setdefault("args", {})["lr"] = value
@@ -84,7 +83,7 @@ def write_applied(data: dict[str, Any], lr: float, out: Path) -> Path:
         sched.setdefault("args", {})["max_lr"] = value
     resolve(data, str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    out.write_text(dump_yaml_data(data))
     return out
 
 

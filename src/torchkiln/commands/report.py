@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from torchkiln.callbacks.monitor import improved
+from torchkiln.config.yamlio import load_yaml
 from torchkiln.errors import ConfigError, KilnError
 from torchkiln.loggers.files import read_csv_rows
 from torchkiln.rundir import CONFIG, METRICS_CSV, METRICS_JSONL, SUMMARY
@@ -111,7 +110,7 @@ def expand(paths: list[str | Path]) -> list[Path]:
 
 def load_run(path: Path) -> Run:
     cfg_path, summary_path = path / CONFIG, path / SUMMARY
-    config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    config = load_yaml(cfg_path.read_text()) if cfg_path.is_file() else {}
     rows = [{k: _number(v) for k, v in row.items()} for row in read_csv_rows(path / METRICS_CSV)]
     summary = None
     if summary_path.is_file():

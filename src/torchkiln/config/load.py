@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from torchkiln.config.schema import Config, to_plain
+from torchkiln.config.yamlio import DuplicateKeyError, dump_yaml_data, load_yaml
 from torchkiln.errors import ConfigError, SettingError, did_you_mean
 
 DEFAULT_CONFIG = "default.yaml"
@@ -32,17 +33,22 @@ def add_import_roots(config_path: Path) -> None:
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """YAML (safe_load only) or JSON, by extension; a mapping at the top."""
+    """YAML (safe tags only, YAML 1.2 floats, no key given twice) or JSON, by extension; a mapping
+    at the top."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file; give the path of a YAML or JSON file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     add_import_roots(path)
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(text)
+            data = json.loads(text) if text.strip() else None
         else:
-            data = yaml.safe_load(text)
+            data = load_yaml(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1})" if mark else ""
@@ -56,13 +62,21 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}:{where}: malformed YAML: {problem}") from exc
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: line {exc.lineno}: malformed JSON: {exc.msg}") from exc
-    if data is None:
-        data = {}
+    if data is None and _blank(text):
+        what = "is empty" if not text.strip() else "holds only comments"
+        raise ConfigError(f"{path}: the file {what}, no settings; write them in it (`kiln config show >"
+                          f" {path.name}` gives the default config to start from, `kiln new NAME` a project)")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top, found {type(data).__name__}")
+        found = "null" if data is None else type(data).__name__
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, found {found}")
     from torchkiln.config.migrate import from_template, is_template
 
     return from_template(data, str(path)) if is_template(data) else data
+
+
+def _blank(text: str) -> bool:
+    """Nothing but blank lines and comments."""
+    return all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -70,7 +84,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}': expected key.path=value, e.g. trainer.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override '{text}': duplicate key '{key.strip()}.{exc.key_path}'; keep one"
+                          " of them") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not a YAML scalar, list or mapping") from exc
     return key.strip().split("."), value
@@ -217,4 +234,4 @@ def load_checked(path: str | Path | None = None, overrides: list[str] | None = N
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_plain(cfg), sort_keys=False, default_flow_style=None)
+    return dump_yaml_data(to_plain(cfg))
