@@ -100,3 +100,21 @@ def test_a_module_that_fails_as_it_imports_is_one_line_naming_its_file_and_line(
     assert "model.type: module 'badmod' (from 'badmod:Net') failed to import" in lines[0]
     assert f"{where}: {error}" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["badmod.py"]
+
+
+def test_a_user_model_whose_constructor_fails_is_one_line(tmp_path):
+    """Any exception from a user's constructor (not only a TypeError from bad arguments) names the
+    config key and the class, in one line, before anything is created."""
+    (tmp_path / "failing.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__()\n"
+        "        raise RuntimeError('weights folder missing\\nsecond line')\n"
+    )
+    proc = _kiln_without_cwd_on_path("train", "model.type=failing:Net", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "model: could not build failing:Net: RuntimeError: weights folder missing (--debug" in lines[0], lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["failing.py"]

@@ -207,14 +207,19 @@ def _shown(filename: str) -> str:
 
 
 def construct(factory: Callable, kwargs: dict[str, Any], where: str, what: str) -> Any:
-    """Call a factory with config arguments: the one place where a TypeError or ValueError it
-    raises becomes a ConfigError naming the config key (`where`) and the thing built (`what`)."""
+    """Call a factory with config arguments: the one place where an error it raises (bad arguments,
+    or any failure in a user's constructor) becomes a ConfigError naming the config key (`where`)
+    and the thing built (`what`)."""
     try:
         return factory(**kwargs)
-    except ConfigError:
+    except KilnError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: could not build {what}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - a user's constructor may raise anything
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(f"{where}: could not build {what}: {type(exc).__name__}: {text}"
+                          " (--debug shows the traceback)") from exc
 
 
 def build(comp: Any, registry: Registry, where: str, **extra: Any) -> Any:
