@@ -15,8 +15,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import ROOT, kiln, small_config, write_config
+from torchkiln.commands.train import train
+from torchkiln.config.load import resolve
+from torchkiln.errors import DataError
 
 CLASSES = ["cat", "dog", "fox"]
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
@@ -401,3 +406,33 @@ def test_predict_on_cuda_under_bf16_autocast_agrees_with_the_cpu(images_run, tmp
     assert torch.allclose(probs, cpu, atol=3e-2)
     out = gpu.predict(home / "eval", tmp_path / "gpu.csv", tta="flip", probs=True).out
     assert len(_rows(out)) == len(paths)
+
+
+def test_a_tensor_batch_gets_each_samples_probabilities(tmp_path):
+    """A batch tensor is a batch (the softmax over each sample's classes, not across the samples):
+    by the sample shape a `kiln train` run records, and by rank for a Python-API run without one."""
+    import torchkiln
+    from torchkiln import make_trainer
+
+    cfg = small_config(tmp_path, model={"type": "MLP", "args": {"num_classes": 10, "hidden": [16]}},
+                       trainer={"epochs": 1}, logging={"progress": False, "plots": False, "tensorboard": False})
+    run, _ = train(resolve(cfg), progress=False)
+    predictor = torchkiln.load(run)
+    assert predictor.card["input"]["shape"] == [1, 8, 8]  # a digit, as the data set gives it
+    x = torch.rand(5, 1, 8, 8)
+    batch = predictor(x)
+    assert batch.shape == (5, 10) and torch.allclose(batch.sum(1), torch.ones(5))
+    assert torch.allclose(torch.stack([predictor(x[i]) for i in range(5)]), batch, atol=1e-6)
+    with pytest.raises(DataError, match=r"neither one input of the run's shape \(1, 8, 8\) nor a batch"):
+        predictor(torch.rand(5, 64))
+
+    torch.manual_seed(0)
+    model = nn.Linear(64, 10)
+    loader = DataLoader(TensorDataset(torch.randn(64, 64), torch.randint(0, 10, (64,))), batch_size=32)
+    make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=1,
+                 run_dir=tmp_path / "api", progress=False,
+                 config={"model": {"type": "torch.nn:Linear", "args": {"in_features": 64, "out_features": 10}}}
+                 ).fit(loader)
+    rows = torch.randn(5, 64)
+    scores = torchkiln.load(tmp_path / "api")(rows)
+    assert scores.shape == (5, 10) and torch.allclose(scores.sum(1), torch.ones(5))

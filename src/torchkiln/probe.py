@@ -38,8 +38,9 @@ def first_samples(loader: Any, n: int = 2) -> Any | None:
     return move_to(collate([dataset[i] for i in range(count)]), torch.device("cpu"))
 
 
-def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: Any) -> None:
-    """Raise a ConfigError naming what failed when one small batch does not go through."""
+def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: Any) -> Any | None:
+    """Raise a ConfigError naming what failed when one small batch does not go through; return
+    the batch's inputs (None when the loader's samples could not be read apart from it)."""
     from torchkiln.seeding import rng_state, set_rng_state
 
     state, training = rng_state(), model.training
@@ -47,7 +48,7 @@ def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: A
     try:
         batch = first_samples(loader)
         if batch is None:
-            return
+            return None
         key, part = "model", "the model"
         model.eval()
         with torch.no_grad():
@@ -56,6 +57,7 @@ def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: A
             if targets is not None:
                 task.loss(loss_fn, outputs, targets)
                 _check_log_probabilities(loss_fn, outputs)
+        return task.split_batch(batch)[0]
     except KilnError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the model or loss raised, named in one line

@@ -23,7 +23,7 @@ from typing import Any
 
 from torchkiln.commands.logs import console
 from torchkiln.errors import CheckpointError, ConfigError, KilnError
-from torchkiln.inference.card import CARD, card_from_config
+from torchkiln.inference.card import CARD, card_from_config, input_info
 from torchkiln.rundir import CHECKPOINTS, EXPORT, LAST, checkpoint_path
 
 log = logging.getLogger("torchkiln")
@@ -74,7 +74,7 @@ def export(run_dir: str | Path, fmt: str = "safetensors", checkpoint: str = "bes
             card["parity"] = check_parity(model, inputs, runner(fmt, path), fmt)
         written.append(path)
     else:
-        card["input"] = _input_from_data(run_dir, state)
+        card["input"] = card.get("input") or _input_from_data(run_dir, state)  # the run recorded it, or one sample
     config_path = out / CARD
     _atomic(config_path, lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
     return [*written[:1], config_path, *written[1:]]
@@ -161,11 +161,6 @@ def _input_of(sample: Any) -> Any:
 
     x = sample["input"] if isinstance(sample, dict) else sample[0] if isinstance(sample, (tuple, list)) else sample
     return torch.as_tensor(x).as_subclass(torch.Tensor)
-
-
-def input_info(inputs: Any) -> dict[str, Any]:
-    shape = list(inputs.shape[1:])
-    return {"shape": shape, "channels": shape[0] if len(shape) == 3 else None, "dtype": str(inputs.dtype).replace("torch.", "")}
 
 
 def _input_from_data(run_dir: Path, state: dict[str, Any]) -> dict[str, Any] | None:

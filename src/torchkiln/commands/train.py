@@ -21,7 +21,13 @@ from torchkiln.config.load import (
 )
 from torchkiln.config.schema import Config, to_plain
 from torchkiln.errors import CheckpointError, ConfigError
-from torchkiln.inference.card import CLASS_NAMES_KEY, NORMALIZATION_KEY, plain_names
+from torchkiln.inference.card import (
+    CLASS_NAMES_KEY,
+    INPUT_KEY,
+    NORMALIZATION_KEY,
+    input_info,
+    plain_names,
+)
 from torchkiln.rundir import (
     CONFIG,
     find_checkpoint,
@@ -324,6 +330,8 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
                 normalization: dict[str, Any] | None = None):
     """(Trainer, loaders, data) for a config; nothing is written anywhere. Every mistake the
     config can still hold once its names are checked (data, arguments, the monitor) shows here."""
+    import torch
+
     from torchkiln.config.build import (
         build_callbacks,
         build_data,
@@ -344,8 +352,6 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
 
     cfg = placeholder(cfg)  # data.batch_size: auto is resolved by `kiln train`; building needs a number
     if cfg.trainer.threads is not None:
-        import torch
-
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.seed, deterministic=cfg.trainer.deterministic)
     data = build_data(cfg, normalization=normalization)
@@ -370,15 +376,17 @@ def build_parts(cfg: Config, progress: bool = True, pretrained: bool = True,
     if data.normalization is not None:
         resolved[NORMALIZATION_KEY] = data.normalization.to_dict()  # checkpoints carry the statistics
     resolved[CLASS_NAMES_KEY] = plain_names(data.class_names)  # and the class names, for `kiln predict` and export
+    from torchkiln.probe import probe
+
+    inputs = probe(model, loss, task, loaders["train"])
+    if isinstance(inputs, torch.Tensor):  # one sample's shape: the predictor tells a sample from a batch by it
+        resolved[INPUT_KEY] = input_info(inputs)
     trainer = make_trainer(
         model, optimizer, loss, task=task, metrics=metrics, scheduler=scheduler, freezer=freezer,
         callbacks=build_callbacks(cfg), **trainer_settings(cfg, monitor, mode), config=resolved,
         progress=progress and cfg.logging.progress and distributed.is_rank0(), **sched_kwargs,
     )
     trainer.resolve_monitor(has_val)
-    from torchkiln.probe import probe
-
-    probe(model, loss, task, loaders["train"])
     return trainer, loaders, data
 
 

@@ -15,6 +15,7 @@ from torchkiln.errors import CheckpointError
 CARD = "model.json"
 CLASS_NAMES_KEY = "class_names"  # the data's class names, beside the resolved config in every checkpoint
 NORMALIZATION_KEY = "normalization"  # data.normalize's statistics (commands/train.py writes both)
+INPUT_KEY = "input"  # one training sample's input shape and dtype (commands/train.py, from the probe's batch)
 
 
 def card_from_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -47,7 +48,14 @@ def card_from_config(config: dict[str, Any]) -> dict[str, Any]:
         },
         "image_col": args.get("image_col") if isinstance(args.get("image_col"), str) else None,
         "precision": str(trainer.get("precision", "32")),
+        "input": config.get(INPUT_KEY) if isinstance(config.get(INPUT_KEY), dict) else None,
     }
+
+
+def input_info(inputs: Any) -> dict[str, Any]:
+    """What one sample of a batch of `inputs` (a tensor) is: its shape, channels (images) and dtype."""
+    shape = list(inputs.shape[1:])
+    return {"shape": shape, "channels": shape[0] if len(shape) == 3 else None, "dtype": str(inputs.dtype).replace("torch.", "")}
 
 
 def plain_names(names: Any) -> list[str] | dict[str, list[str]] | None:

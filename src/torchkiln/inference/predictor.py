@@ -151,8 +151,11 @@ class Predictor:
 
     def __call__(self, images: Any, batch_size: int = 64) -> Any:
         """The task's scores (class probabilities, label probabilities, values; a dict per head) for
-        one input or a list of them, on the CPU."""
-        single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.dim() == 4)
+        one input, a list of them or a tensor batch of them (samples along the first dimension), on
+        the CPU. A tensor is one input or a batch by the shape of one training sample, which the run
+        recorded; without it (a run from the Python API), a 4-D tensor is a batch of images, a 2-D
+        one of tensor data (rows of features)."""
+        single = not self._is_batch(images)
         items = [images] if single else list(images)
         stack = torch.stack if self.task.stacks_inputs else list
         batches = ({"input": stack([self.preprocess(im) for im in items[i:i + batch_size]])}
@@ -160,6 +163,19 @@ class Predictor:
         parts = [to_cpu(self.task.scores(outputs)) for _, outputs, _ in self.trainer.forward_pass(batches)]
         scores = cat_outputs(parts)
         return _first(scores) if single else scores
+
+    def _is_batch(self, images: Any) -> bool:
+        if isinstance(images, (list, tuple)):
+            return True
+        if not isinstance(images, torch.Tensor):
+            return False  # a path or a PIL image
+        shape = (self.card.get("input") or {}).get("shape")
+        if isinstance(shape, list) and not self.decodes:  # (decoded images are resized by the transforms)
+            if images.dim() in (len(shape), len(shape) + 1):
+                return images.dim() == len(shape) + 1
+            raise DataError(f"predictor: a tensor of shape {tuple(images.shape)} is neither one input of the"
+                            f" run's shape {tuple(shape)} nor a batch of them")
+        return images.dim() == 4 if self.decodes or images.dim() > 2 else images.dim() == 2
 
     # -- files ----------------------------------------------------------------------------------
     def source(self, spec: str | Path, *, image_col: str | None = None, id_col: str | None = None,
