@@ -16,7 +16,7 @@ from torchkiln.data.digits import Digits
 from torchkiln.data.loaders import make_loader
 from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.settings import make_trainer
-from torchkiln.errors import ConfigError
+from torchkiln.errors import ConfigError, SettingError
 from torchkiln.loggers.base import Logger
 from torchkiln.models.small import MLP
 
@@ -45,7 +45,7 @@ def digits():
 
 
 def run_trainer(digits, make_sched, *, accumulate=1, warmup_steps=0, interval=None, fractional=True,
-                groups=1):
+                groups=1, monitor="val/loss"):
     torch.manual_seed(0)
     model = MLP(num_classes=10, hidden=[16])
     params = [{"params": list(model.features.parameters())},
@@ -56,7 +56,7 @@ def run_trainer(digits, make_sched, *, accumulate=1, warmup_steps=0, interval=No
     trainer = make_trainer(model, opt, nn.CrossEntropyLoss(), scheduler=make_sched(opt), epochs=EPOCHS,
                       device="cpu", accumulate=accumulate, warmup_steps=warmup_steps, warmup_start=0.1,
                       scheduler_interval=interval, scheduler_fractional_epochs=fractional,
-                      monitor="val/loss", progress=False, loggers=[rows])
+                      monitor=monitor, progress=False, loggers=[rows])
     trainer.fit(*digits)
     trace = [[r[f"lr/group{g}"] for g in range(groups)] for _, r in rows.rows]
     assert [s for s, _ in rows.rows] == list(range(1, len(rows.rows) + 1))
@@ -101,7 +101,8 @@ SCHEDULERS = {
     "CosineAnnealingLR": ("epoch", lambda o: L.CosineAnnealingLR(o, T_max=EPOCHS)),
     "PolynomialLR": ("epoch", lambda o: L.PolynomialLR(o, total_iters=EPOCHS, power=2.0)),
     "LinearLR": ("epoch", lambda o: L.LinearLR(o, start_factor=0.2, total_iters=2)),
-    "ReduceLROnPlateau": ("metric", lambda o: L.ReduceLROnPlateau(o, mode="max", factor=0.5, patience=0)),
+    # val/loss never improves by 10x on its best: the LR is cut after every epoch (the mode agrees with the monitor's)
+    "ReduceLROnPlateau": ("metric", lambda o: L.ReduceLROnPlateau(o, mode="min", factor=0.5, patience=0, threshold=10.0)),
 }
 
 
@@ -224,3 +225,20 @@ def test_onecycle_total_steps_from_epochs_steps_and_accumulation(tmp_path, inter
     scheduler, kwargs = build_scheduler(cfg, opt, batches_per_epoch=20)  # ceil(20 / 3) = 7 steps
     assert scheduler.total_steps == total
     assert kwargs["scheduler_interval"] == interval
+
+
+def test_plateau_mode_against_the_monitor_is_refused(digits):
+    """torch's default mode='min' on an accuracy cuts the LR while the run improves."""
+    from torchkiln.metrics import build_metrics
+
+    model = MLP(num_classes=10, hidden=[16])
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for mode, refused in (("min", True), ("max", False)):
+        def make(mode=mode):
+            return make_trainer(model, opt, nn.CrossEntropyLoss(), metrics=build_metrics(["accuracy"], 10),
+                                scheduler=L.ReduceLROnPlateau(opt, mode=mode), monitor="val/accuracy", progress=False)
+        if refused:
+            with pytest.raises(SettingError, match=r"ReduceLROnPlateau\(mode='min'\) steps on val/accuracy.*mode='max'"):
+                make().resolve_monitor(has_val=True)
+        else:
+            make().resolve_monitor(has_val=True)

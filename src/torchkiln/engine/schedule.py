@@ -70,6 +70,19 @@ class LRSchedule:
         self._apply_warmup()
 
     # -- the two moments the trainer calls --------------------------------------------------
+    def check_mode(self, monitor: str, mode: str, task: Any) -> None:
+        """ReduceLROnPlateau cuts the LR when its number stops improving in ITS mode: a mode against
+        the number's direction (torch's default 'min' on an accuracy) cuts it while the run improves."""
+        if self.interval != "metric" or not hasattr(self.scheduler, "mode"):
+            return
+        name = self.monitor or monitor
+        wanted = mode if name == monitor else task.monitor_mode(name)
+        if self.scheduler.mode != wanted:
+            raise SettingError(
+                "scheduler", f"ReduceLROnPlateau(mode='{self.scheduler.mode}') steps on {name}, which is better"
+                f" when {'higher' if wanted == 'max' else 'lower'}: it would cut the LR while {name} improves;"
+                f" build it with mode='{wanted}'")
+
     def on_optimizer_step(self, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> None:
         """After a real (not skipped) optimizer step; `step_in_epoch` is 0-based."""
         self.steps_done += 1

@@ -159,6 +159,7 @@ class Trainer:
         self.monitor.resolve(self.task, list(watched.keys(keep_base=True)) if watched is not None else [], has_val)
         logged = self.logged_names(has_val)
         self.monitor.check(logged)
+        self.schedule.check_mode(self.monitor.name, self.monitor.mode, self.task)
         self.callbacks.call("check", self, logged)
 
     # -- fit ------------------------------------------------------------------------------------
