@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,35 @@ def test_epoch_metrics_are_exact_over_uneven_batches(n, batch):
     final = trainer.fit(loader)["final"]
     assert final["train/accuracy"] == pytest.approx(accuracy_score(targets, pred), abs=1e-6)
     assert final["train/f1_macro"] == pytest.approx(f1_score(targets, pred, average="macro"), abs=1e-6)
+
+
+def test_a_callback_state_a_resume_could_not_load_is_refused_at_the_first_save(tmp_path):
+    """A numpy array (or any object) in a callback's state would be written, then refused by every
+    resume (weights_only): the first save names the callback and where in its state it is."""
+    import numpy as np
+
+    from torchkiln.engine.callbacks import Callback
+    from torchkiln.engine.checkpoint import not_plain
+    from torchkiln.errors import SettingError
+
+    class Keeps(Callback):
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"seen": [1, 2], "hist": self.value}
+
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))), batch_size=8)
+    for value, refused in ((np.zeros(3), "numpy.ndarray at ['hist']"), (torch.zeros(3), None)):
+        model = torch.nn.Linear(4, 2)
+        trainer = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), epochs=1, progress=False,
+                               callbacks=[Keeps(value)], run_dir=tmp_path / f"run-{refused is None}")
+        if refused:
+            with pytest.raises(SettingError, match=rf"Keeps.state_dict\(\) holds a {re.escape(refused)}"):
+                trainer.fit(loader)
+            assert not list((tmp_path / "run-False").rglob("*.ckpt"))
+        else:
+            trainer.fit(loader)
+            assert (tmp_path / "run-True" / "checkpoints" / "last.ckpt").is_file()
+    assert not_plain({"a": [1, {"b": (2.0, "x", None, torch.ones(1), {3})}]}) is None
+    assert not_plain({"a": [1, {"b": frozenset()}]}) == "a builtins.frozenset at ['a'][1]['b']"

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchkiln.errors import KilnError
+from torchkiln.errors import KilnError, SettingError
 
 if TYPE_CHECKING:
     from torchkiln.engine.trainer import Trainer
@@ -148,7 +148,21 @@ class CallbackList:
         return names
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: cb.state_dict() for k, cb in zip(self.keys(), self.callbacks)}
+        """Each callback's state, checked to be what a checkpoint can hold: one that is not (a numpy
+        array, an object) would be written, then refused by every resume (weights_only loading)."""
+        from torchkiln.engine.checkpoint import not_plain
+
+        states = {}
+        for k, cb in zip(self.keys(), self.callbacks):
+            state = cb.state_dict()
+            problem = not_plain(state)
+            if problem is not None:
+                raise SettingError(
+                    "callbacks", f"{type(cb).__name__}.state_dict() holds {problem}; a checkpoint holds tensors"
+                    " and plain data only (dicts, lists, numbers, strings), which a resume loads safely:"
+                    " convert it (torch.as_tensor(...), .tolist())")
+            states[k] = state
+        return states
 
     def load_state_dict(self, states: dict[str, Any]) -> None:
         for k, cb in zip(self.keys(), self.callbacks):

@@ -9,6 +9,7 @@ record against its checksum as its bytes come in, before anything from the file 
 
 from __future__ import annotations
 
+import collections
 import copy
 import errno
 import itertools
@@ -191,6 +192,33 @@ def snapshot(obj: Any) -> Any:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     return out
+
+
+_PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.Tensor, torch.dtype, torch.device,
+                 torch.Size)
+
+
+def not_plain(obj: Any, where: str = "") -> str | None:
+    """Where `obj` holds something that `torch.load(weights_only=True)` refuses (a numpy array, an
+    object), said as 'a <type> at <path>'; None when it is all tensors and plain data."""
+    if isinstance(obj, _PLAIN_LEAVES):
+        return None
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool, type(None))):
+                return f"a {type(k).__name__} key at {where or 'the top'}"
+            found = not_plain(v, f"{where}[{k!r}]")
+            if found is not None:
+                return found
+        return None
+    if type(obj) in (list, tuple, set):
+        for i, v in enumerate(obj):
+            found = not_plain(v, f"{where}[{i}]")
+            if found is not None:
+                return found
+        return None
+    kind = type(obj)
+    return f"a {kind.__module__}.{kind.__qualname__} at {where or 'the top'}"
 
 
 def _flat_rows(rows: list) -> bool:
