@@ -59,7 +59,7 @@ def test_fast_dev_run_fails_on_a_finding_and_overfit_gives_a_verdict(tmp_path, c
                        "optimizer.args.lr=0.0")
     assert code == 1 and out.strip().splitlines()[-1].startswith("overfit FAIL: the loss fell from")
     code, _, err = cli("train", "--overfit-batches", "0", "-c", str(good))
-    assert code == 2 and "expected a number of batches >= 1" in err
+    assert code == 2 and err == "error: --overfit-batches: expected a number >= 1; found 0\n"
 
 
 def test_lr_find_suggests_plots_and_applies(tmp_path):

@@ -143,6 +143,15 @@ def test_a_broken_image_stops_with_one_line_or_is_skipped_and_listed(images_run,
     assert len(listed) == 1 and listed[0].startswith("2.png\t") and "2.png" in listed[0].split("\t")[1]
 
 
+def test_predict_refuses_batch_size_and_workers_below_their_range(images_run, tmp_path):
+    """--batch-size 0 / -3 and --num-workers -1 were the DataLoader's ValueError traceback."""
+    home, run = images_run
+    for flag, value, least in (("--batch-size", "0", 1), ("--batch-size", "-3", 1), ("--num-workers", "-1", 0)):
+        proc = kiln("predict", str(run), "--input", str(home / "eval"), "--out", str(tmp_path / "p.csv"), flag, value)
+        assert (proc.returncode, proc.stderr) == (2, f"error: {flag}: expected a number >= {least}; found {value}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tta_is_the_mean_of_the_separately_computed_views(images_run, tmp_path):
     import torchkiln
     from torchkiln.inference.tta import corner_crops
