@@ -80,6 +80,17 @@ def test_lr_find_suggests_plots_and_applies(tmp_path):
     assert tuned["optimizer"]["args"]["lr"] == tuned["scheduler"]["args"]["max_lr"] == float(out[-1])
 
 
+def test_lr_find_names_its_flags_when_they_are_wrong_before_anything_runs(tmp_path):
+    """--start/--end and --steps are flags, not config keys (it said `trainer.lr range`, after the
+    data were built): refused before the config is even read (the one given is not there)."""
+    for args, line in ((["--start", "10", "--end", "1"], "--start/--end: expected 0 < start < end; found start 10.0, end 1.0"),
+                       (["--start", "0"], "--start/--end: expected 0 < start < end; found start 0.0, end 10.0"),
+                       (["--steps", "2"], "--steps: expected at least 3 steps; found 2")):
+        proc = kiln("lr-find", "-c", str(tmp_path / "missing.yaml"), *args, cwd=tmp_path)
+        assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"error: {line}\n", "")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_range_test_restores_model_optimizer_and_rng():
     x, y = load_digits(return_X_y=True)
     loader = DataLoader(TensorDataset(torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y)), batch_size=64)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Set by `kiln train --devices N` for its workers: a folder where each writes its user error, which
@@ -43,6 +44,18 @@ class CheckpointError(KilnError):
 
 class TrainingError(KilnError):
     """The run cannot continue (e.g. a non-finite loss); saved checkpoints are intact."""
+
+
+@contextmanager
+def flag_errors(flags: dict[str, str]) -> Iterator[None]:
+    """An engine part's SettingError about a value a command-line flag gave, named by the flag
+    (`flags`: the part's setting -> the flag) instead of a config key."""
+    try:
+        yield
+    except SettingError as exc:
+        if exc.setting not in flags:
+            raise
+        raise ConfigError(f"{flags[exc.setting]}: {exc.detail}") from exc
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
