@@ -69,9 +69,21 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def message(exc: KilnError) -> str:
+    """The error's own line. One raised in a DataLoader worker (a collate's, a dataset's) comes back
+    from torch as the same class holding "Caught X in DataLoader worker process N." and the worker's
+    traceback, whose last line is the original's `module.Class: message`."""
+    text = str(exc)
+    if "\n" not in text or not text.startswith(f"Caught {type(exc).__name__} "):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def report(exc: KilnError) -> None:
     """The one line of a user's error, on stderr; a `--devices N` worker hands it to its launcher."""
-    line = f"error: {exc}"
+    line = f"error: {message(exc)}"
     folder = os.environ.get(WORKER_ERRORS_ENV)
     if folder and Path(folder).is_dir():
         (Path(folder) / f"rank{int(os.environ.get('RANK', '0')):05d}.txt").write_text(line)
