@@ -111,6 +111,24 @@ def test_kiln_data_check_fix_passes_strict(tmp_path):
                  "--report", str(tmp_path / "r3.json")]) == 2
 
 
+def test_a_missing_image_folder_is_one_line_and_nothing_is_written(tmp_path):
+    """`--images nope` counted every image as a missing file (26 faults, kept 0 images) and wrote
+    ./report.json with exit 0; COCODetection from a config did the same."""
+    path = hand_built(tmp_path / "data")
+    proc = kiln("data", "check", str(path), "--images", "nope", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("error: --images nope: folder not found; give the folder that holds the"
+                           " annotations' images\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no report.json
+    cfg = {"task": "detection", "data": {"dataset": {"type": "COCODetection", "args": {
+        "annotations": str(path), "images": str(tmp_path / "nope")}}}, "model": {"type": "fasterrcnn_tiny"},
+        "metrics": [], "output_dir": str(tmp_path / "runs")}
+    proc = kiln("config", "check", "-c", str(write_config(tmp_path / "data", cfg)), cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"{path}: images {tmp_path / 'nope'}: folder not found" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
 def _loaders(tmp_path, batch_size=2):
     from torch.utils.data import DataLoader
 

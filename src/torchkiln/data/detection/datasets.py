@@ -71,7 +71,7 @@ class DetectionDataset(Dataset):
 
     def __init__(self, data: dict[str, Any], images: str | Path, source: str, boxes: Any = None):
         on_invalid, min_size = _boxes_setting(boxes)
-        report, fixed = audit(data, images, policy_for(on_invalid, min_size))
+        report, fixed = audit(data, images, policy_for(on_invalid, min_size), where=f"{source}: images")
         self.audit_report: AuditReport = report
         self.source = source
         if on_invalid == "error" and report.faults:
