@@ -129,6 +129,37 @@ def test_a_missing_image_folder_is_one_line_and_nothing_is_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
 
 
+def test_shapes_detection_refuses_a_folder_made_with_other_settings(tmp_path):
+    """`kiln data shapes data/shapes --images 12` and then a config asking for 16 images trained on
+    the 12 without a word: refused in one line saying what the folder was made with, before any run
+    folder; a folder made with the config's settings (or written by the data set) is used."""
+    shapes = tmp_path / "shapes"
+    kiln("data", "shapes", str(shapes), "--images", "12", "--size", "64", check=True)
+    made = (shapes / "annotations.json").read_bytes()
+    assert json.loads(made)["info"]["made_with"] == {"images": 12, "size": 64, "seed": 0}
+    cfg = {"name": "s", "task": "detection", "output_dir": str(tmp_path / "runs"),
+           "data": {"dataset": {"type": "ShapesDetection", "args": {"root": str(shapes), "images": 16, "size": 64}},
+                    "batch_size": 4},
+           "model": {"type": "fasterrcnn_tiny", "args": {"min_size": 64, "max_size": 64}}, "metrics": [],
+           "trainer": {"epochs": 1}, "logging": {"progress": False}}
+    path = write_config(tmp_path, cfg)
+    proc = kiln("train", "-q", "-c", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (f"{shapes}: this shapes demo folder was made with images 12, size 64, seed 0, but data.dataset.args"
+            " asks for images 16, size 64, seed 0; set data.dataset.args to match, or remove") in proc.stderr
+    assert not (tmp_path / "runs").exists() and (shapes / "annotations.json").read_bytes() == made
+    assert kiln("config", "check", "-c", str(path), "data.dataset.args.images=12", cwd=tmp_path).returncode == 0
+    fresh = tmp_path / "fresh"  # written by the data set itself on first use, then used again
+    for _ in range(2):
+        proc = kiln("config", "check", "-c", str(path), f"data.dataset.args.root={fresh}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    data = json.loads(made)
+    del data["info"]  # a folder that does not say what it was made with
+    (shapes / "annotations.json").write_text(json.dumps(data))
+    proc = kiln("config", "check", "-c", str(path), "data.dataset.args.images=12", cwd=tmp_path)
+    assert proc.returncode == 2 and "has no record of its settings" in proc.stderr
+
+
 def _loaders(tmp_path, batch_size=2):
     from torch.utils.data import DataLoader
 
