@@ -307,18 +307,18 @@ def shapes_run(tmp_path_factory):
         "trainer": {"epochs": 1}, "logging": {"progress": False, "images": 2},
     }
     path = write_config(home, cfg)
-    kiln("train", "-q", "-c", str(path), check=True, timeout=600)
+    trained = kiln("train", "-q", "-c", str(path), check=True, timeout=600)
     (run,) = (home / "runs" / "shapes").iterdir()
     first = (run / "metrics.csv").read_text()
-    kiln("train", "-q", "--resume", str(run), "trainer.epochs=2", check=True, timeout=600)
+    resumed = kiln("train", "-q", "--resume", str(run), "trainer.epochs=2", check=True, timeout=600)
     predicted = kiln("predict", str(run), "--input", str(home / "shapes" / "images"), "--out", str(home / "boxes.csv"),
                      "--coco-ann", str(home / "shapes" / "annotations.json"), check=True, timeout=300)
-    return home, run, path, first, predicted
+    return home, run, path, first, predicted, trained.stderr + resumed.stderr
 
 
 @pytest.mark.slow
 def test_a_shapes_run_reports_its_audit_and_losses(shapes_run):
-    home, run, _, first, _ = shapes_run
+    home, run, _, first, _, _ = shapes_run
     injected = json.loads((home / "shapes" / "faults.json").read_text())
     (report,) = json.loads((run / "data_report.json").read_text()).values()
     assert {k: v for k, v in report["faults"].items() if v} == {k: v for k, v in injected.items()
@@ -330,10 +330,18 @@ def test_a_shapes_run_reports_its_audit_and_losses(shapes_run):
 
 
 @pytest.mark.slow
+def test_a_shapes_run_draws_images_without_boxes_without_a_warning(shapes_run):
+    """A validation picture with no true box, or no prediction above the score drawn (an untrained
+    detector), sent torchvision's `UserWarning: boxes doesn't contain any box` to the console."""
+    *_, logs = shapes_run
+    assert "contain any box" not in logs and "UserWarning" not in logs, logs
+
+
+@pytest.mark.slow
 def test_tensorboard_shows_validation_boxes(shapes_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, run, _, _, _ = shapes_run
+    _, run, _, _, _, _ = shapes_run
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     tags = acc.Tags()["images"]
@@ -344,7 +352,7 @@ def test_tensorboard_shows_validation_boxes(shapes_run):
 
 @pytest.mark.slow
 def test_kiln_test_prints_per_class_ap(shapes_run, capsys):
-    _, run, _, _, _ = shapes_run
+    _, run, _, _, _, _ = shapes_run
     from torchkiln.cli import main
 
     capsys.readouterr()
@@ -357,7 +365,7 @@ def test_kiln_test_prints_per_class_ap(shapes_run, capsys):
 
 @pytest.mark.slow
 def test_a_detection_run_resumes(shapes_run):
-    _, run, _, first, _ = shapes_run
+    _, run, _, first, _, _ = shapes_run
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1] == first.splitlines()[1]  # epoch 1 kept, epoch 2 added
     summary = json.loads((run / "summary.json").read_text())
@@ -368,7 +376,7 @@ def test_a_detection_run_resumes(shapes_run):
 def test_kiln_predict_writes_boxes_and_coco_results(shapes_run, tmp_path, capsys):
     from torchkiln.cli import main
 
-    home, run, _, _, predicted = shapes_run
+    home, run, _, _, predicted, _ = shapes_run
     assert predicted.stdout.split() == [str(home / "boxes.csv"), str(home / "boxes.coco.json")]
     with open(home / "boxes.csv") as f:
         rows = list(csv.DictReader(f))
@@ -401,7 +409,7 @@ def test_kiln_predict_writes_boxes_and_coco_results(shapes_run, tmp_path, capsys
 def test_kiln_data_stats_for_detection(shapes_run, tmp_path, capsys):
     from torchkiln.cli import main
 
-    _, _, path, _, _ = shapes_run
+    _, _, path, _, _, _ = shapes_run
     assert main(["data", "stats", "-c", str(path), "-o", str(tmp_path)]) == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["boxes"] > 0 and set(stats["class_counts"]) == {"rectangle", "ellipse", "triangle"}
