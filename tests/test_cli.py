@@ -1,9 +1,11 @@
-"""The CLI: fast help, lazy imports."""
+"""The CLI: fast help, lazy imports, number flags checked as the command line is read."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT, kiln
 
@@ -54,3 +56,27 @@ def test_the_process_ends_as_pythons_exit_would_less_the_teardown(tmp_path):
                env={"PYTHONPATH": f"{ROOT / 'src'}:{tmp_path}"})
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert "trainer.epoch: unknown key" in bad.stderr
+
+
+@pytest.mark.parametrize("args, line", [
+    (["train", "--devices", "0"], "--devices: expected a number >= 1; found 0"),
+    (["train", "--max-restarts", "-1"], "--max-restarts: expected a number >= 0; found -1"),
+    (["train", "--fast-dev-run", "0"], "--fast-dev-run: expected a number >= 1; found 0"),
+    (["train", "--memory-snapshot", "0"], "--memory-snapshot: expected a number >= 1; found 0"),
+    (["train", "--overfit-batches", "2", "--overfit-threshold", "1.5"],
+     "--overfit-threshold: expected a number > 0 and <= 1; found 1.5"),
+    (["find-batch-size", "--max", "0"], "--max: expected a number >= 1; found 0"),
+    (["find-batch-size", "--start", "0"], "--start: expected a number >= 1; found 0"),
+    (["summary", "--batch-size", "0"], "--batch-size: expected a number >= 1; found 0"),
+    (["summary", "--depth", "-1"], "--depth: expected a number >= 0; found -1"),
+    (["data", "stats", "--max-images", "0"], "--max-images: expected a number >= 1; found 0"),
+    (["data", "check", "a.json", "--images", "imgs", "--min-size", "-1"], "--min-size: expected a number >= 0; found -1.0"),
+    (["data", "shapes", "out", "--images", "1"], "--images: expected a number >= 2; found 1"),
+    (["data", "shapes", "out", "--size", "8"], "--size: expected a number >= 16; found 8"),
+])
+def test_a_number_flag_out_of_its_range_is_one_line_before_anything_runs(tmp_path, args, line):
+    """`kiln train --devices 0` trained a whole run and `find-batch-size --max 0` answered 1: a number
+    flag out of its range is refused as the command line is read, nothing made."""
+    proc = kiln(*args, cwd=tmp_path)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, f"error: {line}\n", "")
+    assert list(tmp_path.iterdir()) == []

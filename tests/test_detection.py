@@ -111,6 +111,55 @@ def test_kiln_data_check_fix_passes_strict(tmp_path):
                  "--report", str(tmp_path / "r3.json")]) == 2
 
 
+def test_a_missing_image_folder_is_one_line_and_nothing_is_written(tmp_path):
+    """`--images nope` counted every image as a missing file (26 faults, kept 0 images) and wrote
+    ./report.json with exit 0; COCODetection from a config did the same."""
+    path = hand_built(tmp_path / "data")
+    proc = kiln("data", "check", str(path), "--images", "nope", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == ("error: --images nope: folder not found; give the folder that holds the"
+                           " annotations' images\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no report.json
+    cfg = {"task": "detection", "data": {"dataset": {"type": "COCODetection", "args": {
+        "annotations": str(path), "images": str(tmp_path / "nope")}}}, "model": {"type": "fasterrcnn_tiny"},
+        "metrics": [], "output_dir": str(tmp_path / "runs")}
+    proc = kiln("config", "check", "-c", str(write_config(tmp_path / "data", cfg)), cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f"{path}: images {tmp_path / 'nope'}: folder not found" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_shapes_detection_refuses_a_folder_made_with_other_settings(tmp_path):
+    """`kiln data shapes data/shapes --images 12` and then a config asking for 16 images trained on
+    the 12 without a word: refused in one line saying what the folder was made with, before any run
+    folder; a folder made with the config's settings (or written by the data set) is used."""
+    shapes = tmp_path / "shapes"
+    kiln("data", "shapes", str(shapes), "--images", "12", "--size", "64", check=True)
+    made = (shapes / "annotations.json").read_bytes()
+    assert json.loads(made)["info"]["made_with"] == {"images": 12, "size": 64, "seed": 0}
+    cfg = {"name": "s", "task": "detection", "output_dir": str(tmp_path / "runs"),
+           "data": {"dataset": {"type": "ShapesDetection", "args": {"root": str(shapes), "images": 16, "size": 64}},
+                    "batch_size": 4},
+           "model": {"type": "fasterrcnn_tiny", "args": {"min_size": 64, "max_size": 64}}, "metrics": [],
+           "trainer": {"epochs": 1}, "logging": {"progress": False}}
+    path = write_config(tmp_path, cfg)
+    proc = kiln("train", "-q", "-c", str(path), cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (f"{shapes}: this shapes demo folder was made with images 12, size 64, seed 0, but data.dataset.args"
+            " asks for images 16, size 64, seed 0; set data.dataset.args to match, or remove") in proc.stderr
+    assert not (tmp_path / "runs").exists() and (shapes / "annotations.json").read_bytes() == made
+    assert kiln("config", "check", "-c", str(path), "data.dataset.args.images=12", cwd=tmp_path).returncode == 0
+    fresh = tmp_path / "fresh"  # written by the data set itself on first use, then used again
+    for _ in range(2):
+        proc = kiln("config", "check", "-c", str(path), f"data.dataset.args.root={fresh}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    data = json.loads(made)
+    del data["info"]  # a folder that does not say what it was made with
+    (shapes / "annotations.json").write_text(json.dumps(data))
+    proc = kiln("config", "check", "-c", str(path), "data.dataset.args.images=12", cwd=tmp_path)
+    assert proc.returncode == 2 and "has no record of its settings" in proc.stderr
+
+
 def _loaders(tmp_path, batch_size=2):
     from torch.utils.data import DataLoader
 
@@ -258,18 +307,18 @@ def shapes_run(tmp_path_factory):
         "trainer": {"epochs": 1}, "logging": {"progress": False, "images": 2},
     }
     path = write_config(home, cfg)
-    kiln("train", "-q", "-c", str(path), check=True, timeout=600)
+    trained = kiln("train", "-q", "-c", str(path), check=True, timeout=600)
     (run,) = (home / "runs" / "shapes").iterdir()
     first = (run / "metrics.csv").read_text()
-    kiln("train", "-q", "--resume", str(run), "trainer.epochs=2", check=True, timeout=600)
+    resumed = kiln("train", "-q", "--resume", str(run), "trainer.epochs=2", check=True, timeout=600)
     predicted = kiln("predict", str(run), "--input", str(home / "shapes" / "images"), "--out", str(home / "boxes.csv"),
                      "--coco-ann", str(home / "shapes" / "annotations.json"), check=True, timeout=300)
-    return home, run, path, first, predicted
+    return home, run, path, first, predicted, trained.stderr + resumed.stderr
 
 
 @pytest.mark.slow
 def test_a_shapes_run_reports_its_audit_and_losses(shapes_run):
-    home, run, _, first, _ = shapes_run
+    home, run, _, first, _, _ = shapes_run
     injected = json.loads((home / "shapes" / "faults.json").read_text())
     (report,) = json.loads((run / "data_report.json").read_text()).values()
     assert {k: v for k, v in report["faults"].items() if v} == {k: v for k, v in injected.items()
@@ -281,10 +330,18 @@ def test_a_shapes_run_reports_its_audit_and_losses(shapes_run):
 
 
 @pytest.mark.slow
+def test_a_shapes_run_draws_images_without_boxes_without_a_warning(shapes_run):
+    """A validation picture with no true box, or no prediction above the score drawn (an untrained
+    detector), sent torchvision's `UserWarning: boxes doesn't contain any box` to the console."""
+    *_, logs = shapes_run
+    assert "contain any box" not in logs and "UserWarning" not in logs, logs
+
+
+@pytest.mark.slow
 def test_tensorboard_shows_validation_boxes(shapes_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, run, _, _, _ = shapes_run
+    _, run, _, _, _, _ = shapes_run
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     tags = acc.Tags()["images"]
@@ -295,7 +352,7 @@ def test_tensorboard_shows_validation_boxes(shapes_run):
 
 @pytest.mark.slow
 def test_kiln_test_prints_per_class_ap(shapes_run, capsys):
-    _, run, _, _, _ = shapes_run
+    _, run, _, _, _, _ = shapes_run
     from torchkiln.cli import main
 
     capsys.readouterr()
@@ -308,7 +365,7 @@ def test_kiln_test_prints_per_class_ap(shapes_run, capsys):
 
 @pytest.mark.slow
 def test_a_detection_run_resumes(shapes_run):
-    _, run, _, first, _ = shapes_run
+    _, run, _, first, _, _ = shapes_run
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1] == first.splitlines()[1]  # epoch 1 kept, epoch 2 added
     summary = json.loads((run / "summary.json").read_text())
@@ -319,7 +376,7 @@ def test_a_detection_run_resumes(shapes_run):
 def test_kiln_predict_writes_boxes_and_coco_results(shapes_run, tmp_path, capsys):
     from torchkiln.cli import main
 
-    home, run, _, _, predicted = shapes_run
+    home, run, _, _, predicted, _ = shapes_run
     assert predicted.stdout.split() == [str(home / "boxes.csv"), str(home / "boxes.coco.json")]
     with open(home / "boxes.csv") as f:
         rows = list(csv.DictReader(f))
@@ -352,7 +409,7 @@ def test_kiln_predict_writes_boxes_and_coco_results(shapes_run, tmp_path, capsys
 def test_kiln_data_stats_for_detection(shapes_run, tmp_path, capsys):
     from torchkiln.cli import main
 
-    _, _, path, _, _ = shapes_run
+    _, _, path, _, _, _ = shapes_run
     assert main(["data", "stats", "-c", str(path), "-o", str(tmp_path)]) == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["boxes"] > 0 and set(stats["class_counts"]) == {"rectangle", "ellipse", "triangle"}

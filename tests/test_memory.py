@@ -391,6 +391,16 @@ class OOMAbove(nn.Module):
 '''
 
 
+def test_kiln_find_batch_size_names_margin_when_it_is_wrong_before_anything_runs(tmp_path):
+    """--margin is a flag, not a config key (it said `trainer.margin`, once the finder had started):
+    refused before the config is even read (the one given is not there)."""
+    for margin in ("2", "-0.1"):
+        proc = kiln("find-batch-size", "-c", str(tmp_path / "missing.yaml"), "--margin", margin, cwd=tmp_path)
+        assert (proc.returncode, proc.stdout) == (2, "")
+        assert proc.stderr == f"error: --margin: expected a fraction in [0, 1); found {float(margin)}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def oom_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("oom")

@@ -148,6 +148,34 @@ def test_a_broken_image_stops_with_one_line_or_is_skipped_and_listed(images_run,
     assert len(listed) == 1 and listed[0].startswith("2.png\t") and "2.png" in listed[0].split("\t")[1]
 
 
+def test_images_of_several_sizes_stop_with_one_line_naming_the_file(images_run, tmp_path):
+    """A run trained on one size (no Resize in its eval transforms) over a 10x16 image among 12x12
+    ones: one line naming the file and the fix (it was the collate's traceback), from a folder, a
+    CSV, and loader workers; no file written."""
+    home, run = images_run
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    _save(_image(rng, 0), folder / "a.png")
+    _save(_image(rng, 1, size=16)[:10], folder / "b.png")
+    (tmp_path / "in.csv").write_text("image\nimgs/a.png\nimgs/b.png\n")
+    out = tmp_path / "submission.csv"
+    for source, extra in ((folder, []), (tmp_path / "in.csv", []), (tmp_path / "in.csv", ["--num-workers", "2"])):
+        proc = kiln("predict", str(run), "--input", str(source), "--out", str(out), *extra, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: samples in a batch differ in size ("), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+        assert f"{folder / 'b.png'}{' (in.csv line 3)' if source.suffix else ''} is 10x16" in proc.stderr
+        assert "Resize/CenterCrop in data.transforms.eval" in proc.stderr and not out.exists()
+
+
+def test_predict_refuses_batch_size_and_workers_below_their_range(images_run, tmp_path):
+    """--batch-size 0 / -3 and --num-workers -1 were the DataLoader's ValueError traceback."""
+    home, run = images_run
+    for flag, value, least in (("--batch-size", "0", 1), ("--batch-size", "-3", 1), ("--num-workers", "-1", 0)):
+        proc = kiln("predict", str(run), "--input", str(home / "eval"), "--out", str(tmp_path / "p.csv"), flag, value)
+        assert (proc.returncode, proc.stderr) == (2, f"error: {flag}: expected a number >= {least}; found {value}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_tta_is_the_mean_of_the_separately_computed_views(images_run, tmp_path):
     import torchkiln
     from torchkiln.inference.tta import corner_crops

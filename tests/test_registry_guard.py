@@ -102,7 +102,7 @@ def _files(tmp: Path) -> dict[str, dict]:
     return {
         "COCODetection": {"annotations": str(shapes / "annotations.json"), "images": str(shapes / "images")},
         "CSVBoxes": {"csv": str(tmp / "boxes.csv"), "images": str(shapes / "images")},
-        "ShapesDetection": {"root": str(shapes)},
+        "ShapesDetection": {"root": str(shapes), "images": 12, "size": 64},  # what the folder was made with
         "ImageFolder": {"root": str(tmp / "folder")},
         "CsvImages": {"csv_file": str(tmp / "images.csv")},
         "TensorFile": {"path": str(tmp / "data.npz")},

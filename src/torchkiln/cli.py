@@ -11,7 +11,7 @@ import sys
 import threading
 
 from torchkiln import gcpause
-from torchkiln.errors import KilnError, report
+from torchkiln.errors import ConfigError, KilnError, report
 from torchkiln.version import __version__
 
 # subcommand -> the module (in torchkiln.commands) whose main(args) runs it
@@ -33,6 +33,21 @@ COMMANDS = {
 }
 # subcommands made of actions: the attribute that holds the action (none given: the help, exit 2)
 ACTIONS = {"config": "config_command", "data": "data_command"}
+
+
+class Bounded(argparse.Action):
+    """A number flag with a range (`least` <= N, `above` < N, N <= `most`): a number outside it is a
+    user error while the command line is parsed, one line naming the flag, before anything runs."""
+
+    def __init__(self, option_strings, dest, least=None, above=None, most=None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.bounds = [(op, b) for op, b in ((">=", least), (">", above), ("<=", most)) if b is not None]
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if not all(value >= b if op == ">=" else value > b if op == ">" else value <= b for op, b in self.bounds):
+            wanted = " and ".join(f"{op} {b}" for op, b in self.bounds)
+            raise ConfigError(f"{option_string}: expected a number {wanted}; found {value}")
+        setattr(namespace, self.dest, value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,19 +86,19 @@ def _add_train(sub) -> None:
     t.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     t.add_argument("--folds", action="store_true",
                    help="k-fold cross-validation: train every fold of data.folds, report mean and spread")
-    t.add_argument("--devices", type=int, default=1, metavar="N",
+    t.add_argument("--devices", type=int, default=1, metavar="N", action=Bounded, least=1,
                    help="start N processes on this machine (DDP, one per GPU; Gloo on CPU)")
-    t.add_argument("--max-restarts", type=int, default=0, metavar="K",
+    t.add_argument("--max-restarts", type=int, default=0, metavar="K", action=Bounded, least=0,
                    help="with --devices: restart the workers up to K times, resuming from the last checkpoint")
-    t.add_argument("--fast-dev-run", type=int, nargs="?", const=2, metavar="N",
+    t.add_argument("--fast-dev-run", type=int, nargs="?", const=2, metavar="N", action=Bounded, least=1,
                    help="N batches (default 2) of train, val and test through everything (callbacks, loggers,"
                    " a checkpoint and a resume) in a temporary run directory; one line per check")
-    t.add_argument("--overfit-batches", type=int, metavar="N",
+    t.add_argument("--overfit-batches", type=int, metavar="N", action=Bounded, least=1,
                    help="train on the same N batches (no shuffle, augmentation or scheduler), validated on"
                    " themselves, 50 epochs unless trainer.epochs=K; ends with a pass/fail verdict line")
-    t.add_argument("--overfit-threshold", type=float, default=0.1, metavar="F",
+    t.add_argument("--overfit-threshold", type=float, default=0.1, metavar="F", action=Bounded, above=0, most=1,
                    help="--overfit-batches passes when the loss falls to this share of its start (default 0.1)")
-    t.add_argument("--memory-snapshot", type=int, metavar="N",
+    t.add_argument("--memory-snapshot", type=int, metavar="N", action=Bounded, least=1,
                    help="record the first N steps' CUDA memory history into the run's memory_snapshot.pickle")
     t.add_argument("overrides", nargs="*", metavar="key.path=value")
 
@@ -111,14 +126,14 @@ def _add_predict(sub) -> None:
     p.add_argument("--image-col", help="a CSV's image column (default: the run's data.dataset.args.image_col)")
     p.add_argument("--root", help="the folder a CSV's image paths are relative to (default: the CSV's)")
     p.add_argument("--probs", action="store_true", help="a probability column per class")
-    p.add_argument("--topk", type=int, metavar="K", help="the K most probable classes and their probabilities")
+    p.add_argument("--topk", type=int, metavar="K", action=Bounded, least=1, help="the K most probable classes and their probabilities")
     p.add_argument("--tta", default="none", choices=["none", "flip", "flip+crops"], help="test-time augmentation")
     p.add_argument("--coco-ann", metavar="ANN.json", help="detection: the COCO file whose image and category ids"
                    " the results JSON (<out stem>.coco.json) uses (default: input positions and labels)")
     p.add_argument("--on-error", default="raise", choices=["raise", "skip"],
                    help="an unreadable image: stop (raise), or write an empty prediction and list it (skip)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, action=Bounded, least=1)
+    p.add_argument("--num-workers", type=int, default=0, action=Bounded, least=0)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
     p.add_argument("-q", "--quiet", action="store_true")
 
@@ -132,8 +147,8 @@ def _add_report(sub) -> None:
 def _add_summary(sub) -> None:
     m = sub.add_parser("summary", help="the model's layers, output shapes, parameters, MACs and memory")
     m.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
-    m.add_argument("--batch-size", type=int, help="batch size to size for (default: data.batch_size)")
-    m.add_argument("--depth", type=int, default=3, help="nesting depth of the layer table (default: 3)")
+    m.add_argument("--batch-size", type=int, action=Bounded, least=1, help="batch size to size for (default: data.batch_size)")
+    m.add_argument("--depth", type=int, default=3, action=Bounded, least=0, help="nesting depth of the layer table (default: 3)")
     m.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
@@ -165,7 +180,7 @@ def _add_data(sub) -> None:
     st.add_argument("-c", "--config")
     st.add_argument("-o", "--out", help="folder for stats.json and class_histogram.png"
                     " (default: <output_dir>/<name>/data_stats)")
-    st.add_argument("--max-images", type=int, default=2000, help="images decoded for sizes and mean/std")
+    st.add_argument("--max-images", type=int, default=2000, action=Bounded, least=1, help="images decoded for sizes and mean/std")
     st.add_argument("overrides", nargs="*", metavar="key.path=value")
     ck = dsub.add_parser("check", help="audit COCO-format (or CSV) box annotations: count and list every fault;"
                          " --fix writes a corrected copy")
@@ -174,13 +189,13 @@ def _add_data(sub) -> None:
     ck.add_argument("--fix", metavar="OUT", help="write the corrected annotations here (the input is kept)")
     ck.add_argument("--inverted", choices=["fix", "drop"], default="fix",
                     help="inverted corners: put them in order (default) or drop the box")
-    ck.add_argument("--min-size", type=float, default=1.0, help="boxes with a side below this are dropped")
+    ck.add_argument("--min-size", type=float, default=1.0, action=Bounded, least=0, help="boxes with a side below this are dropped")
     ck.add_argument("--strict", action="store_true", help="exit 1 when any fault was found")
     ck.add_argument("--report", default="report.json", help="where report.json goes (default: ./report.json)")
     sh = dsub.add_parser("shapes", help="write the generated detection demo (COCO JSON + images, injected faults)")
     sh.add_argument("out", help="folder for annotations.json, faults.json and images/")
-    sh.add_argument("--images", type=int, default=300)
-    sh.add_argument("--size", type=int, default=128)
+    sh.add_argument("--images", type=int, default=300, action=Bounded, least=2)
+    sh.add_argument("--size", type=int, default=128, action=Bounded, least=16, help="image side in px")
     sh.add_argument("--seed", type=int, default=0)
 
 
@@ -229,8 +244,8 @@ def _add_memory(sub) -> None:
     f.add_argument("-c", "--config", help="YAML or JSON config file (default: the packaged one)")
     f.add_argument("--mode", default="binsearch", choices=["power", "binsearch"],
                    help="power: double until out of memory; binsearch: then bisect (default)")
-    f.add_argument("--max", type=int, default=4096, help="the largest size tried (default: 4096)")
-    f.add_argument("--start", type=int, default=2, help="the first size tried (default: 2)")
+    f.add_argument("--max", type=int, default=4096, action=Bounded, least=1, help="the largest size tried (default: 4096)")
+    f.add_argument("--start", type=int, default=2, action=Bounded, least=1, help="the first size tried (default: 2)")
     f.add_argument("--margin", type=float, default=0.1, help="fraction kept off the answer (default: 0.1)")
     f.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     f.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -266,7 +281,11 @@ def run() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except KilnError as exc:  # a number flag out of its range (Bounded): nothing has run yet
+        report(exc)
+        return exc.exit_code
     if args.command != "train" or getattr(args, "folds", None):  # --folds: each fold's parts are freed
         gcpause.resume()
     if args.command is None:

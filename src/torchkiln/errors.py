@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Set by `kiln train --devices N` for its workers: a folder where each writes its user error, which
@@ -45,6 +46,18 @@ class TrainingError(KilnError):
     """The run cannot continue (e.g. a non-finite loss); saved checkpoints are intact."""
 
 
+@contextmanager
+def flag_errors(flags: dict[str, str]) -> Iterator[None]:
+    """An engine part's SettingError about a value a command-line flag gave, named by the flag
+    (`flags`: the part's setting -> the flag) instead of a config key."""
+    try:
+        yield
+    except SettingError as exc:
+        if exc.setting not in flags:
+            raise
+        raise ConfigError(f"{flags[exc.setting]}: {exc.detail}") from exc
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' did you mean 'x'?' suffix for the closest choice, or ''."""
     choices = list(choices)
@@ -56,9 +69,21 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def message(exc: KilnError) -> str:
+    """The error's own line. One raised in a DataLoader worker (a collate's, a dataset's) comes back
+    from torch as the same class holding "Caught X in DataLoader worker process N." and the worker's
+    traceback, whose last line is the original's `module.Class: message`."""
+    text = str(exc)
+    if "\n" not in text or not text.startswith(f"Caught {type(exc).__name__} "):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
+
+
 def report(exc: KilnError) -> None:
     """The one line of a user's error, on stderr; a `--devices N` worker hands it to its launcher."""
-    line = f"error: {exc}"
+    line = f"error: {message(exc)}"
     folder = os.environ.get(WORKER_ERRORS_ENV)
     if folder and Path(folder).is_dir():
         (Path(folder) / f"rank{int(os.environ.get('RANK', '0')):05d}.txt").write_text(line)

@@ -42,7 +42,7 @@ def check(args: argparse.Namespace) -> int:
     if args.fix and Path(args.fix).resolve() == source.resolve():
         raise ConfigError(f"--fix {args.fix}: that is the input; give another file (the input is never changed)")
     report, fixed = audit(read_annotations(source), args.images,
-                          Policy(inverted=args.inverted, clip=True, min_size=args.min_size))
+                          Policy(inverted=args.inverted, clip=True, min_size=args.min_size), where="--images")
     print(f"{source}:")
     print(report.table())
     out = {"annotations": str(source), "images_dir": args.images, **report.to_dict()}

@@ -53,10 +53,7 @@ def main(args: argparse.Namespace) -> int:
                           " --folds and --devices")
     if args.fast_dev_run is not None and args.overfit_batches is not None:
         raise ConfigError("--fast-dev-run and --overfit-batches: give one of them")
-    n = args.fast_dev_run if args.fast_dev_run is not None else args.overfit_batches
-    if n < 1:
-        raise ConfigError(f"--{'fast-dev-run' if args.fast_dev_run is not None else 'overfit-batches'}:"
-                          f" expected a number of batches >= 1; found {n}")
+    n = args.fast_dev_run if args.fast_dev_run is not None else args.overfit_batches  # >= 1 (cli.Bounded)
     console(quiet=True)  # the checks' lines are the output; warnings still show
     if args.fast_dev_run is not None:
         checks = fast_dev_run(args.config, list(args.overrides), n)

@@ -13,7 +13,11 @@ def main(args: argparse.Namespace) -> int:
     from torchkiln.commands.train import find_batch_size
     from torchkiln.config.load import config_errors_from, default_config_path, load_checked
     from torchkiln.engine import distributed
+    from torchkiln.engine.batch_finder import check_search
+    from torchkiln.errors import flag_errors
 
+    with flag_errors({"mode": "--mode", "margin": "--margin"}):
+        check_search(args.mode, args.margin)
     console(args.quiet)
     cfg = load_checked(args.config, args.overrides)
     distributed.init_from_env(cfg.trainer.device, cfg.trainer.dist_timeout)  # under torchrun: every rank

@@ -44,8 +44,11 @@ def lr_find(config: str | None, overrides: list[str], out: str | None = None, ap
         load_checked,
         read_file,
     )
-    from torchkiln.engine.lr_range import range_test
+    from torchkiln.engine.lr_range import check_range, range_test
+    from torchkiln.errors import flag_errors
 
+    with flag_errors({"start/end": "--start/--end", "steps": "--steps"}):
+        check_range(start, end, steps)
     path = Path(config) if config else default_config_path()
     cfg = load_checked(path, overrides)
     data = apply_overrides(read_file(path), overrides)

@@ -14,18 +14,30 @@ from torchkiln.registry import Registry
 COLLATES = Registry("collate")
 
 
+def same_size(batch: list[Any], fix: str, names: list[str] | None = None) -> Any:
+    """torch's default_collate; samples that differ in size are one DataError saying `fix`. With
+    `names` (one per sample, the samples tensors) it names the first sample whose size differs."""
+    try:
+        return default_collate(batch)
+    except RuntimeError as exc:
+        if "stack expects each tensor to be equal size" not in str(exc):
+            raise
+        odd = next((i for i, x in enumerate(batch) if x.shape != batch[0].shape), None) if names else None
+        what = str(exc) if odd is None else (f"{names[odd]} is {_hw(batch[odd])}, {names[0]}"
+                                             f" {_hw(batch[0])}")
+        raise DataError(f"samples in a batch differ in size ({what}); {fix}") from exc
+
+
+def _hw(x: torch.Tensor) -> str:
+    return "x".join(map(str, x.shape[-2:])) + " (H x W)" if x.dim() >= 2 else str(tuple(x.shape))
+
+
 @COLLATES.register(name="default")
 class DefaultCollate:
     """torch's default_collate, with a clear message when samples differ in size."""
 
     def __call__(self, batch: list[Any]) -> Any:
-        try:
-            return default_collate(batch)
-        except RuntimeError as exc:
-            if "stack expects each tensor to be equal size" not in str(exc):
-                raise
-            raise DataError(f"samples in a batch differ in size ({exc}); add a Resize/CenterCrop to"
-                            f" data.transforms, or use data.collate: pad_sequences") from exc
+        return same_size(batch, "add a Resize/CenterCrop to data.transforms, or use data.collate: pad_sequences")
 
 
 @COLLATES.register(name="pad_sequences")

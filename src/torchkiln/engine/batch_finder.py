@@ -69,14 +69,20 @@ class FinderResult:
         return out
 
 
-def search(fits: Callable[[int], Trial], mode: str = "binsearch", start: int = 2, max_size: int = 65536,
-           margin: float = MARGIN, bound_reason: str | None = None) -> FinderResult:
-    """The search alone: `fits(size)` tries one size. Doubling from `start`, then (binsearch)
-    bisection between the last size that fit and the first that did not."""
+def check_search(mode: str, margin: float) -> None:
+    """The search's own settings (callers check them before building anything); a SettingError
+    names "mode" or "margin"."""
     if mode not in MODES:
         raise SettingError("mode", f"expected power or binsearch; found {mode!r}")
     if not 0 <= margin < 1:
         raise SettingError("margin", f"expected a fraction in [0, 1); found {margin}")
+
+
+def search(fits: Callable[[int], Trial], mode: str = "binsearch", start: int = 2, max_size: int = 65536,
+           margin: float = MARGIN, bound_reason: str | None = None) -> FinderResult:
+    """The search alone: `fits(size)` tries one size. Doubling from `start`, then (binsearch)
+    bisection between the last size that fit and the first that did not."""
+    check_search(mode, margin)
     start = max(1, min(int(start), int(max_size)))
     trials: list[Trial] = []
 

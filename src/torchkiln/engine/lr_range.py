@@ -83,13 +83,19 @@ def steepest(lrs: list[float], losses: list[float]) -> int | None:
     return int(slopes.argmin())
 
 
+def check_range(start: float, end: float, steps: int) -> None:
+    """The test's own settings (callers check them before building anything): 0 < start < end, and
+    at least 3 steps; a SettingError names "start/end" or "steps"."""
+    if not 0 < start < end:
+        raise SettingError("start/end", f"expected 0 < start < end; found start {start}, end {end}")
+    if steps < 3:
+        raise SettingError("steps", f"expected at least 3 steps; found {steps}")
+
+
 def range_test(trainer: Any, loader: Any, start: float = 1e-7, end: float = 10.0, steps: int = 100,
                beta: float = 0.98, diverge: float = 4.0) -> RangeTest:
     """Run the test on `trainer`'s parts over batches of `loader`; everything is restored afterwards."""
-    if not 0 < start < end:
-        raise SettingError("lr range", f"expected 0 < start < end; found start {start}, end {end}")
-    if steps < 3:
-        raise SettingError("lr range", f"expected at least 3 steps; found {steps}")
+    check_range(start, end, steps)
     trainer.setup()
     model, optimizer = trainer.raw_model, trainer.optimizer
     saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),

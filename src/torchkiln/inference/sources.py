@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
+from torchkiln.data.collate import same_size
 from torchkiln.data.images import IMAGE_EXTENSIONS, decode_image
 from torchkiln.errors import DataError, did_you_mean
 
@@ -44,7 +45,8 @@ class ImageInputs(Dataset):
         except DataError as exc:
             return {"input": None, "index": index, "error": str(exc).split("; fix")[0]}
         x = self.transform(image) if self.transform is not None else image
-        return {"input": x.as_subclass(torch.Tensor), "index": index, "size": torch.tensor(image.shape[-2:])}
+        return {"input": x.as_subclass(torch.Tensor), "index": index, "size": torch.tensor(image.shape[-2:]),
+                "file": f"{self.paths[index]}{self.where[index]}"}
 
 
 class SplitInputs(Dataset):
@@ -62,13 +64,19 @@ class SplitInputs(Dataset):
         return {"input": torch.as_tensor(x), "index": index}
 
 
+# inputs of several sizes after the run's eval transforms (data/collate.py:same_size says which)
+SIZE_FIX = ("give images of one size, or train with a Resize/CenterCrop in data.transforms.eval"
+            " (the run's eval transforms come before the batch)")
+
+
 def collate(samples: list[dict[str, Any]], stack: bool = True) -> dict[str, Any]:
     """The readable inputs stacked (a list with `stack` False: images of any size), their positions,
     their stored (H, W) when known, and the (position, error) of the others."""
     good = [s for s in samples if s["input"] is not None]
     inputs = [s["input"] for s in good]
+    names = [s["file"] for s in good] if all("file" in s for s in good) else None
     return {
-        "input": (default_collate(inputs) if stack else inputs) if good else None,
+        "input": (same_size(inputs, SIZE_FIX, names) if stack else inputs) if good else None,
         "index": torch.tensor([s["index"] for s in good], dtype=torch.int64),
         "size": torch.stack([s["size"] for s in good]) if good and all("size" in s for s in good) else None,
         "failed": [(s["index"], s["error"]) for s in samples if s["input"] is None],

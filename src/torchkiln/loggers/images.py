@@ -216,17 +216,24 @@ def boxes_image(image: torch.Tensor, predicted: dict[str, torch.Tensor], true: d
     """An (H, W, 3) uint8 picture of one detection input (float, [0, 1]) with its true boxes in green
     and its predicted boxes (score >= BOX_SCORE, the `max_boxes` best) in red, labelled with the
     class name (and score), drawn by torchvision's draw_bounding_boxes."""
-    from torchvision.utils import draw_bounding_boxes
-
     x = rgb_uint8(image)
     keep = shown_boxes(predicted, max_boxes)
 
     def label(i: int) -> str:
         return class_label(int(i) - 1, class_names) if class_names else str(i)  # 1..C: names[0..C-1]
 
-    drawn = draw_bounding_boxes(x, true["boxes"].float(), [label(i) for i in true["labels"].tolist()],
-                                colors=GREEN, width=1)
+    drawn = _draw(x, true["boxes"], [label(i) for i in true["labels"].tolist()], GREEN)
     pred_labels = [f"{label(i)} {s:.2f}" for i, s in zip(predicted["labels"][keep].tolist(),
                                                          predicted["scores"][keep].tolist())]
-    drawn = draw_bounding_boxes(drawn, predicted["boxes"][keep].float(), pred_labels, colors=RED, width=1)
+    drawn = _draw(drawn, predicted["boxes"][keep], pred_labels, RED)
     return drawn.permute(1, 2, 0).contiguous().numpy()
+
+
+def _draw(image: torch.Tensor, boxes: torch.Tensor, labels: list[str], color: tuple[int, int, int]) -> torch.Tensor:
+    """draw_bounding_boxes, called only with boxes to draw: an image without true boxes, or a detector
+    with none above BOX_SCORE, is common, and torchvision warns on every empty set."""
+    if len(boxes) == 0:
+        return image
+    from torchvision.utils import draw_bounding_boxes
+
+    return draw_bounding_boxes(image, boxes.float(), labels, colors=color, width=1)

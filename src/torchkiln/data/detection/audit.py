@@ -170,9 +170,14 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
-def audit(data: dict[str, Any], images_dir: str | Path | None, policy: Policy = Policy()
+def audit(data: dict[str, Any], images_dir: str | Path | None, policy: Policy = Policy(), where: str = "images"
           ) -> tuple[AuditReport, dict[str, Any]]:
-    """(report, corrected copy) of COCO-format `data`; `images_dir` None skips the file checks."""
+    """(report, corrected copy) of COCO-format `data`; `images_dir` None skips the file checks. A
+    folder that is not there is a DataError naming it as `where` (the flag or argument that gave it),
+    not a missing file per image."""
+    if images_dir is not None and not Path(images_dir).is_dir():
+        found = "not a folder" if Path(images_dir).exists() else "folder not found"
+        raise DataError(f"{where} {images_dir}: {found}; give the folder that holds the annotations' images")
     report = AuditReport(images=len(data["images"]), annotations=len(data["annotations"]))
     images = _check_images(data["images"], images_dir, report)
     categories = {c.get("id") for c in data["categories"]}

@@ -71,7 +71,7 @@ class DetectionDataset(Dataset):
 
     def __init__(self, data: dict[str, Any], images: str | Path, source: str, boxes: Any = None):
         on_invalid, min_size = _boxes_setting(boxes)
-        report, fixed = audit(data, images, policy_for(on_invalid, min_size))
+        report, fixed = audit(data, images, policy_for(on_invalid, min_size), where=f"{source}: images")
         self.audit_report: AuditReport = report
         self.source = source
         if on_invalid == "error" and report.faults:
@@ -148,13 +148,25 @@ def csv_boxes(csv: str, images: str, boxes: Any = None) -> DetectionDataset:
 @DATASETS.register(name="ShapesDetection")
 def shapes_detection(root: str = "data/shapes", images: int = 300, size: int = 128, seed: int = 0,
                      boxes: Any = None) -> DetectionDataset:
-    """The generated demo (data/detection/shapes.py): written into `root` when it is not there yet."""
-    from torchkiln.data.detection.shapes import make_shapes
+    """The generated demo (data/detection/shapes.py): written into `root` when it is not there yet; a
+    `root` made with other settings (`kiln data shapes ROOT --images N`) is refused, not retrained on
+    or overwritten."""
+    from torchkiln.data.detection.shapes import made_with, make_shapes, settings
 
     ann = Path(root) / "annotations.json"
     if not ann.is_file():
         make_shapes(root, images=images, size=size, seed=seed)
-    return DetectionDataset(read_annotations(ann), Path(root) / "images", str(ann), boxes)
+    data = read_annotations(ann)
+    wanted, made = settings(images, size, seed), made_with(data)
+    if made != wanted:
+        found = "has no record of its settings" if made is None else f"was made with {_words(made)}"
+        raise DataError(f"{root}: this shapes demo folder {found}, but data.dataset.args asks for {_words(wanted)};"
+                        f" set data.dataset.args to match, or remove {root} to have it made again")
+    return DetectionDataset(data, Path(root) / "images", str(ann), boxes)
+
+
+def _words(made: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in made.items())
 
 
 for _factory in (coco_detection, csv_boxes, shapes_detection):

@@ -3,7 +3,8 @@ with PNG images, carrying a known share of injected annotation faults for `kiln 
 
 `make_shapes(out)` writes `out/images/*.png`, `out/annotations.json` and `out/faults.json` (what
 was injected, by fault kind, so the audit's counts can be compared with it). Seeded: the same
-arguments give the same files.
+arguments give the same files, and annotations.json records them (`info.made_with`: images, size,
+seed; `made_with(data)` reads them back).
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ FAULT_KINDS = ["inverted", "partly_outside", "wholly_outside", "tiny", "non_fini
 FAULT_EVERY = 20
 
 
+def settings(images: int, size: int, seed: int) -> dict[str, int]:
+    """What a demo folder is made with, as annotations.json records it."""
+    return {"images": images, "size": size, "seed": seed}
+
+
+def made_with(data: dict[str, Any]) -> dict[str, int] | None:
+    """The settings recorded in a demo's annotations (None: no record, e.g. not made here)."""
+    info = data.get("info")
+    return info.get("made_with") if isinstance(info, dict) else None
+
+
 def make_shapes(out: str | Path, images: int = 300, size: int = 128, seed: int = 0,
                 empty_share: float = 0.05) -> dict[str, Any]:
     """Write the demo data set into `out`; returns the injected faults by kind."""
@@ -81,9 +93,12 @@ def make_shapes(out: str | Path, images: int = 300, size: int = 128, seed: int =
                          "area": box[2] * box[3], "iscrowd": 0})
             if n == 0:
                 _inject(anns, faults, size, injected)
-    (out / "images" / clean[-1]).unlink()  # one image entry whose file is gone
-    injected["missing_image"] = 1
-    data = {"images": entries, "annotations": anns,
+    if clean:
+        (out / "images" / clean[-1]).unlink()  # one image entry whose file is gone
+        injected["missing_image"] = 1
+    data = {"info": {"description": "torchkiln's generated shapes demo (kiln data shapes)",
+                     "made_with": settings(images, size, seed)},
+            "images": entries, "annotations": anns,
             "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CATEGORIES)]}
     (out / "annotations.json").write_text(json.dumps(data), encoding="utf-8")
     (out / "faults.json").write_text(json.dumps(injected, indent=2), encoding="utf-8")
