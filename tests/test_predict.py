@@ -464,3 +464,22 @@ def test_a_tensor_batch_gets_each_samples_probabilities(tmp_path):
     rows = torch.randn(5, 64)
     scores = torchkiln.load(tmp_path / "api")(rows)
     assert scores.shape == (5, 10) and torch.allclose(scores.sum(1), torch.ones(5))
+
+
+def test_a_python_api_run_without_its_model_config_says_what_to_give(tmp_path):
+    """A run made by make_trainer without config=...: loading or exporting it says why it cannot
+    rebuild the model and what to pass, and the export writes nothing."""
+    import torchkiln
+    from torchkiln import make_trainer
+    from torchkiln.errors import CheckpointError
+
+    model = nn.Linear(4, 3)
+    loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,))), batch_size=8)
+    make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(), epochs=1,
+                 run_dir=tmp_path / "api", progress=False).fit(loader)
+    with pytest.raises(CheckpointError, match=r"names no model type .*make_trainer\(config="):
+        torchkiln.load(tmp_path / "api")
+    proc = kiln("export", str(tmp_path / "api"))
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "names no model type" in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "api" / "export").exists()

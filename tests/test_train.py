@@ -229,3 +229,60 @@ def test_a_callback_state_a_resume_could_not_load_is_refused_at_the_first_save(t
             assert (tmp_path / "run-True" / "checkpoints" / "last.ckpt").is_file()
     assert not_plain({"a": [1, {"b": (2.0, "x", None, torch.ones(1), {3})}]}) is None
     assert not_plain({"a": [1, {"b": frozenset()}]}) == "a builtins.frozenset at ['a'][1]['b']"
+
+
+def test_a_second_fit_continues_the_first(tmp_path):
+    """fit, then fit again with more epochs: the same weights, LRs and history as one longer fit
+    (the loop state, schedule and run directory go on; nothing restarts)."""
+    import signal
+
+    from torchkiln.engine.callbacks import Callback
+    from torchkiln.engine.state import StopRequested
+    from torchkiln.errors import SettingError
+
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)),
+                        batch_size=8)
+
+    def trainer_for(epochs, run_dir):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        from torchkiln import run_loggers
+
+        return make_trainer(model, opt, epochs=epochs, progress=False, run_dir=run_dir,
+                            loggers=run_loggers(run_dir, model, tensorboard=False, plots=False),
+                            scheduler=torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+
+    once = trainer_for(3, tmp_path / "once")
+    once.fit(loader, loader)
+    twice = trainer_for(2, tmp_path / "twice")
+    first = twice.fit(loader, loader)
+    assert twice.fit(loader, loader)["global_step"] == first["global_step"] == 10  # all epochs done: nothing runs
+    twice.epochs = 3
+    summary = twice.fit(loader, loader)
+    assert summary["epochs_completed"] == 3 and summary["global_step"] == 15
+    assert summary["fingerprint"] == first["fingerprint"]
+    assert all(torch.equal(a, b) for a, b in zip(once.raw_model.parameters(), twice.raw_model.parameters()))
+    assert [h["lr/group0"] for h in twice.loop.history] == [h["lr/group0"] for h in once.loop.history]
+    rows = list(csv.DictReader(open(tmp_path / "twice" / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+
+    class StopAt(Callback):  # a stop mid-epoch (as Ctrl-C in a notebook)
+        def on_train_batch_end(self, trainer, batch, samples):
+            if trainer.loop.epoch == 0 and batch == 2:
+                trainer.request_stop(signal.SIGINT)
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    stopped = make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), epochs=2, progress=False,
+                           callbacks=[StopAt()], run_dir=tmp_path / "stopped")
+    from torchkiln.data.loaders import make_loader
+
+    resumable = make_loader(loader.dataset, batch_size=8, train=True, seed=0)
+    with pytest.raises(StopRequested):
+        stopped.fit(resumable)
+    with pytest.raises(SettingError, match=r"stopped in epoch 1 \(after batch 3\).*resume=PATH"):
+        stopped.fit(resumable)
+    stopped.request_stop(None)
+    assert stopped.fit(resumable, resume=tmp_path / "stopped")["epochs_completed"] == 2  # a run directory resumes

@@ -23,7 +23,7 @@ from typing import Any
 
 from torchkiln.commands.logs import console
 from torchkiln.errors import CheckpointError, ConfigError, KilnError
-from torchkiln.inference.card import CARD, card_from_config, input_info
+from torchkiln.inference.card import CARD, card_from_config, input_info, require_model_type
 from torchkiln.rundir import CHECKPOINTS, EXPORT, LAST, checkpoint_path
 
 log = logging.getLogger("torchkiln")
@@ -111,6 +111,7 @@ def _card(state: dict[str, Any], ckpt: Path, fmt: str, weights: dict[str, Any]) 
     from torchkiln.version import __version__
 
     config: dict[str, Any] = state.get("config") or {}
+    require_model_type(config, ckpt)  # before any file is written
     loop = state.get("loop") or {}
     return {
         **card_from_config(config),

@@ -165,7 +165,9 @@ class Trainer:
     # -- fit ------------------------------------------------------------------------------------
     def fit(self, train_loader: Iterable, val_loader: Iterable | None = None,
             resume: str | Path | dict | None = None) -> dict[str, Any]:
-        """Train for `epochs` (continuing from `resume`, a checkpoint path or its loaded dict)."""
+        """Train for `epochs`, continuing from `resume` (a checkpoint path, a run directory's
+        last.ckpt, or a loaded checkpoint dict). A second fit of the same Trainer continues the
+        first: its epochs, steps, history and best go on (raise `epochs` to train longer)."""
         if self.optimizer is None:
             raise SettingError("optimizer", "fit needs an optimizer (evaluate and predict do not)")
         started = time.perf_counter()
@@ -194,10 +196,20 @@ class Trainer:
         return summary
 
     def _start(self, resume: str | Path | dict | None) -> None:
-        self.resumed = resume is not None
-        if self.resumed and resume is not self._loaded_state:  # the train command loads (and checks) it first
-            self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(resume, self.device))
-        if self.resumed:
+        loop = self.loop
+        continuing = resume is None and (loop.global_step > 0 or loop.epoch > 0)  # a second fit of this Trainer
+        self.resumed = resume is not None or continuing
+        if resume is not None and resume is not self._loaded_state:  # the train command loads (and checks) it first
+            self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(_checkpoint_of(resume), self.device))
+        if continuing:
+            if loop.batch_in_epoch > 0:
+                raise SettingError("fit", f"this Trainer's last fit stopped in epoch {loop.epoch + 1} (after batch"
+                                   f" {loop.batch_in_epoch}); continue it from its checkpoint: fit(..., resume=PATH)")
+            if loop.epoch >= self.epochs:
+                log.info("this Trainer has trained its %d epochs; set trainer.epochs higher to train longer", loop.epoch)
+            else:
+                log.info("continuing this Trainer's last fit at epoch %d, step %d", loop.epoch + 1, loop.global_step)
+        elif self.resumed:
             log.info("resumed at epoch %d, step %d (batch %d of the epoch)", self.loop.epoch + 1,
                      self.loop.global_step, self.loop.batch_in_epoch)
         else:
@@ -452,3 +464,11 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
             f"its optimizer state is not {type(optimizer).__name__}'s (it has no {shown}): a resume continues"
             " the run's own optimizer; resume without changing optimizer.type, or start a new run from"
             " its weights (model.pretrained: CKPT)")
+
+
+def _checkpoint_of(resume: str | Path) -> Path:
+    """`resume` as a checkpoint file: a run directory means its last.ckpt, as on the command line."""
+    from torchkiln.rundir import CHECKPOINTS, LAST
+
+    path = Path(resume)
+    return path / CHECKPOINTS / LAST if path.is_dir() and (path / CHECKPOINTS / LAST).is_file() else path

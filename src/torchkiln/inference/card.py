@@ -83,3 +83,17 @@ def read_card(folder: Path) -> dict[str, Any]:
     if not isinstance(card, dict) or not isinstance(card.get("model"), dict) or not card["model"].get("type"):
         raise CheckpointError(f"{path}: no model type in it (written by `kiln export`?)")
     return card
+
+
+def require_model_type(config: Any, ckpt: Any) -> None:
+    """A checkpoint rebuilds its model by the type in its config: a run from the Python API made
+    without `make_trainer(config=...)` has none, which is said here with what to do."""
+    model = config.get("model") if isinstance(config, dict) else None
+    if isinstance(model, dict) and model.get("type"):
+        return
+    from torchkiln.errors import CheckpointError
+
+    raise CheckpointError(
+        f"{ckpt}: its config names no model type (a Python-API run made without make_trainer(config=...)),"
+        " so nothing can rebuild the model: give make_trainer(config={'model': {'type': 'my_pkg.models:Net',"
+        " 'args': {...}}}); the weights alone are torch.load(path, weights_only=True)['model']")

@@ -16,7 +16,7 @@ from torch import nn
 
 from torchkiln.engine.device import cat_outputs, to_cpu
 from torchkiln.errors import CheckpointError, ConfigError, DataError
-from torchkiln.inference.card import CARD, card_from_config, read_card
+from torchkiln.inference.card import CARD, card_from_config, read_card, require_model_type
 from torchkiln.inference.sources import (
     SPLIT_PREFIX,
     Source,
@@ -59,8 +59,9 @@ def load(path: str | Path, checkpoint: str = "best", device: str | torch.device 
     if not ckpt.is_file() and not (path / CHECKPOINTS).is_dir():
         raise CheckpointError(f"{path}: neither a run directory (no {CHECKPOINTS}/) nor an export folder (no {CARD})")
     state = load_checkpoint(ckpt)
-    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{ckpt}: not a torchkiln checkpoint with its config")
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt}: not a torchkiln checkpoint")
+    require_model_type(state.get("config"), ckpt)
     card = card_from_config(state["config"])
     return Predictor(build_model(card, model_weights(state, ckpt)), card, device=device, precision=precision,
                      run_dir=path if (path / CHECKPOINTS).is_dir() else None, checkpoint=ckpt)
