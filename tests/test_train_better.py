@@ -216,7 +216,8 @@ def _fit(model, loader, lr=0.05, checks="warn", **settings):
 def test_checks_pass_on_a_working_run_and_name_what_is_wrong(digits, caplog):
     torch.manual_seed(0)
     good = _fit(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), digits)
-    assert good["findings"] == [] and len(good["passed"]) == 3
+    assert good["findings"] == [] and len(good["passed"]) == 4
+    assert "the optimizer holds every trainable parameter" in good["passed"]
     found = _fit(Unused(), digits)["findings"]
     assert len(found) == 1 and "spare.weight, spare.bias" in found[0] and "unused parameters" in found[0]
     assert "check: 2 trainable parameter(s) received no gradient" in caplog.text
@@ -224,6 +225,11 @@ def test_checks_pass_on_a_working_run_and_name_what_is_wrong(digits, caplog):
     assert "non-finite gradients" in _fit(NanGrad(), digits, on_nonfinite="skip_batch")["findings"][0]
     with pytest.raises(TrainingError, match="trainer.checks: strict: 2 trainable parameter"):
         _fit(Unused(), digits, checks="strict")
+    partial = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))  # the optimizer holds the head only
+    trainer = make_trainer(partial, torch.optim.SGD(partial[2].parameters(), lr=0.05), epochs=1, progress=False)
+    found = trainer.fit(digits)["checks"]["findings"]
+    assert found == ["2 trainable parameter(s) are not in the optimizer: 0.weight, 0.bias (they get gradients"
+                     " but never a step; add them to the optimizer, or freeze them with requires_grad_(False))"]
     trainer = make_trainer(Unused(), torch.optim.SGD(Unused().parameters(), lr=0.1), epochs=1, progress=False,
                            checks="off")
     assert "checks" not in trainer.fit(digits)

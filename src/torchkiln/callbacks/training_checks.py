@@ -4,6 +4,7 @@
   from the device once, at the epoch's end) are all finite and not all the same, and the trainable
   parameters changed (their norms, kept on the device, differ from those at the start: a learning
   rate of 0 or an optimizer that holds none of the trainable parameters shows here).
+- The optimizer holds every trainable parameter (checked when the first fit starts).
 - Every trainable parameter received a gradient: after the first backward that reached any
   parameter, those with `requires_grad` and no gradient are named (unused parameters: the classic
   cause of DDP's "Expected to have finished reduction" error).
@@ -55,6 +56,21 @@ class TrainingChecks(Callback):
         if not self.done and trainer.loop.global_step == 0:
             self._params = [p for p in trainer.raw_model.parameters() if p.requires_grad]
             self._norms = _norms(self._params)
+            self._check_optimizer_holds(trainer)
+
+    def _check_optimizer_holds(self, trainer: Any) -> None:
+        """Trainable parameters that the optimizer does not hold get gradients (which nothing
+        clears: they pile up) and are never stepped."""
+        held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        named = [(n, p) for n, p in trainer.raw_model.named_parameters() if p.requires_grad]
+        left = [n for n, p in named if id(p) not in held]
+        if left and len(left) < len(named):  # none held at all: the loss check at the epoch's end says it
+            shown = ", ".join(left[:10]) + (f" and {len(left) - 10} more" if len(left) > 10 else "")
+            self._find(f"{len(left)} trainable parameter(s) are not in the optimizer: {shown} (they get"
+                       " gradients but never a step; add them to the optimizer, or freeze them with"
+                       " requires_grad_(False))")
+        elif named:
+            self.passed.append("the optimizer holds every trainable parameter")
 
     def _find(self, text: str) -> None:
         self.findings.append(text)
