@@ -271,7 +271,7 @@ def test_nan_loss_stops_the_run_and_keeps_best(tmp_path):
     assert "ERROR error: non-finite loss (nan) at epoch 2, step 30" in (run / "train.log").read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["error"].startswith("non-finite loss (nan)") and summary["epochs_completed"] == 1
-    report = kiln("report", str(run))
+    report = kiln("report", str(run), "-o", str(tmp_path / "report"))
     assert report.returncode == 0 and "failed (epoch 1 of 2)" in report.stdout, report.stdout + report.stderr
 
 
