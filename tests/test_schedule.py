@@ -160,6 +160,16 @@ def test_plateau_per_step_is_a_config_error():
         LRSchedule(opt, L.ReduceLROnPlateau(opt), interval="step")
 
 
+def test_a_scheduler_class_is_refused_with_how_to_build_it():
+    from torchkiln.errors import SettingError
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(SettingError, match=r"^scheduler: got the class StepLR, not a scheduler: pass"
+                                           r" StepLR\(optimizer, ...\)$"):
+        make_trainer(model, opt, scheduler=L.StepLR, progress=False)
+
+
 def test_cli_plateau_per_step_exits_2(tmp_path):
     cfg = small_config(tmp_path, scheduler={"type": "ReduceLROnPlateau", "interval": "step"})
     proc = kiln("train", "-c", str(write_config(tmp_path, cfg)))

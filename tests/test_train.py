@@ -196,3 +196,71 @@ def test_epoch_metrics_are_exact_over_uneven_batches(n, batch):
     final = trainer.fit(loader)["final"]
     assert final["train/accuracy"] == pytest.approx(accuracy_score(targets, pred), abs=1e-6)
     assert final["train/f1_macro"] == pytest.approx(f1_score(targets, pred, average="macro"), abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# API mistakes: one line naming the setting and the fix, at construction (or at the top of fit)
+# ------------------------------------------------------------------------------------------
+def _tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(4, 3)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _tiny_loader(n: int = 8) -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 3, (n,))), batch_size=4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"metrics": ["accuracy"]},
+     r"^metrics: names need the task and class count: metrics=build_metrics\(\['accuracy'\], num_classes=N\)"),
+    ({"metrics": "accuracy"}, r"^metrics: names need the task and class count"),
+    ({"metrics": [object()]}, r"^metrics: object is not a metric"),
+    ({"loss_fn": torch.nn.CrossEntropyLoss},
+     r"^loss_fn: got the class CrossEntropyLoss, not a loss: pass CrossEntropyLoss\(\)$"),
+    ({"epochs": "abc"}, r"^epochs: expected a whole number of at least 0; found 'abc'$"),
+    ({"epochs": -1}, r"^epochs: expected a whole number of at least 0; found -1$"),
+    ({"epochs": 2.5}, r"^epochs: expected a whole number"),
+    ({"callbacks": [object()]}, r"^callbacks: object is not a torchkiln.Callback"),
+    ({"callbacks": [torch.nn.Module]}, r"^callbacks: got the class Module, not a callback"),
+], ids=["metric-names", "one-metric-name", "not-a-metric", "loss-class", "epochs-text", "epochs-negative",
+        "epochs-fraction", "not-a-callback", "callback-class"])
+def test_api_mistakes_are_setting_errors_at_construction(settings, message):
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.errors import SettingError
+
+    model, opt = _tiny()
+    loss = settings.pop("loss_fn", torch.nn.CrossEntropyLoss())
+    with pytest.raises(SettingError, match=message):
+        make_trainer(model, opt, loss, progress=False, **settings)
+    with pytest.raises(SettingError, match=message):
+        Trainer(model, opt, loss, **settings)
+
+
+def test_an_optimizer_class_is_refused_with_how_to_build_it():
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.errors import SettingError
+
+    model, _ = _tiny()
+    message = r"^optimizer: got the class SGD, not an optimizer: pass SGD\(model.parameters\(\), lr=...\)$"
+    with pytest.raises(SettingError, match=message):
+        make_trainer(model, torch.optim.SGD, progress=False)
+    with pytest.raises(SettingError, match=message):
+        Trainer(model, torch.optim.SGD)
+
+
+def test_one_callback_not_in_a_list_is_a_list_of_one():
+    from torchkiln import Callback
+    from torchkiln.engine.trainer import Trainer
+
+    class Counter(Callback):
+        epochs = 0
+
+        def on_epoch_end(self, trainer, epoch, record):
+            self.epochs += 1
+
+    model, opt = _tiny()
+    one = Counter()
+    make_trainer(model, opt, progress=False, epochs=2, callbacks=one).fit(_tiny_loader())
+    assert one.epochs == 2
+    other = Counter()
+    assert other in list(Trainer(model, opt, callbacks=other).callbacks)

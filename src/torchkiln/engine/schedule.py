@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as L
 
-from torchkiln.errors import SettingError
+from torchkiln.errors import SettingError, refuse_class
 
 STEP_SCHEDULERS = ("OneCycleLR", "CyclicLR", "CosineAnnealingWarmRestarts")
 METRIC_SCHEDULERS = ("ReduceLROnPlateau",)
@@ -49,6 +49,8 @@ class LRSchedule:
         warmup_start: float = 0.01,
         fractional_epochs: bool = True,
     ):
+        refuse_class("optimizer", optimizer, "an optimizer", "model.parameters(), lr=...")
+        refuse_class("scheduler", scheduler, "a scheduler", "optimizer, ...")
         self.optimizer = optimizer
         self.scheduler = scheduler
         kind = default_interval(scheduler) if scheduler is not None else "epoch"

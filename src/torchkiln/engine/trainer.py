@@ -26,7 +26,7 @@ from torchkiln.callbacks.logging_hub import LoggerHub
 from torchkiln.callbacks.monitor import EarlyStopping, Monitor
 from torchkiln.data.loaders import epoch_batch_sizes, set_loader_epoch
 from torchkiln.engine import distributed
-from torchkiln.engine.callbacks import Callback, CallbackList, StepInfo
+from torchkiln.engine.callbacks import Callback, CallbackList, StepInfo, as_callbacks
 from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, load_model_weights, strip_prefixes
 from torchkiln.engine.device import cat_outputs, to_cpu
 from torchkiln.engine.finite import FiniteCheck
@@ -35,7 +35,7 @@ from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.state import LoopState, StopRequested
 from torchkiln.engine.step import AccumulationGroups, OptimizerStep
 from torchkiln.engine.totals import EpochTotals, clone_metrics
-from torchkiln.errors import CheckpointError, SettingError, TrainingError
+from torchkiln.errors import CheckpointError, SettingError, TrainingError, at_least, refuse_class
 from torchkiln.loggers.base import Logger
 from torchkiln.loggers.validation import ValidationCollector, merge_samples
 from torchkiln.seeding import fingerprint, rng_state, set_rng_state
@@ -63,16 +63,18 @@ class Trainer:
         placement: Placement | None = None,
         monitor: Monitor | str | None = None,
         checkpoints: Checkpointing | str | Path | None = None,
-        callbacks: Iterable[Callback] = (),
+        callbacks: Callback | Iterable[Callback] = (),
         loggers: Iterable[Logger] = (),
         on_nonfinite: FiniteCheck | str = "stop",
         log_every_n_steps: int = 10,
     ):
+        refuse_class("optimizer", optimizer, "an optimizer", "model.parameters(), lr=...")
+        refuse_class("loss_fn", loss_fn, "a loss", "")
         self.raw_model = model  # the user's module: its weights are what checkpoints hold
         self.optimizer = optimizer
         self.task = task or ClassificationTask()
         self.loss_fn = loss_fn if loss_fn is not None else self.task.make_loss(None)
-        self.epochs = int(epochs)
+        self.epochs = at_least("epochs", epochs, 0)
         self.placement = (placement or Placement()).adopt(model)  # a model that places itself keeps its devices
         self.stepper = (step or OptimizerStep()).bind(optimizer, self.placement.device)
         self.schedule = schedule if isinstance(schedule, LRSchedule) else LRSchedule(optimizer, schedule)
@@ -83,7 +85,7 @@ class Trainer:
         self.val_metrics = clone_metrics(metrics, "val/")
         self.train_metrics = clone_metrics(metrics, "train/") if train_metrics else None
         self.hub = LoggerHub(loggers, self.log_every_n_steps)
-        self.callbacks = CallbackList(self._with_parts(list(callbacks)))
+        self.callbacks = CallbackList(self._with_parts(as_callbacks(callbacks)))
         self.loop = LoopState()
         self.initial_fingerprint: str | None = None
         self.compile_report: dict[str, Any] | None = None
