@@ -264,3 +264,17 @@ def test_one_callback_not_in_a_list_is_a_list_of_one():
     assert one.epochs == 2
     other = Counter()
     assert other in list(Trainer(model, opt, callbacks=other).callbacks)
+
+
+def test_early_stopping_mode_is_checked_by_the_monitors_rule(tmp_path, cli):
+    from conftest import small_config
+    from torchkiln.callbacks.monitor import EarlyStopping
+    from torchkiln.errors import SettingError
+
+    with pytest.raises(SettingError, match=r"^EarlyStopping.mode: expected min or max; found 'maximize'$"):
+        EarlyStopping(1, monitor="val/loss", mode="maximize")
+    assert EarlyStopping(1, mode="max").mode == "max"
+    # from a config it names the entry, not a trainer setting
+    cfg = small_config(tmp_path, callbacks=[{"type": "EarlyStopping", "args": {"patience": 1, "mode": "maximize"}}])
+    code, _, err = cli("config", "check", "-c", str(write_config(tmp_path, cfg)))
+    assert code == 2 and "callbacks.0: EarlyStopping.mode: expected min or max; found 'maximize'" in err, err
