@@ -266,6 +266,66 @@ def test_one_callback_not_in_a_list_is_a_list_of_one():
     assert other in list(Trainer(model, opt, callbacks=other).callbacks)
 
 
+def test_fit_refuses_a_loader_without_a_length_before_anything_runs():
+    from torch.utils.data import IterableDataset
+
+    from torchkiln.errors import SettingError
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+
+    def batches():
+        yield torch.randn(4, 4), torch.randint(0, 3, (4,))
+
+    model, opt = _tiny()
+    trainer = make_trainer(model, opt, progress=False, epochs=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for loader, found in ((None, "found None"),
+                          (DataLoader(Stream(), batch_size=4), r"a DataLoader over an IterableDataset \(Stream\) has none"),
+                          (batches(), "a generator has none")):
+        with pytest.raises(SettingError, match=rf"^train_loader: fit needs a loader with a length; {found}: give a"
+                                               " map-style Dataset"):
+            trainer.fit(loader)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert trainer.evaluate(DataLoader(Stream(), batch_size=4))["val/loss"] > 0  # evaluate only iterates
+
+
+def test_a_dict_batch_with_other_keys_names_the_keys_it_has():
+    from torchkiln.errors import DataError
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def loader(keys):
+        return DataLoader([{keys[0]: x[i], keys[1]: y[i]} for i in range(8)], batch_size=4)
+
+    model, opt = _tiny()
+    trainer = make_trainer(model, opt, progress=False, epochs=1)
+    with pytest.raises(DataError, match=r"^a dict batch needs the keys 'input' and 'target'; this one has 'image',"
+                                        r" 'label': rename them"):
+        trainer.fit(loader(("image", "label")))
+    with pytest.raises(DataError, match=r"^the loss needs targets and this batch has none: a dict batch needs the"
+                                        r" key 'target'"):
+        trainer.fit(loader(("input", "label")))
+    assert trainer.fit(loader(("input", "target")))["epochs_completed"] == 1
+
+
+def test_evaluate_on_an_empty_loader_is_an_error_not_empty_numbers():
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.errors import TrainingError
+
+    model, _ = _tiny()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    trainer = Trainer(model, metrics=build_metrics(["accuracy"], 3))
+    with pytest.raises(TrainingError, match=r"^the val loader gave no samples"):
+        trainer.evaluate(empty)
+    with pytest.raises(TrainingError, match=r"^the test loader gave no samples"):
+        trainer.test(empty)
+    short = DataLoader(TensorDataset(torch.randn(3, 4), torch.randint(0, 3, (3,))), batch_size=4, drop_last=True)
+    with pytest.raises(TrainingError, match="gave no samples"):
+        trainer.validate(short)
+
+
 def test_early_stopping_mode_is_checked_by_the_monitors_rule(tmp_path, cli):
     from conftest import small_config
     from torchkiln.callbacks.monitor import EarlyStopping

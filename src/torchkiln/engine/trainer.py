@@ -24,7 +24,7 @@ from torchkiln.callbacks.checkpointing import Checkpointing
 from torchkiln.callbacks.freezing import FreezeSchedule
 from torchkiln.callbacks.logging_hub import LoggerHub
 from torchkiln.callbacks.monitor import EarlyStopping, Monitor
-from torchkiln.data.loaders import epoch_batch_sizes, set_loader_epoch
+from torchkiln.data.loaders import check_sized, epoch_batch_sizes, set_loader_epoch
 from torchkiln.engine import distributed
 from torchkiln.engine.callbacks import Callback, CallbackList, StepInfo, as_callbacks
 from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, load_model_weights, strip_prefixes
@@ -169,6 +169,7 @@ class Trainer:
         """Train for `epochs` (continuing from `resume`, a checkpoint path or its loaded dict)."""
         if self.optimizer is None:
             raise SettingError("optimizer", "fit needs an optimizer (evaluate and predict do not)")
+        check_sized(train_loader, "train_loader")
         started = time.perf_counter()
         self.setup()
         self.resolve_monitor(val_loader is not None)
@@ -333,7 +334,7 @@ class Trainer:
     def evaluate(self, loader: Iterable, prefix: str = "val",
                  collector: ValidationCollector | None = None) -> dict[str, float]:
         """Loss and metrics over every sample of `loader`, keyed `<prefix>/<name>`."""
-        totals = EpochTotals(self.task, self.val_metrics, self.device)
+        totals, batch = EpochTotals(self.task, self.val_metrics, self.device), None
         for batch, outputs, targets in self.forward_pass(loader):
             if targets is not None:
                 with self.stepper.autocast():
@@ -341,6 +342,9 @@ class Trainer:
                 totals.add(loss, self.task.batch_size(batch), outputs, targets)
             if collector is not None:
                 collector.update(self.task.split_batch(batch)[0], outputs, targets)
+        if batch is None:
+            raise TrainingError(f"the {prefix} loader gave no samples: give it at least one batch (an empty dataset?"
+                                " drop_last with fewer samples than one batch?)")
         return totals.result(prefix)
 
     def _validate(self, epoch: int, loader: Iterable) -> dict[str, float]:
