@@ -129,3 +129,12 @@ def test_a_model_split_over_cuda_and_cpu_trains_where_it_sits():
     trainer.fit(data, data)
     assert trainer.placement.input_device.type == "cuda" and trainer.device.type == "cpu"
     assert model.seq1.weight.device.type == "cuda" and model.seq2.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x"])
+def test_a_device_string_torch_cannot_read_names_the_valid_forms(device):
+    model = nn.Linear(4, 2)
+    with pytest.raises(SettingError, match=rf"^device: '{device}' is not a device; use auto, cpu, cuda, cuda:N"):
+        make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), device=device)
+    with pytest.raises(SettingError, match=r"^device:"):
+        Placement(device)

@@ -161,6 +161,36 @@ def test_plateau_per_step_is_a_config_error():
         LRSchedule(opt, L.ReduceLROnPlateau(opt), interval="step")
 
 
+def test_an_interval_other_than_step_or_epoch_is_refused_not_kept():
+    """'batch' used to be kept and the scheduler stepped per epoch."""
+    from torchkiln.errors import SettingError
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    for scheduler in (L.StepLR(opt, 1), None):
+        with pytest.raises(SettingError, match=r"^scheduler_interval: expected step \(after each optimizer step\) or"
+                                               r" epoch; found 'batch'"):
+            LRSchedule(opt, scheduler, interval="batch")
+    assert LRSchedule(opt, L.StepLR(opt, 1), interval="step").interval == "step"
+
+
+def test_negative_warmup_is_refused():
+    from torchkiln.errors import SettingError
+
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(SettingError, match=r"^warmup_steps: expected a whole number of at least 0; found -5$"):
+        LRSchedule(opt, warmup_steps=-5)
+
+
+def test_a_scheduler_class_is_refused_with_how_to_build_it():
+    from torchkiln.errors import SettingError
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(SettingError, match=r"^scheduler: got the class StepLR, not a scheduler: pass"
+                                           r" StepLR\(optimizer, ...\)$"):
+        make_trainer(model, opt, scheduler=L.StepLR, progress=False)
+
+
 def test_cli_plateau_per_step_exits_2(tmp_path):
     cfg = small_config(tmp_path, scheduler={"type": "ReduceLROnPlateau", "interval": "step"})
     proc = kiln("train", "-c", str(write_config(tmp_path, cfg)))

@@ -126,6 +126,18 @@ def test_a_precision_the_device_cannot_run_is_a_config_error():
 # ------------------------------------------------------------------------------------------
 # accumulation
 # ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("accumulate", [0, -2, "abc", 1.5])
+def test_accumulate_below_one_is_refused_not_made_one(accumulate):
+    from torchkiln.errors import SettingError
+
+    with pytest.raises(SettingError, match=rf"^accumulate: expected a whole number of at least 1; found {accumulate!r}$"):
+        OptimizerStep(accumulate=accumulate)
+    model = nn.Linear(4, 2)
+    with pytest.raises(SettingError, match=r"^accumulate:"):
+        make_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), accumulate=accumulate, progress=False)
+    assert OptimizerStep(accumulate=3).accumulate == 3
+
+
 def train_weights(ds, batch, accumulate, epochs=1):
     torch.manual_seed(0)
     model = MLP(num_classes=10, hidden=[32])

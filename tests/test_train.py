@@ -286,3 +286,145 @@ def test_a_second_fit_continues_the_first(tmp_path):
         stopped.fit(resumable)
     stopped.request_stop(None)
     assert stopped.fit(resumable, resume=tmp_path / "stopped")["epochs_completed"] == 2  # a run directory resumes
+
+
+# ------------------------------------------------------------------------------------------
+# API mistakes: one line naming the setting and the fix, at construction (or at the top of fit)
+# ------------------------------------------------------------------------------------------
+def _tiny() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = torch.nn.Linear(4, 3)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _tiny_loader(n: int = 8) -> DataLoader:
+    return DataLoader(TensorDataset(torch.randn(n, 4), torch.randint(0, 3, (n,))), batch_size=4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"metrics": ["accuracy"]},
+     r"^metrics: names need the task and class count: metrics=build_metrics\(\['accuracy'\], num_classes=N\)"),
+    ({"metrics": "accuracy"}, r"^metrics: names need the task and class count"),
+    ({"metrics": [object()]}, r"^metrics: object is not a metric"),
+    ({"loss_fn": torch.nn.CrossEntropyLoss},
+     r"^loss_fn: got the class CrossEntropyLoss, not a loss: pass CrossEntropyLoss\(\)$"),
+    ({"epochs": "abc"}, r"^epochs: expected a whole number of at least 0; found 'abc'$"),
+    ({"epochs": -1}, r"^epochs: expected a whole number of at least 0; found -1$"),
+    ({"epochs": 2.5}, r"^epochs: expected a whole number"),
+    ({"callbacks": [object()]}, r"^callbacks: object is not a torchkiln.Callback"),
+    ({"callbacks": [torch.nn.Module]}, r"^callbacks: got the class Module, not a callback"),
+], ids=["metric-names", "one-metric-name", "not-a-metric", "loss-class", "epochs-text", "epochs-negative",
+        "epochs-fraction", "not-a-callback", "callback-class"])
+def test_api_mistakes_are_setting_errors_at_construction(settings, message):
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.errors import SettingError
+
+    model, opt = _tiny()
+    loss = settings.pop("loss_fn", torch.nn.CrossEntropyLoss())
+    with pytest.raises(SettingError, match=message):
+        make_trainer(model, opt, loss, progress=False, **settings)
+    with pytest.raises(SettingError, match=message):
+        Trainer(model, opt, loss, **settings)
+
+
+def test_an_optimizer_class_is_refused_with_how_to_build_it():
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.errors import SettingError
+
+    model, _ = _tiny()
+    message = r"^optimizer: got the class SGD, not an optimizer: pass SGD\(model.parameters\(\), lr=...\)$"
+    with pytest.raises(SettingError, match=message):
+        make_trainer(model, torch.optim.SGD, progress=False)
+    with pytest.raises(SettingError, match=message):
+        Trainer(model, torch.optim.SGD)
+
+
+def test_one_callback_not_in_a_list_is_a_list_of_one():
+    from torchkiln import Callback
+    from torchkiln.engine.trainer import Trainer
+
+    class Counter(Callback):
+        epochs = 0
+
+        def on_epoch_end(self, trainer, epoch, record):
+            self.epochs += 1
+
+    model, opt = _tiny()
+    one = Counter()
+    make_trainer(model, opt, progress=False, epochs=2, callbacks=one).fit(_tiny_loader())
+    assert one.epochs == 2
+    other = Counter()
+    assert other in list(Trainer(model, opt, callbacks=other).callbacks)
+
+
+def test_fit_refuses_a_loader_without_a_length_before_anything_runs():
+    from torch.utils.data import IterableDataset
+
+    from torchkiln.errors import SettingError
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from zip(torch.randn(8, 4), torch.randint(0, 3, (8,)))
+
+    def batches():
+        yield torch.randn(4, 4), torch.randint(0, 3, (4,))
+
+    model, opt = _tiny()
+    trainer = make_trainer(model, opt, progress=False, epochs=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for loader, found in ((None, "found None"),
+                          (DataLoader(Stream(), batch_size=4), r"a DataLoader over an IterableDataset \(Stream\) has none"),
+                          (batches(), "a generator has none")):
+        with pytest.raises(SettingError, match=rf"^train_loader: fit needs a loader with a length; {found}: give a"
+                                               " map-style Dataset"):
+            trainer.fit(loader)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert trainer.evaluate(DataLoader(Stream(), batch_size=4))["val/loss"] > 0  # evaluate only iterates
+
+
+def test_a_dict_batch_with_other_keys_names_the_keys_it_has():
+    from torchkiln.errors import DataError
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+
+    def loader(keys):
+        return DataLoader([{keys[0]: x[i], keys[1]: y[i]} for i in range(8)], batch_size=4)
+
+    model, opt = _tiny()
+    trainer = make_trainer(model, opt, progress=False, epochs=1)
+    with pytest.raises(DataError, match=r"^a dict batch needs the keys 'input' and 'target'; this one has 'image',"
+                                        r" 'label': rename them"):
+        trainer.fit(loader(("image", "label")))
+    with pytest.raises(DataError, match=r"^the loss needs targets and this batch has none: a dict batch needs the"
+                                        r" key 'target'"):
+        trainer.fit(loader(("input", "label")))
+    assert trainer.fit(loader(("input", "target")))["epochs_completed"] == 1
+
+
+def test_evaluate_on_an_empty_loader_is_an_error_not_empty_numbers():
+    from torchkiln.engine.trainer import Trainer
+    from torchkiln.errors import TrainingError
+
+    model, _ = _tiny()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    trainer = Trainer(model, metrics=build_metrics(["accuracy"], 3))
+    with pytest.raises(TrainingError, match=r"^the val loader gave no samples"):
+        trainer.evaluate(empty)
+    with pytest.raises(TrainingError, match=r"^the test loader gave no samples"):
+        trainer.test(empty)
+    short = DataLoader(TensorDataset(torch.randn(3, 4), torch.randint(0, 3, (3,))), batch_size=4, drop_last=True)
+    with pytest.raises(TrainingError, match="gave no samples"):
+        trainer.validate(short)
+
+
+def test_early_stopping_mode_is_checked_by_the_monitors_rule(tmp_path, cli):
+    from conftest import small_config
+    from torchkiln.callbacks.monitor import EarlyStopping
+    from torchkiln.errors import SettingError
+
+    with pytest.raises(SettingError, match=r"^EarlyStopping.mode: expected min or max; found 'maximize'$"):
+        EarlyStopping(1, monitor="val/loss", mode="maximize")
+    assert EarlyStopping(1, mode="max").mode == "max"
+    # from a config it names the entry, not a trainer setting
+    cfg = small_config(tmp_path, callbacks=[{"type": "EarlyStopping", "args": {"patience": 1, "mode": "maximize"}}])
+    code, _, err = cli("config", "check", "-c", str(write_config(tmp_path, cfg)))
+    assert code == 2 and "callbacks.0: EarlyStopping.mode: expected min or max; found 'maximize'" in err, err

@@ -34,6 +34,17 @@ class SettingError(ConfigError):
         self.detail = detail
 
 
+def at_least(setting: str, value: object, least: int) -> int:
+    """`value` as a whole number, refused (naming `setting`) when it is not one or is below `least`."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < least or isinstance(value, float) and number != value:
+        raise SettingError(setting, f"expected a whole number of at least {least}; found {value!r}")
+    return number
+
+
 class DataError(KilnError):
     pass
 
@@ -56,6 +67,13 @@ def flag_errors(flags: dict[str, str]) -> Iterator[None]:
         if exc.setting not in flags:
             raise
         raise ConfigError(f"{flags[exc.setting]}: {exc.detail}") from exc
+
+
+def refuse_class(setting: str, value: object, what: str, arguments: str) -> None:
+    """A part given as its class (`torch.optim.SGD`) where the built object is wanted."""
+    if isinstance(value, type):
+        name = value.__name__
+        raise SettingError(setting, f"got the class {name}, not {what}: pass {name}({arguments})")
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from torchkiln.errors import ConfigError, KilnError, did_you_mean
+from torchkiln.errors import ConfigError, KilnError, SettingError, did_you_mean
 
 log = logging.getLogger("torchkiln")
 BUILTIN = "built-in"
@@ -212,6 +212,8 @@ def construct(factory: Callable, kwargs: dict[str, Any], where: str, what: str) 
     and the thing built (`what`)."""
     try:
         return factory(**kwargs)
+    except SettingError as exc:  # a part's own setting, given here (not the trainer's of that name)
+        raise ConfigError(f"{where}: {exc}") from exc
     except KilnError:
         raise
     except (TypeError, ValueError) as exc:

@@ -88,6 +88,12 @@ def checkpoint_path(run_dir: Path, which: str) -> Path:
     return Path(which)
 
 
+def resume_file(resume: str | Path) -> Path:
+    """What `Trainer.fit(resume=...)` loads: a run directory means its last.ckpt, as on the command line."""
+    path = Path(resume)
+    return path / CHECKPOINTS / LAST if path.is_dir() and (path / CHECKPOINTS / LAST).is_file() else path
+
+
 def run_dir_of(ckpt: Path) -> Path:
     """The run directory a checkpoint belongs to."""
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent

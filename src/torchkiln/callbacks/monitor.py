@@ -22,16 +22,21 @@ def improved(value: float | None, best: float | None, mode: str, min_delta: floa
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def check_mode(mode: str | None, setting: str = "mode") -> str | None:
+    """The one rule for a monitor's direction: min, max, or None (the task's default for the name)."""
+    if mode not in (None, "min", "max"):
+        raise SettingError(setting, f"expected min or max; found {mode!r}")
+    return mode
+
+
 class Monitor:
     """The run's monitored number: which one (`name`), which way is better (`mode`), by how much
     (`min_delta`). The best checkpoint, ReduceLROnPlateau and the summary follow it. A name or
     mode left out is chosen at fit start: the task's default for the metrics logged."""
 
     def __init__(self, name: str | None = None, mode: str | None = None, min_delta: float = 0.0):
-        if mode not in (None, "min", "max"):
-            raise SettingError("mode", f"expected min or max; found {mode!r}")
         self.name = name
-        self.mode = mode
+        self.mode = check_mode(mode)
         self.min_delta = float(min_delta)
 
     def resolve(self, task: Any, logged: list[str], has_val: bool) -> None:
@@ -68,7 +73,7 @@ class EarlyStopping(Callback):
         if int(patience) < 1:
             raise SettingError("early_stop", f"expected a patience of at least 1 epoch; found {patience}")
         self.patience = int(patience)
-        self.monitor, self.mode, self.min_delta = monitor, mode, min_delta
+        self.monitor, self.mode, self.min_delta = monitor, check_mode(mode, "EarlyStopping.mode"), min_delta
         self.best: float | None = None
         self.bad_epochs = 0
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from torchkiln.data.workers import check_worker_pickling
-from torchkiln.errors import CheckpointError
+from torchkiln.errors import CheckpointError, SettingError
 
 
 class SeededBatch(list):
@@ -290,6 +291,25 @@ def set_loader_epoch(loader: Iterable, epoch: int, skip: int = 0) -> None:
     seed = getattr(sampler, "seed", None)
     if gen is not None and seed is not None:
         gen.manual_seed(seed + 1_000_003 * (epoch + 1))
+
+
+def check_sized(loader: Any, setting: str = "train_loader") -> None:
+    """Training counts an epoch's batches before it starts (accumulation groups, per-step schedules,
+    resuming mid-epoch): refuse a loader without a length."""
+    try:
+        len(loader)
+        return
+    except TypeError:
+        pass
+    dataset = getattr(loader, "dataset", None)
+    if loader is None:
+        found = "found None"
+    elif isinstance(dataset, IterableDataset):
+        found = f"a DataLoader over an IterableDataset ({type(dataset).__name__}) has none"
+    else:
+        found = f"a {type(loader).__name__} has none"
+    raise SettingError(setting, f"fit needs a loader with a length; {found}: give a map-style Dataset"
+                       " (__len__ and __getitem__) in a DataLoader, or a DataLoader with a sized sampler")
 
 
 def epoch_batch_sizes(loader: Iterable, n_batches: int) -> list[int] | None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from torchkiln.errors import KilnError, SettingError
+from torchkiln.errors import KilnError, SettingError, refuse_class
 
 if TYPE_CHECKING:
     from torchkiln.engine.trainer import Trainer
@@ -97,14 +97,28 @@ class Callback:
         """Restore what `state_dict` returned."""
 
 
+def as_callbacks(callbacks: Callback | Iterable[Callback] | None) -> list[Callback]:
+    """The user's `callbacks` as a list (one Callback alone is a list of one), each a Callback."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    if isinstance(callbacks, (str, type)) or not isinstance(callbacks, Iterable):
+        callbacks = [callbacks]  # one thing that is not a callback: refused below, by what it is
+    found = list(callbacks)
+    for cb in found:
+        refuse_class("callbacks", cb, "a callback", "...")
+        if not isinstance(cb, Callback):
+            raise SettingError("callbacks", f"{type(cb).__name__} is not a torchkiln.Callback: give instances"
+                               " of Callback subclasses (class Mine(torchkiln.Callback) overriding its moments)")
+    return found
+
+
 class CallbackList:
     """Calls each moment on every callback in order; rank-zero-only ones only on rank 0."""
 
     def __init__(self, callbacks: Iterable[Callback] = ()):
-        self.callbacks = list(callbacks)
-        for cb in self.callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks: {type(cb).__name__} is not a torchkiln.Callback")
+        self.callbacks = as_callbacks(callbacks)
 
     def __iter__(self) -> Iterator[Callback]:
         return iter(self.callbacks)

@@ -527,3 +527,20 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
             parts.append(f"shape of {k}: checkpoint {tuple(weights[k].shape)}, model {tuple(own[k].shape)}")
         raise CheckpointError(f"checkpoint does not fit this model ({'; '.join(parts)})")
     model.load_state_dict(weights, strict=strict)
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """A saved optimizer state replaces the optimizer's settings with its own (torch keeps the
+    saved param groups), so one of another optimizer type loads and then fails at the first step
+    (SGD's KeyError 'momentum' on an Adam state). Refused here, naming what is missing."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list):
+        raise CheckpointError("its optimizer entry is not an optimizer state_dict")
+    missing = sorted({k for g in groups if isinstance(g, dict) for k in optimizer.defaults if k not in g})
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise CheckpointError(
+            f"its optimizer state is not {type(optimizer).__name__}'s (it has no {shown}): a resume continues"
+            " the run's own optimizer; resume without changing optimizer.type, or start a new run from"
+            " its weights (model.pretrained: CKPT)")
+

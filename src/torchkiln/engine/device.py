@@ -13,7 +13,11 @@ from torchkiln.errors import SettingError
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) in ("auto", "model"):  # model: a guess until the model is seen
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise SettingError("device", f"{device!r} is not a device; use auto, cpu, cuda, cuda:N (the N-th GPU),"
+                           " mps, or model (a model that places itself)") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SettingError("device", "CUDA was asked for but this machine has none; use auto or cpu")
     return device

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch.optim import lr_scheduler as L
 
-from torchkiln.errors import SettingError
+from torchkiln.errors import SettingError, at_least, refuse_class
 
+INTERVALS = ("step", "epoch")  # what a user may set; ReduceLROnPlateau's "metric" follows from its type
 STEP_SCHEDULERS = ("OneCycleLR", "CyclicLR", "CosineAnnealingWarmRestarts")
 METRIC_SCHEDULERS = ("ReduceLROnPlateau",)
 # The attributes that fix a scheduler's length. When a checkpoint planned for another length is
@@ -49,6 +50,11 @@ class LRSchedule:
         warmup_start: float = 0.01,
         fractional_epochs: bool = True,
     ):
+        refuse_class("optimizer", optimizer, "an optimizer", "model.parameters(), lr=...")
+        refuse_class("scheduler", scheduler, "a scheduler", "optimizer, ...")
+        if interval not in (None, *INTERVALS):
+            raise SettingError("scheduler_interval", f"expected step (after each optimizer step) or epoch;"
+                               f" found {interval!r} (leave it out to choose from the scheduler's type)")
         self.optimizer = optimizer
         self.scheduler = scheduler
         kind = default_interval(scheduler) if scheduler is not None else "epoch"
@@ -62,7 +68,7 @@ class LRSchedule:
                 kind = interval
         self.interval = kind
         self.monitor = monitor
-        self.warmup_steps = int(warmup_steps)
+        self.warmup_steps = at_least("warmup_steps", warmup_steps, 0)
         self.warmup_start = float(warmup_start)
         self.fractional_epochs = fractional_epochs
         self.steps_done = 0

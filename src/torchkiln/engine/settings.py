@@ -22,7 +22,7 @@ from torchkiln.callbacks.notebook import NotebookSupport
 from torchkiln.callbacks.progress import DeviceStatsMonitor, ProgressBar
 from torchkiln.callbacks.swa import SWA
 from torchkiln.callbacks.training_checks import TrainingChecks
-from torchkiln.engine.callbacks import Callback
+from torchkiln.engine.callbacks import Callback, as_callbacks
 from torchkiln.engine.finite import FiniteCheck
 from torchkiln.engine.fsdp import FSDPSettings
 from torchkiln.engine.memory import checkpoint_modules
@@ -91,7 +91,7 @@ def make_trainer(
     on_nonfinite: str = "stop",
     progress: bool = True,
     log_every_n_steps: int = 10,
-    callbacks: Iterable[Callback] = (),
+    callbacks: Callback | Iterable[Callback] = (),
     loggers: Iterable[Logger] = (),
 ) -> Trainer:
     """A Trainer from settings: `run_dir` None writes nothing (checkpoints start once a command
@@ -112,7 +112,7 @@ def make_trainer(
     return Trainer(
         model, optimizer, loss_fn, task=task, metrics=metrics, train_metrics=train_metrics, epochs=epochs,
         step=step, schedule=schedule, placement=placement, monitor=Monitor(monitor, mode, min_delta),
-        checkpoints=checkpoints, callbacks=[*parts, *callbacks], loggers=loggers,
+        checkpoints=checkpoints, callbacks=[*parts, *as_callbacks(callbacks)], loggers=loggers,
         on_nonfinite=FiniteCheck(on_nonfinite), log_every_n_steps=log_every_n_steps,
     )
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+log = logging.getLogger("torchkiln")
 
 
 @dataclass
@@ -23,6 +26,19 @@ class LoopState:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["history"] = list(map(dict, self.history))
         return data
+
+    def check_continuation(self, epochs: int) -> None:
+        """A second fit of one Trainer continues this state: at an epoch's end only (the loader and
+        the epoch's sums of a stop mid-epoch are in its checkpoint, not here)."""
+        from torchkiln.errors import SettingError
+
+        if self.batch_in_epoch > 0:
+            raise SettingError("fit", f"this Trainer's last fit stopped in epoch {self.epoch + 1} (after batch"
+                               f" {self.batch_in_epoch}); continue it from its checkpoint: fit(..., resume=PATH)")
+        if self.epoch >= epochs:
+            log.info("this Trainer has trained its %d epochs; set trainer.epochs higher to train longer", self.epoch)
+        else:
+            log.info("continuing this Trainer's last fit at epoch %d, step %d", self.epoch + 1, self.global_step)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:

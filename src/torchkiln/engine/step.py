@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from torchkiln.engine.oom import OOMRecovery
-from torchkiln.errors import SettingError
+from torchkiln.errors import SettingError, at_least
 
 DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -94,7 +94,7 @@ class OptimizerStep:
         self.dtype = DTYPES[self.precision]
         self.grad_clip = grad_clip
         self.grad_clip_mode = grad_clip_mode
-        self.accumulate = max(1, int(accumulate))
+        self.accumulate = at_least("accumulate", accumulate, 1)  # batches per optimizer step
         self.scaler_options = dict(scaler_options or {})  # to torch.amp.GradScaler (init_scale, ...)
         self.optimizer: torch.optim.Optimizer | None = None
         self.device_type = "cpu"

@@ -24,10 +24,9 @@ from torchkiln.callbacks.checkpointing import Checkpointing
 from torchkiln.callbacks.freezing import FreezeSchedule
 from torchkiln.callbacks.logging_hub import LoggerHub
 from torchkiln.callbacks.monitor import EarlyStopping, Monitor
-from torchkiln.data.loaders import epoch_batch_sizes, set_loader_epoch
-from torchkiln.engine import distributed
-from torchkiln.engine.callbacks import Callback, CallbackList, StepInfo
-from torchkiln.engine.checkpoint import FORMAT, load_checkpoint, load_model_weights, strip_prefixes
+from torchkiln.data.loaders import check_sized, epoch_batch_sizes, set_loader_epoch
+from torchkiln.engine import checkpoint, distributed
+from torchkiln.engine.callbacks import Callback, CallbackList, StepInfo, as_callbacks
 from torchkiln.engine.device import cat_outputs, to_cpu
 from torchkiln.engine.finite import FiniteCheck
 from torchkiln.engine.placement import Placement, move_optimizer_state
@@ -35,9 +34,10 @@ from torchkiln.engine.schedule import LRSchedule
 from torchkiln.engine.state import LoopState, StopRequested
 from torchkiln.engine.step import AccumulationGroups, OptimizerStep
 from torchkiln.engine.totals import EpochTotals, clone_metrics
-from torchkiln.errors import CheckpointError, SettingError, TrainingError
+from torchkiln.errors import CheckpointError, SettingError, TrainingError, at_least, refuse_class
 from torchkiln.loggers.base import Logger
 from torchkiln.loggers.validation import ValidationCollector, merge_samples
+from torchkiln.rundir import resume_file
 from torchkiln.seeding import fingerprint, rng_state, set_rng_state
 from torchkiln.tasks.base import ClassificationTask, Task
 from torchkiln.version import __version__
@@ -63,16 +63,18 @@ class Trainer:
         placement: Placement | None = None,
         monitor: Monitor | str | None = None,
         checkpoints: Checkpointing | str | Path | None = None,
-        callbacks: Iterable[Callback] = (),
+        callbacks: Callback | Iterable[Callback] = (),
         loggers: Iterable[Logger] = (),
         on_nonfinite: FiniteCheck | str = "stop",
         log_every_n_steps: int = 10,
     ):
+        refuse_class("optimizer", optimizer, "an optimizer", "model.parameters(), lr=...")
+        refuse_class("loss_fn", loss_fn, "a loss", "")
         self.raw_model = model  # the user's module: its weights are what checkpoints hold
         self.optimizer = optimizer
         self.task = task or ClassificationTask()
         self.loss_fn = loss_fn if loss_fn is not None else self.task.make_loss(None)
-        self.epochs = int(epochs)
+        self.epochs = at_least("epochs", epochs, 0)
         self.placement = (placement or Placement()).adopt(model)  # a model that places itself keeps its devices
         self.stepper = (step or OptimizerStep()).bind(optimizer, self.placement.device)
         self.schedule = schedule if isinstance(schedule, LRSchedule) else LRSchedule(optimizer, schedule)
@@ -83,7 +85,7 @@ class Trainer:
         self.val_metrics = clone_metrics(metrics, "val/")
         self.train_metrics = clone_metrics(metrics, "train/") if train_metrics else None
         self.hub = LoggerHub(loggers, self.log_every_n_steps)
-        self.callbacks = CallbackList(self._with_parts(list(callbacks)))
+        self.callbacks = CallbackList(self._with_parts(as_callbacks(callbacks)))
         self.loop = LoopState()
         self.initial_fingerprint: str | None = None
         self.compile_report: dict[str, Any] | None = None
@@ -170,6 +172,7 @@ class Trainer:
         first: its epochs, steps, history and best go on (raise `epochs` to train longer)."""
         if self.optimizer is None:
             raise SettingError("optimizer", "fit needs an optimizer (evaluate and predict do not)")
+        check_sized(train_loader, "train_loader")
         started = time.perf_counter()
         self.setup()
         self.resolve_monitor(val_loader is not None)
@@ -200,15 +203,9 @@ class Trainer:
         continuing = resume is None and (loop.global_step > 0 or loop.epoch > 0)  # a second fit of this Trainer
         self.resumed = resume is not None or continuing
         if resume is not None and resume is not self._loaded_state:  # the train command loads (and checks) it first
-            self.load_state_dict(resume if isinstance(resume, dict) else load_checkpoint(_checkpoint_of(resume), self.device))
+            self.load_state_dict(resume if isinstance(resume, dict) else checkpoint.load_checkpoint(resume_file(resume), self.device))
         if continuing:
-            if loop.batch_in_epoch > 0:
-                raise SettingError("fit", f"this Trainer's last fit stopped in epoch {loop.epoch + 1} (after batch"
-                                   f" {loop.batch_in_epoch}); continue it from its checkpoint: fit(..., resume=PATH)")
-            if loop.epoch >= self.epochs:
-                log.info("this Trainer has trained its %d epochs; set trainer.epochs higher to train longer", loop.epoch)
-            else:
-                log.info("continuing this Trainer's last fit at epoch %d, step %d", loop.epoch + 1, loop.global_step)
+            loop.check_continuation(self.epochs)
         elif self.resumed:
             log.info("resumed at epoch %d, step %d (batch %d of the epoch)", self.loop.epoch + 1,
                      self.loop.global_step, self.loop.batch_in_epoch)
@@ -344,7 +341,7 @@ class Trainer:
     def evaluate(self, loader: Iterable, prefix: str = "val",
                  collector: ValidationCollector | None = None) -> dict[str, float]:
         """Loss and metrics over every sample of `loader`, keyed `<prefix>/<name>`."""
-        totals = EpochTotals(self.task, self.val_metrics, self.device)
+        totals, batch = EpochTotals(self.task, self.val_metrics, self.device), None
         for batch, outputs, targets in self.forward_pass(loader):
             if targets is not None:
                 with self.stepper.autocast():
@@ -352,6 +349,9 @@ class Trainer:
                 totals.add(loss, self.task.batch_size(batch), outputs, targets)
             if collector is not None:
                 collector.update(self.task.split_batch(batch)[0], outputs, targets)
+        if batch is None:
+            raise TrainingError(f"the {prefix} loader gave no samples: give it at least one batch (an empty dataset?"
+                                " drop_last with fewer samples than one batch?)")
         return totals.result(prefix)
 
     def _validate(self, epoch: int, loader: Iterable) -> dict[str, float]:
@@ -391,8 +391,8 @@ class Trainer:
         accum = self._totals.state_dict() if mid_epoch else None
         rng = rng_state()
         state = {
-            "format": FORMAT, "version": 1, "torchkiln": __version__, "torch": str(torch.__version__),
-            "model": strip_prefixes(self.raw_model.state_dict()),
+            "format": checkpoint.FORMAT, "version": 1, "torchkiln": __version__, "torch": str(torch.__version__),
+            "model": checkpoint.strip_prefixes(self.raw_model.state_dict()),
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "step": self.stepper.state_dict(),
@@ -408,10 +408,10 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != FORMAT:
+        if not isinstance(state, dict) or state.get("format") != checkpoint.FORMAT:
             raise CheckpointError("not a torchkiln checkpoint (use model.pretrained for plain weights)")
         self.load_weights(state["model"])
-        check_optimizer_state(self.optimizer, state["optimizer"])
+        checkpoint.check_optimizer_state(self.optimizer, state["optimizer"])
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
@@ -429,7 +429,7 @@ class Trainer:
         self.callbacks.call("on_load_checkpoint", self, state)
 
     def load_weights(self, weights: dict[str, torch.Tensor], strict: bool = True) -> None:
-        load_model_weights(self.raw_model, weights, strict)
+        checkpoint.load_model_weights(self.raw_model, weights, strict)
 
     def summary(self, seconds: float | None = None) -> dict[str, Any]:
         loop = self.loop
@@ -448,27 +448,3 @@ class Trainer:
             "fingerprint": self.initial_fingerprint,
             "seconds": seconds,
         }
-
-
-def check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
-    """A saved optimizer state replaces the optimizer's settings with its own (torch keeps the
-    saved param groups), so one of another optimizer type loads and then fails at the first step
-    (SGD's KeyError 'momentum' on an Adam state). Refused here, naming what is missing."""
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not isinstance(groups, list):
-        raise CheckpointError("its optimizer entry is not an optimizer state_dict")
-    missing = sorted({k for g in groups if isinstance(g, dict) for k in optimizer.defaults if k not in g})
-    if missing:
-        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
-        raise CheckpointError(
-            f"its optimizer state is not {type(optimizer).__name__}'s (it has no {shown}): a resume continues"
-            " the run's own optimizer; resume without changing optimizer.type, or start a new run from"
-            " its weights (model.pretrained: CKPT)")
-
-
-def _checkpoint_of(resume: str | Path) -> Path:
-    """`resume` as a checkpoint file: a run directory means its last.ckpt, as on the command line."""
-    from torchkiln.rundir import CHECKPOINTS, LAST
-
-    path = Path(resume)
-    return path / CHECKPOINTS / LAST if path.is_dir() and (path / CHECKPOINTS / LAST).is_file() else path

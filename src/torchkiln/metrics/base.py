@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from torchkiln.errors import SettingError, refuse_class
+
 REDUCTIONS = {"sum": "SUM", "max": "MAX", "min": "MIN", "cat": None}
 
 
@@ -188,7 +190,23 @@ def as_metric_set(metrics: Any) -> MetricSet:
     if isinstance(metrics, MetricSet):
         return metrics
     if hasattr(metrics, "items"):
-        return MetricSet(dict(metrics.items()))
-    if hasattr(metrics, "update") and hasattr(metrics, "compute"):
-        metrics = [metrics]
-    return MetricSet({type(m).__name__: m for m in metrics})
+        found = dict(metrics.items())
+    else:
+        if isinstance(metrics, (str, type)) or hasattr(metrics, "update") and hasattr(metrics, "compute"):
+            metrics = [metrics]
+        found = {type(m).__name__: m for m in metrics}
+    _check_metrics(list(found.values()))
+    return MetricSet(found)
+
+
+def _check_metrics(metrics: list[Any]) -> None:
+    """Refuse what is not a built metric: a name (it needs the task and class count), a class."""
+    names = [m for m in metrics if isinstance(m, str)]
+    if names:
+        raise SettingError("metrics", f"names need the task and class count: metrics=build_metrics({names!r},"
+                                      " num_classes=N) (from torchkiln.metrics; N: the model's classes)")
+    for m in metrics:
+        refuse_class("metrics", m, "a metric", "num_classes=...")
+        if not all(hasattr(m, verb) for verb in ("update", "compute", "reset", "to")):
+            raise SettingError("metrics", f"{type(m).__name__} is not a metric (it needs update, compute, reset"
+                                          " and to): build them with torchkiln.metrics.build_metrics")

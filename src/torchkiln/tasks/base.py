@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from torchkiln.errors import DataError
 from torchkiln.registry import TASKS
 
 
@@ -53,7 +54,7 @@ class Task:
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         if isinstance(batch, dict):
-            return batch["input"], batch.get("target")
+            return dict_input(batch), batch.get("target")
         inputs, targets = batch[0], batch[1] if len(batch) > 1 else None
         return inputs, targets
 
@@ -68,7 +69,7 @@ class Task:
         self.tta = tta
 
     def loss(self, loss_fn: nn.Module, outputs: Any, targets: Any) -> torch.Tensor:
-        return loss_fn(outputs, targets)
+        return loss_fn(outputs, need_targets(targets))
 
     def update_metrics(self, metrics: Any, outputs: Any, targets: Any) -> None:
         metrics.update(outputs.detach().float(), targets)
@@ -154,6 +155,23 @@ class Task:
     def validation_boxes(self, outputs: Any, targets: Any) -> tuple[list[dict], list[dict]] | None:
         """(predicted, true) boxes per image for the validation pictures (detection); None: no boxes."""
         return None
+
+
+def dict_input(batch: dict[str, Any], expected: str = "'input' and 'target'") -> Any:
+    """A dict batch's inputs; a batch without the key `input` is refused, naming the keys it has."""
+    try:
+        return batch["input"]
+    except KeyError:
+        raise DataError(f"a dict batch needs the keys {expected}; this one has {', '.join(map(repr, batch))}:"
+                        " rename them in the dataset's __getitem__, or return (input, target)") from None
+
+
+def need_targets(targets: Any) -> Any:
+    """Training's loss needs targets (evaluate and predict go on without them)."""
+    if targets is None:
+        raise DataError("the loss needs targets and this batch has none: a dict batch needs the key 'target'"
+                        " (beside 'input'), a tuple batch is (input, target)")
+    return targets
 
 
 def single_label_views(outputs: Any, targets: Any) -> list[ReportView]:
@@ -252,6 +270,7 @@ class RegressionTask(Task):
         return super().build_metrics(specs, self.targets)  # per-target metrics need the target count
 
     def loss(self, loss_fn: nn.Module, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        targets = need_targets(targets)
         outputs, targets = outputs.reshape(targets.shape).float(), targets.float()
         if self.target_scale is not None:
             mean, std = self._scale_on(outputs.device)

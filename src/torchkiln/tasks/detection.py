@@ -17,7 +17,7 @@ from torch import nn
 
 from torchkiln.errors import ConfigError
 from torchkiln.registry import TASKS
-from torchkiln.tasks.base import Task
+from torchkiln.tasks.base import Task, dict_input
 
 METRIC_NAMES = ("map", "map_50", "map_75", "mar_100", "ap_per_class")
 
@@ -77,7 +77,7 @@ class DetectionTask(Task):
 
     def split_batch(self, batch: Any) -> tuple[Any, Any]:
         if isinstance(batch, dict):  # kiln predict's inputs: images, no targets
-            return list(batch["input"]), batch.get("target")
+            return list(dict_input(batch)), batch.get("target")
         images, targets = batch[0], batch[1] if len(batch) > 1 else None
         return images, targets
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from torchkiln.errors import DataError
 from torchkiln.registry import TASKS
-from torchkiln.tasks.base import Task
+from torchkiln.tasks.base import Task, dict_input
 
 
 def positive_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,7 @@ class RankingTask(Task):
         if isinstance(batch, dict):
             group = next((batch[k] for k in self.group_keys if k in batch), None)
             target = batch.get("target")
-            inputs = batch["input"]
+            inputs = dict_input(batch, "'input', 'target' and a query id (group, query or qid)")
         else:
             if len(batch) < 3:
                 raise DataError("ranking: a batch must be (inputs, relevance, query_id) or a dict with"
