@@ -92,11 +92,12 @@ def test_checkpoint_holds_complete_plain_state(mlp_run):
     state = load_checkpoint(mlp_run / "checkpoints" / "last.ckpt")  # the rest unpacked
     assert state["model"].keys() == raw["model"].keys()
     assert state["torchkiln"] == __version__ and state["torch"] == str(torch.__version__)
-    from torchkiln.inference.card import CLASS_NAMES_KEY, NORMALIZATION_KEY
+    from torchkiln.inference.card import CLASS_NAMES_KEY, INPUT_KEY, NORMALIZATION_KEY
 
-    # the resolved config, plus what inference needs from the data (class names, normalization)
+    # the resolved config, plus what inference needs from the data (class names, normalization, a sample's shape)
     assert state["config"][CLASS_NAMES_KEY] == [str(i) for i in range(10)]
-    extra = (CLASS_NAMES_KEY, NORMALIZATION_KEY)
+    assert state["config"][INPUT_KEY] == {"shape": [1, 8, 8], "channels": 1, "dtype": "float32"}
+    extra = (CLASS_NAMES_KEY, NORMALIZATION_KEY, INPUT_KEY)
     assert {k: v for k, v in state["config"].items() if k not in extra} == \
         yaml.safe_load((mlp_run / "config.yaml").read_text())
     json.dumps(state["config"])  # the resolved config is plain data, not pickled objects
