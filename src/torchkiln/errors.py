@@ -76,6 +76,18 @@ def refuse_class(setting: str, value: object, what: str, arguments: str) -> None
         raise SettingError(setting, f"got the class {name}, not {what}: pass {name}({arguments})")
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, so that a report of it stays one line ('' for none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def described(exc: BaseException) -> str:
+    """'Type: first line' of an exception (its type alone when it has no message)."""
+    line = first_line(exc)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' did you mean 'x'?' suffix for the closest choice, or ''."""
     choices = list(choices)

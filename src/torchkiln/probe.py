@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from torchkiln.errors import ConfigError, KilnError
+from torchkiln.errors import ConfigError, KilnError, first_line
 
 log = logging.getLogger("torchkiln")
 
@@ -61,7 +61,7 @@ def probe(model: torch.nn.Module, loss_fn: torch.nn.Module, task: Any, loader: A
     except KilnError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the model or loss raised, named in one line
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc) or type(exc).__name__
         hint = {"data": "check data.transforms (and data.collate)",
                 "model": "check that model.args fit the data (input size, channels, classes)",
                 "loss": f"check that the loss fits task {getattr(task, 'name', '?')} and its targets"}[key]

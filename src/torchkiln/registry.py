@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from torchkiln.errors import ConfigError, KilnError, SettingError, did_you_mean
+from torchkiln.errors import ConfigError, KilnError, SettingError, described, did_you_mean
 
 log = logging.getLogger("torchkiln")
 BUILTIN = "built-in"
@@ -193,8 +193,7 @@ def _failed_at(exc: BaseException) -> str:
     library = tuple({sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")})
     own = [f for f in frames if not f.filename.startswith(library)] or frames
     where = f"{_shown(own[-1].filename)}:{own[-1].lineno}: " if own else ""
-    message = (str(exc).strip().splitlines() or [""])[0]  # the first line: the error stays one line
-    return f"{where}{type(exc).__name__}{': ' if message else ''}{message}"
+    return f"{where}{described(exc)}"
 
 
 def _shown(filename: str) -> str:
@@ -219,9 +218,7 @@ def construct(factory: Callable, kwargs: dict[str, Any], where: str, what: str) 
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: could not build {what}: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - a user's constructor may raise anything
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"{where}: could not build {what}: {type(exc).__name__}: {text}"
-                          " (--debug shows the traceback)") from exc
+        raise ConfigError(f"{where}: could not build {what}: {described(exc)} (--debug shows the traceback)") from exc
 
 
 def build(comp: Any, registry: Registry, where: str, **extra: Any) -> Any:

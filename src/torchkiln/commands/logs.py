@@ -90,9 +90,8 @@ def file_log(run_dir: Path, earlier: list[logging.LogRecord] = ()) -> Iterator[N
 
 def ending(exc: BaseException) -> str:
     """One line for what ended a run: a user error's message, else the exception's type and first line."""
-    from torchkiln.errors import KilnError
+    from torchkiln.errors import KilnError, described, first_line
 
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text if isinstance(exc, KilnError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+    return first_line(exc) if isinstance(exc, KilnError) else described(exc)

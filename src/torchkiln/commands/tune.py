@@ -36,7 +36,7 @@ from torchkiln.config.load import (
     resolve,
 )
 from torchkiln.config.schema import Config, to_plain
-from torchkiln.errors import ConfigError, KilnError
+from torchkiln.errors import ConfigError, KilnError, first_line
 from torchkiln.rundir import CHECKPOINTS, LAST, runs_root
 
 log = logging.getLogger("torchkiln")
@@ -198,7 +198,7 @@ def _run_trial(values: dict[str, Any], base: dict[str, Any], search_dir: str, so
         raise
     except Exception as exc:
         run_dir.mkdir(parents=True, exist_ok=True)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         from torchkiln.tune.results import ERROR_FILE
 
         (run_dir / ERROR_FILE).write_text(reason if isinstance(exc, KilnError) else f"{type(exc).__name__}: {reason}")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from torchkiln.errors import ConfigError
+from torchkiln.errors import ConfigError, first_line
 
 
 class BatchMixer:
@@ -57,7 +57,7 @@ class BatchMixer:
         try:
             self.mix(*_inputs_and_labels(sample_batch))
         except (ValueError, TypeError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc) or type(exc).__name__
             raise ConfigError(f"data.mixup: the training batches cannot be mixed ({first}); MixUp and CutMix"
                               " need image batches (N, C, H, W) and integer class targets") from exc
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from torchkiln.config.schema import TuneSettings
-from torchkiln.errors import ConfigError, KilnError
+from torchkiln.errors import ConfigError, KilnError, first_line
 from torchkiln.tune.distributions import Distribution
 
 log = logging.getLogger("torchkiln")
@@ -58,7 +58,7 @@ def start_ray(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  runtime_env={"env_vars": {"RAY_CHDIR_TO_TRIAL_DIR": "0"}} if address else None)
     except (ConnectionError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         if address is None:
             raise KilnError(f"kiln tune: a local Ray did not start ({reason}); its logs are in"
                             " /tmp/ray/session_latest/logs") from None
