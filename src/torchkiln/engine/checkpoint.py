@@ -194,8 +194,7 @@ def snapshot(obj: Any) -> Any:
     return out
 
 
-_PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.Tensor, torch.dtype, torch.device,
-                 torch.Size)
+_PLAIN_LEAVES = (*_FLAT, torch.Tensor, torch.dtype, torch.device, torch.Size)  # what weights_only loads
 
 
 def not_plain(obj: Any, where: str = "") -> str | None:
